@@ -1,0 +1,24 @@
+"""Build the demo's corpus, tokenizer and token shards: `python data_pipeline/demo_data.py`."""
+
+import logging
+
+import hydra
+from omegaconf import OmegaConf
+
+from ipt.cli import run
+from ipt.config import DemoDataConfig, register
+from ipt.data.demo import build_demo_data
+
+register()
+
+
+@hydra.main(config_path="../configs", config_name="demo_data", version_base=None)
+def main(cfg) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, DemoDataConfig)
+    run(lambda: build_demo_data(obj))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Checkpoints: DeepSpeed's sharded model and optimizer state plus ipt's trainer state.
+
+Layout of `<run>/checkpoints/step_00000100/`:
+  DeepSpeed's files (`mp_rank_*`, `zero_pp_rank_*`; one per rank under ZeRO)
+  `rng_rank{r}.pt`       the RNG states of rank r
+  `hf_config/`           the model's `transformers` config, for export without the run config
+  `trainer_state.json`   step, consumed samples, fingerprints, resolved config, world size
+  `manifest.json`        every file of the checkpoint with its size
+  `COMPLETE`             written last, by rank 0, after every rank finished writing
+
+A checkpoint counts only with `COMPLETE` and a manifest whose files are all there with the
+right sizes, so a write cut short by a crash is never picked. `latest` (a one-line file) is
+replaced atomically after that; `find_latest` does not trust it, it scans.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+log = logging.getLogger(__name__)
+
+PREFIX = "step_"
+MARKER = "COMPLETE"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message says why."""
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done
+    consumed_samples: int = 0  # global samples consumed, over all ranks
+    tokens_seen: int = 0
+    data_fingerprint: str = ""
+    tokenizer_fingerprint: str = ""
+    world_size: int = 1
+    model_config: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def tag_for(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine: Any, root: Path, state: TrainerState, keep_last: int) -> Path:
+    """Write a checkpoint collectively (every rank calls this) and publish it atomically."""
+    rank = tdist.get_rank()
+    tag = tag_for(state.step)
+    path = root / tag
+    if rank == 0 and path.exists():
+        shutil.rmtree(path)  # a leftover of an interrupted write of the same step
+    tdist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    torch.save(rng_state(), path / f"rng_rank{rank}.pt")
+    tdist.barrier()  # every rank's files are on disk past this point
+    if rank == 0:
+        engine.module.config.save_pretrained(path / "hf_config")
+        _atomic_write(path / "trainer_state.json", json.dumps(state.__dict__, indent=1))
+        files = {str(p.relative_to(path)): p.stat().st_size
+                 for p in sorted(path.rglob("*")) if p.is_file()}
+        _atomic_write(path / "manifest.json", json.dumps(files, indent=1))
+        _atomic_write(path / MARKER, tag + "\n")
+        _atomic_write(root / "latest", tag + "\n")
+        _prune(root, keep_last)
+    tdist.barrier()
+    return path
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    complete = [p for p in _candidates(root) if (p / MARKER).exists()]
+    for old in complete[keep_last:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _candidates(root: Path) -> list[Path]:
+    """Checkpoint folders, newest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)),
+                  key=lambda p: p.name, reverse=True)
+
+
+def problem(path: Path) -> str | None:
+    """Why `path` is not a usable checkpoint, or None when it is."""
+    if not (path / MARKER).exists():
+        return "no COMPLETE marker: its write was interrupted"
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"unreadable metadata ({e})"
+    for name, size in manifest.items():
+        f = path / name
+        if not f.exists():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def usable_checkpoints(root: Path) -> list[Path]:
+    """Complete, intact checkpoints under `root`, newest first; warns about the others."""
+    good = []
+    for path in _candidates(root):
+        why = problem(path)
+        if why is None:
+            good.append(path)
+        else:
+            log.warning("skipping checkpoint %s: %s", path, why)
+    return good
+
+
+def read_state(path: Path) -> TrainerState:
+    return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+
+
+def check_compatible(saved: TrainerState, model_config: dict[str, Any], path: Path) -> None:
+    """Refuse to resume into a different architecture, naming the fields that differ."""
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
+    diff = [f"{k}: checkpoint {saved.model_config.get(k)} vs config {model_config.get(k)}"
+            for k in keys if saved.model_config.get(k) != model_config.get(k)]
+    if diff:
+        raise CheckpointError(f"checkpoint {path} was made with another model config ("
+                              + "; ".join(diff) + "); use a new run_dir or train.resume=never")
+
+
+def load(engine: Any, path: Path) -> TrainerState:
+    """Load model, optimizer, schedule and this rank's RNG from `path` (collective)."""
+    state = read_state(path)
+    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                          load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load {path}")
+    rng = path / f"rng_rank{tdist.get_rank()}.pt"
+    if state.world_size == tdist.get_world_size() and rng.exists():
+        set_rng_state(torch.load(rng, weights_only=False))
+    return state

@@ -1,0 +1,143 @@
+"""Process setup and the DeepSpeed engine: the only file that knows about ranks and ZeRO.
+
+The same code runs as one plain process (no launcher), under `torchrun`, and under `srun`:
+`init_distributed` reads whichever environment is there and starts `torch.distributed`
+(gloo on CPU, nccl on GPU) through DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ipt.config import PretrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launcher_env() -> dict[str, int]:
+    """Rank variables from torchrun, or from SLURM when started by `srun` directly."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        local_world = int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))
+        return {"rank": int(env["RANK"]), "world": int(env["WORLD_SIZE"]),
+                "local_rank": int(env.get("LOCAL_RANK", 0)), "local_world": local_world}
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return {"rank": int(env["SLURM_PROCID"]), "world": int(env["SLURM_NTASKS"]),
+                "local_rank": int(env.get("SLURM_LOCALID", 0)),
+                "local_world": int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])}
+    return {"rank": 0, "world": 1, "local_rank": 0, "local_world": 1}
+
+
+def set_threads(threads_per_rank: int, local_world_size: int) -> int:
+    """Pin intra-op threads per rank: on CPU, oversubscription costs more than it gives."""
+    n = threads_per_rank or max(1, (os.cpu_count() or 1) // local_world_size)
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    return n
+
+
+def init_distributed(threads_per_rank: int = 0) -> Dist:
+    import deepspeed
+
+    e = launcher_env()
+    if e["world"] == 1 and "MASTER_ADDR" not in os.environ:
+        # A plain process: give torch.distributed a private single-rank rendezvous.
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(RANK=str(e["rank"]), WORLD_SIZE=str(e["world"]),
+                      LOCAL_RANK=str(e["local_rank"]))
+    set_threads(threads_per_rank, e["local_world"])
+    if torch.cuda.is_available():
+        if e["local_rank"] >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {e['local_rank']} needs GPU {e['local_rank']} but "
+                               f"this node has {torch.cuda.device_count()}; start fewer ranks "
+                               "per node")
+        torch.cuda.set_device(e["local_rank"])
+        device, backend = torch.device("cuda", e["local_rank"]), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return Dist(e["rank"], e["world"], e["local_rank"], e["local_world"], device)
+
+
+def deepspeed_config(cfg: PretrainConfig, grad_accum: int) -> dict[str, Any]:
+    """Render the `deepspeed` config group into the dict `deepspeed.initialize` takes."""
+    ds, t = cfg.deepspeed, cfg.train
+    zero: dict[str, Any] = {"stage": ds.stage, "overlap_comm": ds.overlap_comm,
+                            "reduce_bucket_size": ds.reduce_bucket_size,
+                            "contiguous_gradients": True}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_param:
+        if ds.stage != 3:
+            from ipt.config import ConfigError
+            raise ConfigError("deepspeed.offload_param needs deepspeed.stage=3")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.stage in (1, 2):
+        # Saves optimizer partitions in a layout any number of ranks can load (world-size change).
+        zero["elastic_checkpoint"] = True
+    if ds.stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        # the optimizer is torch's AdamW: the same one a bare PyTorch loop uses
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(out, dict(ds.extra))
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        base[k] = _merge(dict(base.get(k, {})), v) if isinstance(v, dict) else v
+    return base
+
+
+def build_engine(model: torch.nn.Module, cfg: PretrainConfig, grad_accum: int,
+                 lr_lambda) -> Any:
+    """Wrap the model in a DeepSpeed engine with AdamW and the lr schedule."""
+    import deepspeed
+
+    o = cfg.optim
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": o.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                  fused=False, foreach=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, grad_accum))
+    return engine

@@ -1,0 +1,91 @@
+"""Export: any checkpoint (ZeRO-3 included) to a Hugging Face folder that `transformers` loads
+with no custom code: safetensors weights, config, tokenizer files."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from ipt import checkpoint
+from ipt.checkpoint import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder as given, or the newest usable one of a `checkpoints/` folder."""
+    p = Path(path)
+    if (p / checkpoint.MARKER).exists() or (p / "trainer_state.json").exists():
+        why = checkpoint.problem(p)
+        if why:
+            raise CheckpointError(f"{p} is not a usable checkpoint: {why}")
+        return p
+    found = checkpoint.usable_checkpoints(p)
+    if not found:
+        raise CheckpointError(f"no usable checkpoint in {p}")
+    return found[0]
+
+
+def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights: gathered from ZeRO partitions when there are any."""
+    if any(ckpt.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)
+    return {k: v.float() for k, v in states["module"].items()}
+
+
+def load_checkpoint_model(ckpt: str | Path) -> PreTrainedModel:
+    """The trained model of a checkpoint, as a plain `transformers` module in fp32."""
+    path = resolve_checkpoint(ckpt)
+    config = AutoConfig.from_pretrained(path / "hf_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = consolidated_state_dict(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(f"{path} does not fit its model config: missing {missing}, "
+                              f"unexpected {unexpected}")
+    model.tie_weights()
+    return model.eval()
+
+
+def export_hf(ckpt: str | Path, out: str | Path, tokenizer_dir: str | Path) -> Path:
+    out = Path(out)
+    model = load_checkpoint_model(ckpt)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.config.use_cache = True
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+class ExportAtEnd:
+    """Trainer callback: after the final checkpoint, rank 0 writes the Hugging Face folder."""
+
+    def __init__(self, ckpt_root: Path, out: Path, tokenizer_dir: str) -> None:
+        self.ckpt_root, self.out, self.tokenizer_dir = ckpt_root, out, tokenizer_dir
+
+    def on_start(self, trainer: Any) -> None:
+        pass
+
+    def on_step(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        pass
+
+    def on_end(self, trainer: Any) -> None:
+        if trainer.dist.is_main:
+            path = self.ckpt_root / checkpoint.tag_for(trainer.state.step)
+            export_hf(path, self.out, self.tokenizer_dir)
+            log.info("exported %s to %s", path, self.out)
+        tdist.barrier()

@@ -1,0 +1,69 @@
+"""Llama-family causal LMs from `transformers`: built from a config or loaded for continual
+pre-training, with the attention kernel chosen by what the machine has."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+
+from ipt.config import ConfigError, ModelConfig
+
+
+def attention_implementation(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def llama_config(cfg: ModelConfig, vocab_size: int, bos_id: int, eos_id: int) -> LlamaConfig:
+    if cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
+        raise ConfigError(f"model.hidden_size={cfg.hidden_size} must divide by model.num_heads="
+                          f"{cfg.num_heads}, which must divide by model.num_kv_heads="
+                          f"{cfg.num_kv_heads}")
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
+        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=None, use_cache=False,
+    )
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, bos_id: int = 1,
+                eos_id: int = 2) -> PreTrainedModel:
+    """Random init from `cfg` (seeded by the caller), or `from_pretrained(cfg.init_from)`."""
+    attn = attention_implementation(cfg.attn_implementation)
+    if cfg.init_from:
+        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, attn_implementation=attn,
+                                                     dtype=torch.float32)
+        if model.config.vocab_size != vocab_size:
+            raise ConfigError(f"model.init_from={cfg.init_from} has a vocabulary of "
+                              f"{model.config.vocab_size}, the tokenizer has {vocab_size}")
+    else:
+        config = llama_config(cfg, vocab_size, bos_id, eos_id)
+        config._attn_implementation = attn
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn,
+                                                 dtype=torch.float32)
+    model.config.use_cache = False
+    return model
+
+
+def count_params(model: torch.nn.Module, exclude_embeddings: bool = True) -> int:
+    n = sum(p.numel() for p in model.parameters())
+    if exclude_embeddings:
+        n -= model.get_input_embeddings().weight.numel()
+    return n
+
+
+def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus attention scores (PaLM's estimate)."""
+    c = model.config
+    n = count_params(model, exclude_embeddings=True)
+    if c.tie_word_embeddings:
+        n += model.get_input_embeddings().weight.numel()  # the unembedding matmul still runs
+    return 6 * n + 12 * c.num_hidden_layers * c.hidden_size * seq_len

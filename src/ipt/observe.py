@@ -1,0 +1,143 @@
+"""What a run shows: `metrics.jsonl` always, a progress bar or log lines, wandb, TensorBoard,
+and a loss-curve PNG at the end. All of it happens on rank 0, as a trainer callback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ipt.config import LoggerConfig
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per device, for MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def peak_flops(configured: float | None) -> float | None:
+    if configured:
+        return configured
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return None
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsLogger:
+    """Writes one JSON object per logged step and fans it out to the configured sinks."""
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, max_steps: int,
+                 config: dict[str, Any], run_name: str) -> None:
+        self.cfg, self.run_dir, self.max_steps = cfg, run_dir, max_steps
+        self.path = run_dir / "metrics.jsonl"
+        self.file = open(self.path, "a")  # noqa: SIM115 - lives as long as the run
+        show = cfg.progress_bar == "always" or (cfg.progress_bar == "auto" and sys.stderr.isatty())
+        self.bar = None
+        if show:
+            from tqdm import tqdm
+            self.bar = tqdm(total=max_steps, desc=run_name, unit="step", dynamic_ncols=True)
+        self.wandb = self._start_wandb(config, run_name) if cfg.wandb else None
+        self.tb = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def _start_wandb(self, config: dict[str, Any], run_name: str):
+        import wandb
+
+        if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+            os.environ["WANDB_MODE"] = "offline"
+        # The run id is kept in the run directory, so a resumed job continues the same run.
+        id_file = self.run_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        return wandb.init(project=self.cfg.wandb_project, group=self.cfg.wandb_group,
+                          name=run_name, id=run_id, resume="allow", config=config,
+                          dir=str(self.run_dir))
+
+    def on_start(self, trainer) -> None:
+        if self.bar is not None:
+            self.bar.update(trainer.state.step)
+
+    def on_step(self, trainer, metrics: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                 tok_s=f"{metrics['tokens_per_s']:.0f}")
+        step = metrics["step"]
+        if step % self.cfg.log_every and step != self.max_steps and "val_loss" not in metrics:
+            return
+        self.write(metrics)
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        if self.bar is None:
+            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in metrics.items())
+            log.info(shown)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=metrics["step"])
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, int | float) and k != "step":
+                    self.tb.add_scalar(k, v, metrics["step"])
+
+    def on_end(self, trainer) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        if self.cfg.plot:
+            plot_losses(self.path, self.run_dir / "loss.png")
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl, the last row of each step winning (after a resume)."""
+    rows: dict[int, dict[str, Any]] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["step"]] = {**rows.get(row["step"], {}), **row}
+    return [rows[k] for k in sorted(rows)]
+
+
+def plot_losses(metrics_path: Path, out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    ax.plot(*zip(*train, strict=True), label="train loss")
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,165 @@
+"""`pretrain(cfg)`: build everything a run needs from its config, resume, train, export.
+
+Read top to bottom, this is the whole job: ranks, data, model, engine, resume, callbacks, loop.
+`train/pretrain.py` is a Hydra wrapper around it and the tests call it the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+from omegaconf import OmegaConf
+
+from ipt import checkpoint
+from ipt.checkpoint import CheckpointError, TrainerState
+from ipt.config import ConfigError, PretrainConfig, validate
+from ipt.data import tokenizer as tok
+from ipt.data.loader import ChunkedSequences, train_loader
+from ipt.data.shards import ShardSet
+from ipt.engine import Dist, build_engine, init_distributed
+from ipt.export import ExportAtEnd
+from ipt.losses import build_loss
+from ipt.model import build_model, flops_per_token
+from ipt.observe import MetricsLogger, peak_flops
+from ipt.schedule import lr_multiplier
+from ipt.trainer import Checkpointer, Evaluator, Trainer
+
+log = logging.getLogger(__name__)
+
+
+def prepare_run_dir(cfg: PretrainConfig, dist: Dist) -> Path:
+    run_dir = Path(cfg.run_dir)
+    if dist.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / ".write_test").touch()
+            (run_dir / ".write_test").unlink()
+        except OSError as e:
+            raise ConfigError(f"run_dir={run_dir} is not writable ({e}); "
+                              "set run_dir=<a writable folder>") from e
+        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+    return run_dir
+
+
+def load_data(cfg: PretrainConfig, tokenizer_fp: str) -> tuple[ChunkedSequences,
+                                                                ChunkedSequences | None]:
+    sets = []
+    for key, path in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):
+        if path is None:
+            sets.append(None)
+            continue
+        shards = ShardSet(path)
+        if shards.tokenizer_fingerprint != tokenizer_fp:
+            raise ConfigError(f"{key}={path} was tokenized with tokenizer "
+                              f"{shards.tokenizer_fingerprint}, but tokenizer={cfg.tokenizer} is "
+                              f"{tokenizer_fp}; re-run the prepare stage or point at the right one")
+        sets.append(ChunkedSequences(shards, cfg.data.seq_len))
+    return sets[0], sets[1]
+
+
+def find_resume_point(cfg: PretrainConfig, ckpt_root: Path) -> list[Path]:
+    """Checkpoints to try, in order (an explicit path, or every usable one for `auto`)."""
+    mode = cfg.train.resume
+    if mode == "never":
+        return []
+    if mode == "auto":
+        return checkpoint.usable_checkpoints(ckpt_root)
+    path = Path(mode)
+    why = checkpoint.problem(path) if path.is_dir() else "it does not exist"
+    if why:
+        raise CheckpointError(f"train.resume={mode} is not a usable checkpoint: {why}")
+    return [path]
+
+
+def resume(engine, candidates: list[Path], fresh: TrainerState, dist: Dist) -> TrainerState:
+    """Load the first candidate every rank can load; a corrupt one is skipped with a warning."""
+    for path in candidates:
+        saved = checkpoint.read_state(path)
+        checkpoint.check_compatible(saved, fresh.model_config, path)
+        for what in ("data_fingerprint", "tokenizer_fingerprint"):
+            if getattr(saved, what) != getattr(fresh, what):
+                raise CheckpointError(
+                    f"checkpoint {path} has {what}={getattr(saved, what)}, this run has "
+                    f"{getattr(fresh, what)}: the data or tokenizer changed, so the sample order "
+                    "cannot continue; use a new run_dir or train.resume=never")
+        try:
+            state = checkpoint.load(engine, path)
+            ok = 1
+        except Exception as e:  # noqa: BLE001 - any failure to read means: try the older one
+            log.warning("skipping checkpoint %s: loading failed (%s: %s)", path,
+                        type(e).__name__, e)
+            ok = 0
+        flag = torch.tensor([ok], device=dist.device)
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
+        if flag.item():
+            state.world_size = dist.world_size
+            if dist.is_main:
+                log.info("resumed from %s at step %d (%d samples consumed)", path, state.step,
+                         state.consumed_samples)
+            return state
+    return fresh
+
+
+def pretrain(cfg: PretrainConfig) -> TrainerState:
+    dist = init_distributed(cfg.train.threads_per_rank)
+    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
+                        format=f"[%(asctime)s r{dist.rank}] %(levelname)s %(name)s: %(message)s",
+                        force=True)
+    grad_accum = validate(cfg, dist.world_size)
+    run_dir = prepare_run_dir(cfg, dist)
+
+    tokenizer_fp = tok.fingerprint(cfg.tokenizer)
+    tokenizer = tok.load(cfg.tokenizer)
+    train_set, valid_set = load_data(cfg, tokenizer_fp)
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    fresh = TrainerState(data_fingerprint=f"{train_set.fingerprint}-s{cfg.data.seed}",
+                         tokenizer_fingerprint=tokenizer_fp, world_size=dist.world_size,
+                         model_config=model.config.to_dict(),
+                         config=OmegaConf.to_container(OmegaConf.structured(cfg)))
+    candidates = find_resume_point(cfg, run_dir / "checkpoints")
+    engine = build_engine(model, cfg, grad_accum, lr_multiplier(cfg.schedule, cfg.train.max_steps))
+    state = resume(engine, candidates, fresh, dist)
+    state.config = fresh.config
+
+    loss_fn = build_loss(cfg.loss)
+    batches = iter(train_loader(train_set, cfg.data.seed, state.consumed_samples,
+                                cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                dist.rank, dist.world_size, cfg.data.num_workers,
+                                pin_memory=dist.device.type == "cuda"))
+    callbacks: list = []
+    if valid_set is not None and cfg.train.eval_every > 0:
+        callbacks.append(Evaluator(valid_set, loss_fn, cfg.train.micro_batch_size,
+                                   cfg.train.eval_batches, cfg.train.eval_every))
+    callbacks.append(Checkpointer(run_dir / "checkpoints", cfg.train.checkpoint_every,
+                                  cfg.train.keep_last))
+    if dist.is_main:
+        callbacks.append(MetricsLogger(cfg.logger, run_dir, cfg.train.max_steps,
+                                       fresh.config, cfg.name))
+    if cfg.train.export_at_end:
+        callbacks.append(ExportAtEnd(run_dir / "checkpoints", run_dir / "hf", cfg.tokenizer))
+
+    trainer = Trainer(engine, loss_fn, batches, state, dist, grad_accum,
+                      cfg.train.global_batch_size, cfg.data.seq_len, cfg.train.max_steps,
+                      callbacks, flops_per_token(model, cfg.data.seq_len),
+                      peak_flops(cfg.logger.peak_flops), cfg.train.stop_after)
+    if dist.is_main:
+        log.info("training %s: %s params, %d ranks, grad accumulation %d, from step %d",
+                 cfg.name, f"{sum(p.numel() for p in model.parameters()):,}", dist.world_size,
+                 grad_accum, state.step)
+    state = trainer.fit()
+    if dist.is_main and trainer.finished:
+        summary = {"run_dir": str(run_dir), "step": state.step,
+                   "checkpoint": str(run_dir / "checkpoints" / checkpoint.tag_for(state.step))}
+        if cfg.train.export_at_end:
+            summary["hf_export"] = str(run_dir / "hf")
+        if cfg.logger.plot:
+            summary["loss_plot"] = str(run_dir / "loss.png")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        log.info("done: %s", json.dumps(summary))
+    return state

@@ -1,0 +1,175 @@
+"""The training loop: micro-batches into the DeepSpeed engine, one optimizer step at a time.
+
+The loop knows nothing about specific losses, checkpoints or logging sinks: each of those is a
+callback with `on_start`, `on_step` and `on_end`, called in order on every rank (a callback
+that only rank 0 needs checks the rank itself). Callbacks may add entries to a step's metrics
+(validation adds `val_loss`) before later ones log them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as tdist
+
+from ipt import checkpoint
+from ipt.checkpoint import TrainerState
+from ipt.data.loader import ChunkedSequences, eval_batches
+from ipt.engine import Dist
+from ipt.losses import LossOutput
+from ipt.observe import peak_memory_gb
+
+
+class Callback(Protocol):
+    def on_start(self, trainer: Trainer) -> None: ...
+    def on_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
+    def on_end(self, trainer: Trainer) -> None: ...
+
+
+class Trainer:
+    def __init__(self, engine: Any, loss_fn: Callable[..., LossOutput],
+                 batches: Iterator[dict[str, torch.Tensor]], state: TrainerState, dist: Dist,
+                 grad_accum: int, global_batch: int, seq_len: int, max_steps: int,
+                 callbacks: list[Any], flops_per_token: float = 0.0,
+                 peak_flops: float | None = None, stop_after: int | None = None) -> None:
+        self.engine, self.loss_fn, self.batches = engine, loss_fn, batches
+        self.state, self.dist = state, dist
+        self.grad_accum, self.global_batch, self.seq_len = grad_accum, global_batch, seq_len
+        self.max_steps, self.callbacks = max_steps, callbacks
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.stop_after = stop_after
+        self.finished = False  # reached max_steps (not stopped early)
+
+    def fit(self) -> TrainerState:
+        for cb in self.callbacks:
+            cb.on_start(self)
+        steps_here = 0
+        while self.state.step < self.max_steps:
+            metrics = self.train_step()
+            for cb in self.callbacks:
+                cb.on_step(self, metrics)
+            steps_here += 1
+            if self.stop_after is not None and steps_here >= self.stop_after:
+                return self.state  # as if the process died here: no final checkpoint
+        self.finished = True
+        for cb in self.callbacks:
+            cb.on_end(self)
+        return self.state
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        batch = next(self.batches)
+        return {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step: `grad_accum` micro-batches through forward and backward."""
+        self.engine.train()
+        start = time.perf_counter()
+        waited = 0.0
+        totals: dict[str, float] = {}
+        for _ in range(self.grad_accum):
+            t = time.perf_counter()
+            batch = self._next_batch()
+            waited += time.perf_counter() - t
+            out = self.loss_fn(self.engine, batch, self.state.step)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            totals["loss"] = totals.get("loss", 0.0) + out.loss.item()
+            for k, v in out.metrics.items():
+                totals[k] = totals.get(k, 0.0) + v
+        means = self._mean_over_ranks({k: v / self.grad_accum for k, v in totals.items()})
+        elapsed = time.perf_counter() - start
+        self.state.step += 1
+        self.state.consumed_samples += self.global_batch
+        tokens = self.global_batch * self.seq_len
+        self.state.tokens_seen += tokens
+        tokens_per_s = tokens / elapsed
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics: dict[str, Any] = {
+            "step": self.state.step,
+            **means,
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens": self.state.tokens_seen,
+            "consumed_samples": self.state.consumed_samples,
+            "tokens_per_s": tokens_per_s,
+            "step_time_s": elapsed,
+            "data_wait": waited / elapsed,
+            "peak_mem_gb": peak_memory_gb(),
+        }
+        if self.peak_flops:
+            metrics["mfu"] = (self.flops_per_token * tokens_per_s
+                              / (self.peak_flops * self.dist.world_size))
+        if not math.isfinite(means["loss"]):
+            raise FloatingPointError(f"loss is {means['loss']} at step {self.state.step}")
+        return metrics
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        if self.dist.world_size == 1:
+            return values
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.dist.device)
+        tdist.all_reduce(t)
+        return dict(zip(values, (t / self.dist.world_size).tolist(), strict=True))
+
+
+class Evaluator:
+    """Mean validation loss over a fixed subset, every `every` steps and at the end."""
+
+    def __init__(self, dataset: ChunkedSequences, loss_fn: Callable[..., LossOutput],
+                 micro_batch: int, num_batches: int, every: int) -> None:
+        self.dataset, self.loss_fn, self.every = dataset, loss_fn, every
+        self.micro_batch, self.num_batches = micro_batch, num_batches
+
+    def on_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        if metrics["step"] % self.every == 0 or metrics["step"] == trainer.max_steps:
+            metrics["val_loss"] = self.evaluate(trainer)
+
+    def on_end(self, trainer: Trainer) -> None:
+        pass
+
+    @torch.no_grad()
+    def evaluate(self, trainer: Trainer) -> float:
+        trainer.engine.eval()
+        d = trainer.dist
+        total = torch.zeros(2, dtype=torch.float64, device=d.device)
+        for idx in eval_batches(self.dataset, self.micro_batch, d.rank, d.world_size,
+                                self.num_batches):
+            items = [self.dataset[i] for i in idx]
+            batch = {k: torch.stack([it[k] for it in items]).to(d.device) for k in items[0]}
+            out = self.loss_fn(trainer.engine, batch, trainer.state.step)
+            total += torch.tensor([out.loss.item() * out.tokens, out.tokens],
+                                  dtype=torch.float64, device=d.device)
+        if d.world_size > 1:
+            tdist.all_reduce(total)
+        trainer.engine.train()
+        return float(total[0] / total[1])
+
+
+class Checkpointer:
+    """Saves every `every` steps and at the end of the run (collective)."""
+
+    def __init__(self, root: Path, every: int, keep_last: int) -> None:
+        self.root, self.every, self.keep_last = root, every, keep_last
+        self.last_saved = -1
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.last_saved = trainer.state.step
+
+    def on_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        if self.every > 0 and trainer.state.step % self.every == 0:
+            self.save(trainer)
+
+    def on_end(self, trainer: Trainer) -> None:
+        if self.last_saved != trainer.state.step:
+            self.save(trainer)
+
+    def save(self, trainer: Trainer) -> None:
+        checkpoint.save(trainer.engine, self.root, trainer.state, self.keep_last)
+        self.last_saved = trainer.state.step
