@@ -20,6 +20,8 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,14 +163,65 @@ def check_compatible(saved: TrainerState, model_config: dict[str, Any], path: Pa
                               + "; ".join(diff) + "); use a new run_dir or train.resume=never")
 
 
-def load(engine: Any, path: Path) -> TrainerState:
-    """Load model, optimizer, schedule and this rank's RNG from `path` (collective)."""
+UNIVERSAL = "universal"
+
+
+def to_universal(path: Path) -> Path:
+    """DeepSpeed's world-size-independent form of a checkpoint, made once and kept inside it.
+
+    ZeRO partitions optimizer state by rank; a run resumed on another number of ranks loads
+    this form instead (DeepSpeed's `ds_to_universal`, run by one rank).
+    """
+    out = path / UNIVERSAL
+    if (out / MARKER).exists():
+        return out
+    tmp = path / f"{UNIVERSAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+           str(path), "--output_folder", str(tmp), "--num_extract_workers", "1",
+           "--num_merge_workers", "1", "--inject_missing_state"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CheckpointError(f"converting {path} for a new world size failed:\n"
+                              f"{proc.stderr[-3000:]}")
+    (tmp / MARKER).write_text("universal\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def load(engine: Any, path: Path, universal: bool = False) -> TrainerState:
+    """Load model, optimizer, schedule and this rank's RNG from `path` (collective).
+
+    `universal`: the engine was built with `load_universal`; load the converted form.
+    """
     state = read_state(path)
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name,
+    if universal:
+        if tdist.get_rank() == 0:
+            to_universal(path)
+        tdist.barrier()
+    load_dir, tag = (path, UNIVERSAL) if universal else (path.parent, path.name)
+    scheduler = engine.lr_scheduler
+    groups = scheduler.optimizer.param_groups
+    hyper = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
+    load_path, _ = engine.load_checkpoint(str(load_dir), tag=tag,
                                           load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {path}")
+    if universal:
+        # ZeRO-3's universal load copies group 0's settings onto every group, which would put
+        # weight decay on the no-decay group: the groups keep the settings they were built with.
+        for group, kept in zip(groups, hyper, strict=True):
+            group.update(kept)
+        # It also gives every group's state one shared `step` tensor, which AdamW would then
+        # advance once per group per step.
+        for param_state in scheduler.optimizer.state.values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].clone()
+    # The groups' lr is the restored schedule's (some load paths leave the step-0 value).
+    for group, lr in zip(groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
     rng = path / f"rng_rank{tdist.get_rank()}.pt"
     if state.world_size == tdist.get_world_size() and rng.exists():
         set_rng_state(torch.load(rng, weights_only=False))

@@ -9,6 +9,8 @@ in `validate()`, which also runs before any work.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import MISSING as MISSING_FIELD
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,9 +176,25 @@ PRECISIONS = ("fp32", "bf16")
 
 def to_object(cfg: DictConfig) -> PretrainConfig:
     """Resolve interpolations and turn Hydra's DictConfig into the typed dataclass."""
+    unknown = _unknown_keys(cfg, PretrainConfig)
+    if unknown:  # `+key=value` overrides slip past Hydra's struct mode; nothing else does
+        raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, PretrainConfig), type(obj)
     return obj
+
+
+def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    out = []
+    for key in node:
+        if key not in fields:
+            out.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(default := fields[key].default_factory()
+                                      if fields[key].default_factory is not MISSING_FIELD
+                                      else None):
+            out += _unknown_keys(node[key], type(default), f"{prefix}{key}.")
+    return out
 
 
 def validate(cfg: PretrainConfig, world_size: int) -> int:

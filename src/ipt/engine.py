@@ -85,7 +85,8 @@ def init_distributed(threads_per_rank: int = 0) -> Dist:
     return Dist(e["rank"], e["world"], e["local_rank"], e["local_world"], device)
 
 
-def deepspeed_config(cfg: PretrainConfig, grad_accum: int) -> dict[str, Any]:
+def deepspeed_config(cfg: PretrainConfig, grad_accum: int,
+                     load_universal: bool = False) -> dict[str, Any]:
     """Render the `deepspeed` config group into the dict `deepspeed.initialize` takes."""
     ds, t = cfg.deepspeed, cfg.train
     zero: dict[str, Any] = {"stage": ds.stage, "overlap_comm": ds.overlap_comm,
@@ -98,9 +99,6 @@ def deepspeed_config(cfg: PretrainConfig, grad_accum: int) -> dict[str, Any]:
             from ipt.config import ConfigError
             raise ConfigError("deepspeed.offload_param needs deepspeed.stage=3")
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if ds.stage in (1, 2):
-        # Saves optimizer partitions in a layout any number of ranks can load (world-size change).
-        zero["elastic_checkpoint"] = True
     if ds.stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     out: dict[str, Any] = {
@@ -112,6 +110,7 @@ def deepspeed_config(cfg: PretrainConfig, grad_accum: int) -> dict[str, Any]:
         # the optimizer is torch's AdamW: the same one a bare PyTorch loop uses
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
+        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -125,8 +124,11 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def build_engine(model: torch.nn.Module, cfg: PretrainConfig, grad_accum: int,
-                 lr_lambda) -> Any:
-    """Wrap the model in a DeepSpeed engine with AdamW and the lr schedule."""
+                 lr_lambda, load_universal: bool = False) -> Any:
+    """Wrap the model in a DeepSpeed engine with AdamW and the lr schedule.
+
+    `load_universal`: the engine will resume from a checkpoint of another world size.
+    """
     import deepspeed
 
     o = cfg.optim
@@ -139,5 +141,6 @@ def build_engine(model: torch.nn.Module, cfg: PretrainConfig, grad_accum: int,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, grad_accum))
+                                           config=deepspeed_config(cfg, grad_accum,
+                                                                   load_universal))
     return engine

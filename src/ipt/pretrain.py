@@ -75,7 +75,13 @@ def find_resume_point(cfg: PretrainConfig, ckpt_root: Path) -> list[Path]:
     return [path]
 
 
-def resume(engine, candidates: list[Path], fresh: TrainerState, dist: Dist) -> TrainerState:
+def needs_universal(candidates: list[Path], dist: Dist) -> bool:
+    """Whether resuming means changing the world size (ZeRO state must be re-partitioned)."""
+    return any(checkpoint.read_state(p).world_size != dist.world_size for p in candidates)
+
+
+def resume(engine, candidates: list[Path], fresh: TrainerState, dist: Dist,
+           universal: bool) -> TrainerState:
     """Load the first candidate every rank can load; a corrupt one is skipped with a warning."""
     for path in candidates:
         saved = checkpoint.read_state(path)
@@ -87,7 +93,7 @@ def resume(engine, candidates: list[Path], fresh: TrainerState, dist: Dist) -> T
                     f"{getattr(fresh, what)}: the data or tokenizer changed, so the sample order "
                     "cannot continue; use a new run_dir or train.resume=never")
         try:
-            state = checkpoint.load(engine, path)
+            state = checkpoint.load(engine, path, universal)
             ok = 1
         except Exception as e:  # noqa: BLE001 - any failure to read means: try the older one
             log.warning("skipping checkpoint %s: loading failed (%s: %s)", path,
@@ -101,6 +107,11 @@ def resume(engine, candidates: list[Path], fresh: TrainerState, dist: Dist) -> T
                 log.info("resumed from %s at step %d (%d samples consumed)", path, state.step,
                          state.consumed_samples)
             return state
+    if candidates:
+        # A failed load may have changed some of the engine's state: never train on from there.
+        raise CheckpointError(f"none of the checkpoints {[str(c) for c in candidates]} could be "
+                              "loaded (see the warnings above); fix or remove them, or start over "
+                              "with train.resume=never")
     return fresh
 
 
@@ -123,8 +134,10 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
                          model_config=model.config.to_dict(),
                          config=OmegaConf.to_container(OmegaConf.structured(cfg)))
     candidates = find_resume_point(cfg, run_dir / "checkpoints")
-    engine = build_engine(model, cfg, grad_accum, lr_multiplier(cfg.schedule, cfg.train.max_steps))
-    state = resume(engine, candidates, fresh, dist)
+    universal = needs_universal(candidates, dist)
+    engine = build_engine(model, cfg, grad_accum, lr_multiplier(cfg.schedule, cfg.train.max_steps),
+                          load_universal=universal)
+    state = resume(engine, candidates, fresh, dist, universal)
     state.config = fresh.config
 
     loss_fn = build_loss(cfg.loss)

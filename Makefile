@@ -1,0 +1,39 @@
+# Each target sets up the project virtualenv on first use (torch pinned to the CPU build here).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+NPROC  ?= 2
+# CI runs the slow end-to-end tests too; `make test` locally skips them (`make test-slow` runs them).
+PYTEST_SELECT := $(if $(CI),,-m "not slow")
+
+.PHONY: setup train test test-slow bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+train: $(STAMP)
+	$(PY) data_pipeline/demo_data.py
+	NPROC=$(NPROC) bash launch/torchrun.sh train/pretrain.py experiment=demo
+	$(PY) train/sample.py model=runs/demo/hf prompt="Return the number of"
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_SELECT) $(ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/run.py $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src train data_pipeline tests bench
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf runs outputs multirun

@@ -1,0 +1,58 @@
+"""Shared fixtures: a small real corpus (Python docstrings), its sentencepiece tokenizer and
+token shards, built once per session; and a helper that runs the real training entry point,
+as one process or under torchrun, in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ipt.config import DemoDataConfig
+from ipt.data.demo import build_demo_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    return build_demo_data(DemoDataConfig(out=str(out), max_docs=600, vocab_size=512,
+                                          valid_every=20))
+
+
+def tiny_overrides(data_dir: Path, run_dir: Path, **extra) -> list[str]:
+    """A ~100k-parameter Llama on 64-token sequences: seconds per run on CPU."""
+    base = {
+        "name": run_dir.name, "run_dir": str(run_dir), "data.root": str(data_dir),
+        "model.hidden_size": 64, "model.intermediate_size": 128, "model.num_layers": 2,
+        "model.num_heads": 4, "model.num_kv_heads": 2, "model.max_seq_len": 64,
+        "data.seq_len": 64, "data.num_workers": 0,
+        "train.micro_batch_size": 2, "train.global_batch_size": 8, "train.max_steps": 8,
+        "train.eval_every": 4, "train.eval_batches": 2, "train.checkpoint_every": 4,
+        "logger.log_every": 1, "logger.plot": False, "logger.progress_bar": "never",
+        "train.export_at_end": False, "schedule.warmup_steps": 2, "optim.lr": 3e-3,
+    }
+    base.update(extra)
+    return [f"{k}={'null' if v is None else v}" for k, v in base.items()]
+
+
+def pretrain_cmd(overrides: list[str], nproc: int = 1) -> list[str]:
+    script = str(ROOT / "train" / "pretrain.py")
+    if nproc == 1:
+        return [sys.executable, script, *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", script, *overrides]
+
+
+def run_pretrain(overrides: list[str], nproc: int = 1, check: bool = True,
+                 timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(pretrain_cmd(overrides, nproc), cwd=ROOT, env=env, timeout=timeout,
+                          capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return proc

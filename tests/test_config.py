@@ -1,0 +1,70 @@
+"""Configuration errors surface at start-up, with the offending key named."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from ipt.config import ConfigError, register, to_object, validate
+
+from .conftest import ROOT, run_pretrain, tiny_overrides
+
+register()
+
+
+def load(overrides: list[str]):
+    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
+        return to_object(compose("pretrain", overrides=overrides))
+
+
+def test_defaults_compose_into_the_typed_schema():
+    cfg = load([])
+    assert cfg.model.name == "tiny" and cfg.deepspeed.stage == 1
+
+
+def test_unknown_key_is_rejected_with_its_name():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as e:
+        load(["train.lr_max=1"])
+    assert "lr_max" in str(e.value) + str(e.value.__cause__)
+
+
+def test_wrong_type_is_rejected_with_its_name():
+    with pytest.raises((ConfigCompositionException, ValidationError)) as e:
+        load(["train.max_steps=many"])
+    assert "max_steps" in str(e.value) + str(e.value.__cause__)
+
+
+def test_batch_that_does_not_divide_is_rejected():
+    cfg = load(["train.micro_batch_size=3", "train.global_batch_size=8"])
+    with pytest.raises(ConfigError, match="global_batch_size=8 is not divisible"):
+        validate(cfg, world_size=1)
+
+
+def test_batch_divisibility_counts_ranks():
+    cfg = load(["train.micro_batch_size=2", "train.global_batch_size=6"])
+    with pytest.raises(ConfigError, match="2 ranks"):
+        validate(cfg, world_size=2)
+
+
+def test_missing_data_directory_is_named(tmp_path: Path):
+    cfg = load([f"data.root={tmp_path}", f"tokenizer={tmp_path}"])
+    with pytest.raises(ConfigError, match="data.train=.* does not exist"):
+        validate(cfg, world_size=1)
+
+
+def test_entry_point_reports_config_error_in_one_line(data_dir, tmp_path):
+    proc = run_pretrain(tiny_overrides(data_dir, tmp_path / "r",
+                                       **{"train.global_batch_size": 7}), check=False)
+    assert proc.returncode == 2
+    assert "ipt: error: train.global_batch_size=7" in proc.stderr
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()  # no step ran
+
+
+@pytest.mark.parametrize("override", ["train.bogus=1", "+train.bogus=1"])
+def test_entry_point_rejects_unknown_key(data_dir, tmp_path, override):
+    proc = run_pretrain(tiny_overrides(data_dir, tmp_path / "r") + [override], check=False)
+    assert proc.returncode != 0
+    assert "bogus" in proc.stderr
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()

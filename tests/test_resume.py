@@ -1,0 +1,83 @@
+"""Exact resume: a run killed with SIGKILL and resumed logs the same per-step losses as a run
+that was never interrupted (bitwise, CPU fp32, same world size); on another world size it
+continues with the next unseen samples."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ipt.observe import read_metrics
+
+from .conftest import ROOT, pretrain_cmd, run_pretrain, tiny_overrides
+
+STEPS = 24
+
+
+def losses(run_dir: Path) -> dict[int, tuple[float, float]]:
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in read_metrics(run_dir / "metrics.jsonl")}
+
+
+def kill_after_step(overrides: list[str], nproc: int, run_dir: Path, step: int) -> int:
+    """Start a run, SIGKILL its whole process group once `step` is logged; return the step
+    the run had logged when it died."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(pretrain_cmd(overrides, nproc), cwd=ROOT, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and any(r["step"] >= step for r in read_metrics(metrics)):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"run ended before it could be killed:\n{proc.stderr.read()}"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return max(r["step"] for r in read_metrics(metrics))
+
+
+@pytest.mark.parametrize(("nproc", "stage"), [(1, 1), (2, 1), (2, 3)],
+                         ids=["1rank-zero1", "2ranks-zero1", "2ranks-zero3"])
+def test_sigkill_and_resume_reproduces_losses_bitwise(data_dir, tmp_path, nproc, stage):
+    opts = {"train.max_steps": STEPS, "train.checkpoint_every": 5, "deepspeed.stage": stage}
+    ref_dir, cut_dir = tmp_path / "reference", tmp_path / "interrupted"
+    run_pretrain(tiny_overrides(data_dir, ref_dir, **opts), nproc)
+
+    died_at = kill_after_step(tiny_overrides(data_dir, cut_dir, **opts), nproc, cut_dir, 12)
+    assert died_at < STEPS
+    run_pretrain(tiny_overrides(data_dir, cut_dir, **opts), nproc)
+
+    ref, resumed = losses(ref_dir), losses(cut_dir)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert resumed == ref  # exact float equality, every step, loss and grad norm
+
+
+@pytest.mark.parametrize(("stage", "before", "after"), [(1, 2, 1), (3, 1, 2)],
+                         ids=["zero1-2to1", "zero3-1to2"])
+def test_world_size_change_continues_with_next_unseen_samples(data_dir, tmp_path, stage,
+                                                              before, after):
+    """Ranks change after 10 steps, the global batch stays: the same samples in the same
+    global batches, so the same losses up to the order of floating-point sums."""
+    opts = {"train.max_steps": 16, "train.checkpoint_every": 5, "train.eval_every": 0,
+            "deepspeed.stage": stage}
+    ref_dir, cut_dir = tmp_path / "reference", tmp_path / "changed"
+    run_pretrain(tiny_overrides(data_dir, ref_dir, **opts), nproc=before)
+    run_pretrain(tiny_overrides(data_dir, cut_dir, **opts, **{"train.stop_after": 10}),
+                 nproc=before)
+    proc = run_pretrain(tiny_overrides(data_dir, cut_dir, **opts), nproc=after)
+    assert "resumed from" in proc.stderr and "at step 10" in proc.stderr
+
+    ref, changed = losses(ref_dir), losses(cut_dir)
+    assert sorted(changed) == list(range(1, 17))
+    for step in range(11, 17):
+        assert changed[step][0] == pytest.approx(ref[step][0], rel=1e-6), step
+    rows = read_metrics(cut_dir / "metrics.jsonl")
+    assert rows[-1]["consumed_samples"] == 16 * 8
