@@ -37,7 +37,8 @@ def peak_memory_gb() -> float:
 
 
 class MetricsLogger:
-    """Writes one JSON object per logged step and fans it out to the configured sinks."""
+    """Writes one JSON object per step to metrics.jsonl; every `log_every` steps (and at each
+    validation) also to the log or progress bar, wandb and TensorBoard."""
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, max_steps: int,
                  config: dict[str, Any], run_name: str) -> None:
@@ -77,14 +78,13 @@ class MetricsLogger:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                                  tok_s=f"{metrics['tokens_per_s']:.0f}")
-        step = metrics["step"]
-        if step % self.cfg.log_every and step != self.max_steps and "val_loss" not in metrics:
-            return
-        self.write(metrics)
-
-    def write(self, metrics: dict[str, Any]) -> None:
-        self.file.write(json.dumps(metrics) + "\n")
+        self.file.write(json.dumps(metrics) + "\n")  # every step: cheap, and plots need it
         self.file.flush()
+        step = metrics["step"]
+        if step % self.cfg.log_every == 0 or step == self.max_steps or "val_loss" in metrics:
+            self.show(metrics)
+
+    def show(self, metrics: dict[str, Any]) -> None:
         if self.bar is None:
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in metrics.items())

@@ -173,6 +173,9 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
             summary["hf_export"] = str(run_dir / "hf")
         if cfg.logger.plot:
             summary["loss_plot"] = str(run_dir / "loss.png")
+        summary["metrics"] = str(run_dir / "metrics.jsonl")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        log.info("done: %s", json.dumps(summary))
+        print(f"\nipt: {cfg.name} finished at step {state.step}\n"
+              + "".join(f"  {k:<11} {v}\n" for k, v in summary.items() if k != "step"),
+              flush=True)
     return state

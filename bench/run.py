@@ -1,0 +1,50 @@
+"""`make bench`: every benchmark, side by side with its baseline in the same run.
+
+Results are printed as a table and written to bench/results/results.json; docs/benchmarks.md
+records them with the machine they ran on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from ipt.config import DemoDataConfig  # noqa: E402
+from ipt.data.demo import build_demo_data  # noqa: E402
+
+
+def main(argv: list[str]) -> None:
+    only = set(argv)
+    data = build_demo_data(DemoDataConfig(out=str(HERE.parent / "data" / "demo")))
+    results = []
+    if not only or "trainer" in only:
+        import trainer_vs_torch
+
+        results.append(trainer_vs_torch.run(data, stage=1, threads=2))
+    if not only or "scaling" in only:
+        import scaling
+
+        results.append(scaling.run(data))
+    machine = {"cpu_count": os.cpu_count(), "torch": torch.__version__,
+               "platform": platform.platform(), "gpu": torch.cuda.is_available()}
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"machine": machine, "results": results},
+                                                 indent=1))
+    for r in results:
+        print(f"\n{r['benchmark']}")
+        for k, v in r.items():
+            if k != "benchmark":
+                print(f"  {k:<36} {v:.4g}" if isinstance(v, float) else f"  {k:<36} {v}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
