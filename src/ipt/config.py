@@ -10,7 +10,6 @@ in `validate()`, which also runs before any work.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import MISSING as MISSING_FIELD
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +161,11 @@ class ExportConfig:
     out: str = MISSING
 
 
+SECTIONS: dict[str, type] = {c.__name__: c for c in (
+    ModelConfig, DataConfig, OptimConfig, ScheduleConfig, DeepSpeedConfig, LossConfig,
+    LoggerConfig, TrainConfig)}
+
+
 def register() -> None:
     """Put the schemas in Hydra's ConfigStore; `configs/*.yaml` name them in their defaults."""
     cs = ConfigStore.instance()
@@ -190,10 +194,8 @@ def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
     for key in node:
         if key not in fields:
             out.append(f"{prefix}{key}")
-        elif dataclasses.is_dataclass(default := fields[key].default_factory()
-                                      if fields[key].default_factory is not MISSING_FIELD
-                                      else None):
-            out += _unknown_keys(node[key], type(default), f"{prefix}{key}.")
+        elif isinstance(sub := fields[key].type, str) and sub in SECTIONS:
+            out += _unknown_keys(node[key], SECTIONS[sub], f"{prefix}{key}.")
     return out
 
 

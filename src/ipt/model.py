@@ -28,7 +28,8 @@ def llama_config(cfg: ModelConfig, vocab_size: int, bos_id: int, eos_id: int) ->
         vocab_size=vocab_size, hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_seq_len,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
         bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=None, use_cache=False,
     )
@@ -53,10 +54,15 @@ def build_model(cfg: ModelConfig, vocab_size: int, bos_id: int = 1,
     return model
 
 
+def _embedding_numel(model: torch.nn.Module) -> int:
+    embeddings = model.get_input_embeddings()  # type: ignore[operator]
+    return int(embeddings.weight.numel())
+
+
 def count_params(model: torch.nn.Module, exclude_embeddings: bool = True) -> int:
     n = sum(p.numel() for p in model.parameters())
     if exclude_embeddings:
-        n -= model.get_input_embeddings().weight.numel()
+        n -= _embedding_numel(model)
     return n
 
 
@@ -65,5 +71,5 @@ def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
     c = model.config
     n = count_params(model, exclude_embeddings=True)
     if c.tie_word_embeddings:
-        n += model.get_input_embeddings().weight.numel()  # the unembedding matmul still runs
+        n += _embedding_numel(model)  # the unembedding matmul still runs
     return 6 * n + 12 * c.num_hidden_layers * c.hidden_size * seq_len

@@ -8,6 +8,7 @@ import logging
 import os
 import resource
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ class MetricsLogger:
             os.environ["WANDB_MODE"] = "offline"
         # The run id is kept in the run directory, so a resumed job continues the same run.
         id_file = self.run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         return wandb.init(project=self.cfg.wandb_project, group=self.cfg.wandb_group,
                           name=run_name, id=run_id, resume="allow", config=config,

@@ -45,20 +45,20 @@ def prepare_run_dir(cfg: PretrainConfig, dist: Dist) -> Path:
     return run_dir
 
 
-def load_data(cfg: PretrainConfig, tokenizer_fp: str) -> tuple[ChunkedSequences,
-                                                                ChunkedSequences | None]:
-    sets = []
-    for key, path in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):
-        if path is None:
-            sets.append(None)
-            continue
-        shards = ShardSet(path)
-        if shards.tokenizer_fingerprint != tokenizer_fp:
-            raise ConfigError(f"{key}={path} was tokenized with tokenizer "
-                              f"{shards.tokenizer_fingerprint}, but tokenizer={cfg.tokenizer} is "
-                              f"{tokenizer_fp}; re-run the prepare stage or point at the right one")
-        sets.append(ChunkedSequences(shards, cfg.data.seq_len))
-    return sets[0], sets[1]
+def open_split(key: str, path: str, tokenizer_fp: str, seq_len: int,
+               tokenizer: str) -> ChunkedSequences:
+    shards = ShardSet(path)
+    if shards.tokenizer_fingerprint != tokenizer_fp:
+        raise ConfigError(f"{key}={path} was tokenized with tokenizer "
+                          f"{shards.tokenizer_fingerprint}, but tokenizer={tokenizer} is "
+                          f"{tokenizer_fp}; re-run the prepare stage or point at the right one")
+    return ChunkedSequences(shards, seq_len)
+
+
+def as_dict(cfg: PretrainConfig) -> dict:
+    container = OmegaConf.to_container(OmegaConf.structured(cfg))
+    assert isinstance(container, dict)
+    return container
 
 
 def find_resume_point(cfg: PretrainConfig, ckpt_root: Path) -> list[Path]:
@@ -125,14 +125,17 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
 
     tokenizer_fp = tok.fingerprint(cfg.tokenizer)
     tokenizer = tok.load(cfg.tokenizer)
-    train_set, valid_set = load_data(cfg, tokenizer_fp)
+    d = cfg.data
+    train_set = open_split("data.train", d.train, tokenizer_fp, d.seq_len, cfg.tokenizer)
+    valid_set = (open_split("data.valid", d.valid, tokenizer_fp, d.seq_len, cfg.tokenizer)
+                 if d.valid else None)
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     fresh = TrainerState(data_fingerprint=f"{train_set.fingerprint}-s{cfg.data.seed}",
                          tokenizer_fingerprint=tokenizer_fp, world_size=dist.world_size,
                          model_config=model.config.to_dict(),
-                         config=OmegaConf.to_container(OmegaConf.structured(cfg)))
+                         config=as_dict(cfg))
     candidates = find_resume_point(cfg, run_dir / "checkpoints")
     universal = needs_universal(candidates, dist)
     engine = build_engine(model, cfg, grad_accum, lr_multiplier(cfg.schedule, cfg.train.max_steps),
