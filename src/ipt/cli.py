@@ -9,8 +9,9 @@ from typing import Any
 from ipt.checkpoint import CheckpointError
 from ipt.config import ConfigError
 from ipt.data.shards import ShardError
+from ipt.data.tokenizer import TokenizerError
 
-KNOWN = (ConfigError, CheckpointError, ShardError, FileNotFoundError)
+KNOWN = (ConfigError, CheckpointError, ShardError, TokenizerError, FileNotFoundError)
 
 
 def run(job: Callable[[], Any]) -> Any:

@@ -124,11 +124,11 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
     run_dir = prepare_run_dir(cfg, dist)
 
     tokenizer_fp = tok.fingerprint(cfg.tokenizer)
-    tokenizer = tok.load(cfg.tokenizer)
     d = cfg.data
     train_set = open_split("data.train", d.train, tokenizer_fp, d.seq_len, cfg.tokenizer)
     valid_set = (open_split("data.valid", d.valid, tokenizer_fp, d.seq_len, cfg.tokenizer)
                  if d.valid else None)
+    tokenizer = tok.load(cfg.tokenizer)
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)

@@ -68,6 +68,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step: `grad_accum` micro-batches through forward and backward."""
         self.engine.train()
+        lr = self.engine.get_lr()[0]  # the rate this step uses; the schedule advances in it
         start = time.perf_counter()
         waited = 0.0
         totals: dict[str, float] = {}
@@ -92,7 +93,7 @@ class Trainer:
         metrics: dict[str, Any] = {
             "step": self.state.step,
             **means,
-            "lr": self.engine.get_lr()[0],
+            "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens": self.state.tokens_seen,
             "consumed_samples": self.state.consumed_samples,

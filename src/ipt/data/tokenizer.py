@@ -13,6 +13,10 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+class TokenizerError(RuntimeError):
+    """A tokenizer folder that is missing files or cannot be read."""
+
+
 SPECIALS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 
 
@@ -54,4 +58,8 @@ def load(tokenizer_dir: str | Path):
     """The `transformers` tokenizer of a folder (sentencepiece models are converted once)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except Exception as e:  # transformers reports a damaged file in many ways
+        raise TokenizerError(f"the tokenizer in {tokenizer_dir} could not be loaded "
+                             f"({type(e).__name__}: {str(e)[:300]})") from e
