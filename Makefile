@@ -3,6 +3,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 NPROC  ?= 2
+DEMO_DATA ?= data/demo
+DEMO_RUN  ?= runs/demo
 # CI runs the slow end-to-end tests too; `make test` locally skips them (`make test-slow` runs them).
 PYTEST_SELECT := $(if $(CI),,-m "not slow")
 
@@ -17,10 +19,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	rm -f $(VENV)/.installed-* && touch $@
 
+# The demo: docstrings -> sentencepiece -> token shards -> 2-rank ZeRO-1 pre-training -> HF
 train: $(STAMP)
-	$(PY) data_pipeline/demo_data.py
-	NPROC=$(NPROC) bash launch/torchrun.sh train/pretrain.py experiment=demo
-	$(PY) train/sample.py model=runs/demo/hf prompt="Return the number of"
+	$(PY) data_pipeline/demo_data.py out=$(DEMO_DATA)
+	NPROC=$(NPROC) bash launch/torchrun.sh train/pretrain.py experiment=demo \
+		data.root=$(DEMO_DATA) run_dir=$(DEMO_RUN)
+	$(PY) train/sample.py model=$(DEMO_RUN)/hf prompt="Return the number of"
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_SELECT) $(ARGS)

@@ -19,10 +19,10 @@ if [ "$gpus" -gt 0 ] && [ "$nproc" -gt "$gpus" ]; then
   echo "launch/torchrun.sh: NPROC=$nproc ranks but this node has $gpus GPUs; set NPROC<=$gpus" >&2
   exit 2
 fi
-if [ "$nnodes" -eq 1 ]; then
+if [ "$nnodes" -eq 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
   exec "$py" -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$@"
 fi
-: "${MASTER_ADDR:?multi-node needs MASTER_ADDR}" "${NODE_RANK:?multi-node needs NODE_RANK}"
+: "${MASTER_ADDR:?multi-node needs MASTER_ADDR}" "${NODE_RANK:=0}"
 exec "$py" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$NODE_RANK" \
   --nproc_per_node "$nproc" --rdzv_backend c10d \
   --rdzv_endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv_id "${RDZV_ID:-ipt}" "$@"

@@ -1,0 +1,29 @@
+"""The demo, exactly as `make train` runs it: raw text to an exported model on 2 CPU ranks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from ipt.observe import read_metrics
+
+from .conftest import ROOT
+
+
+@pytest.mark.slow
+def test_make_train_runs_the_demo_end_to_end(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    proc = subprocess.run(["make", "-s", "train", f"DEMO_DATA={data}", f"DEMO_RUN={run}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "ipt: demo finished at step 150" in proc.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert (run / "hf" / "model.safetensors").exists() and (run / "loss.png").exists()
+    assert summary["checkpoint"].endswith("step_00000150")
+    rows = read_metrics(run / "metrics.jsonl")
+    assert len(rows) == 150
+    assert rows[-1]["val_loss"] < rows[0]["loss"] - 2.0  # it learned
+    assert max(r["data_wait"] for r in rows[5:]) < 0.05
+    assert f"[{run}/hf]" in proc.stdout  # the sample generation from the export
