@@ -31,6 +31,13 @@ from ipt.trainer import Checkpointer, Evaluator, Trainer
 log = logging.getLogger(__name__)
 
 
+def setup_logging(dist: Dist) -> None:
+    """Rank 0 logs progress; other ranks only warnings, each line tagged with its rank."""
+    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
+                        format=f"[%(asctime)s r{dist.rank}] %(levelname)s %(name)s: %(message)s",
+                        force=True)
+
+
 def prepare_run_dir(cfg: PretrainConfig, dist: Dist) -> Path:
     run_dir = Path(cfg.run_dir)
     if dist.is_main:
@@ -117,11 +124,13 @@ def resume(engine, candidates: list[Path], fresh: TrainerState, dist: Dist,
 
 def pretrain(cfg: PretrainConfig) -> TrainerState:
     dist = init_distributed(cfg.train.threads_per_rank)
-    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
-                        format=f"[%(asctime)s r{dist.rank}] %(levelname)s %(name)s: %(message)s",
-                        force=True)
+    setup_logging(dist)
     grad_accum = validate(cfg, dist.world_size)
     run_dir = prepare_run_dir(cfg, dist)
+    if dist.is_main:
+        file_log = logging.FileHandler(run_dir / "train.log")
+        file_log.setFormatter(logging.getLogger().handlers[0].formatter)
+        logging.getLogger().addHandler(file_log)
 
     tokenizer_fp = tok.fingerprint(cfg.tokenizer)
     d = cfg.data

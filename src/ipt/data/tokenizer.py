@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+
 class TokenizerError(RuntimeError):
     """A tokenizer folder that is missing files or cannot be read."""
 
