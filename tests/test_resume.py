@@ -44,8 +44,8 @@ def kill_after_step(overrides: list[str], nproc: int, run_dir: Path, step: int) 
     return max(r["step"] for r in read_metrics(metrics))
 
 
-@pytest.mark.parametrize(("nproc", "stage"), [(1, 1), (2, 1), (2, 3)],
-                         ids=["1rank-zero1", "2ranks-zero1", "2ranks-zero3"])
+@pytest.mark.parametrize(("nproc", "stage"), [(1, 1), (1, 3), (2, 1), (2, 3)],
+                         ids=["1rank-zero1", "1rank-zero3", "2ranks-zero1", "2ranks-zero3"])
 def test_sigkill_and_resume_reproduces_losses_bitwise(data_dir, tmp_path, nproc, stage):
     opts = {"train.max_steps": STEPS, "train.checkpoint_every": 5, "deepspeed.stage": stage}
     ref_dir, cut_dir = tmp_path / "reference", tmp_path / "interrupted"
