@@ -21,6 +21,17 @@ from ipt.config import DemoDataConfig  # noqa: E402
 from ipt.data.demo import build_demo_data  # noqa: E402
 
 
+def demo_step_seconds() -> float:
+    """The demo's median step time, from its last run; 1.1 s (measured here) without one."""
+    metrics = HERE.parent / "runs" / "demo" / "metrics.jsonl"
+    if not metrics.exists():
+        return 1.1
+    from ipt.observe import read_metrics
+
+    times = sorted(r["step_time_s"] for r in read_metrics(metrics))
+    return times[len(times) // 2]
+
+
 def main(argv: list[str]) -> None:
     only = set(argv)
     data = build_demo_data(DemoDataConfig(out=str(HERE.parent / "data" / "demo")))
@@ -33,6 +44,14 @@ def main(argv: list[str]) -> None:
         import scaling
 
         results.append(scaling.run(data))
+    if not only or "prepare" in only:
+        import prepare_throughput
+
+        results.extend(prepare_throughput.run(data))
+    if not only or "loader" in only:
+        import loader_wait
+
+        results.append(loader_wait.run(data, demo_step_seconds()))
     machine = {"cpu_count": os.cpu_count(), "torch": torch.__version__,
                "platform": platform.platform(), "gpu": torch.cuda.is_available()}
     out = HERE / "results"

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ipt.checkpoint import TrainerState
 from ipt.config import PretrainConfig
-from ipt.data.loader import ChunkedSequences, train_loader
+from ipt.data.loader import MixtureOrder, PackedShards, train_loader
 from ipt.data.shards import ShardSet
 from ipt.engine import build_engine, init_distributed
 from ipt.losses import NextTokenLoss
@@ -27,7 +27,7 @@ from ipt.trainer import Trainer
 
 def config(data: Path, stage: int, threads: int) -> PretrainConfig:
     cfg = PretrainConfig(tokenizer=str(data / "tokenizer"))
-    cfg.data.train, cfg.data.seq_len, cfg.data.num_workers = str(data / "train"), 256, 1
+    cfg.data.seq_len, cfg.data.num_workers = 256, 1
     m = cfg.model
     m.name, m.hidden_size, m.intermediate_size, m.num_layers = "bench", 256, 768, 4
     m.num_heads, m.num_kv_heads, m.max_seq_len = 4, 4, 256
@@ -41,8 +41,8 @@ def bare_steps(model, opt, batches, n: int, clip: float) -> float:
     start = time.perf_counter()
     for _ in range(n):
         b = next(batches)
-        logits = model(input_ids=b["input_ids"]).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), b["labels"].flatten())
+        logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), ignore_index=-100)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
@@ -61,7 +61,8 @@ def run(data: Path, stage: int = 1, threads: int = 2, rounds: int = 5,
         steps: int = 10) -> dict:
     cfg = config(data, stage, threads)
     dist = init_distributed(threads)
-    ds = ChunkedSequences(ShardSet(cfg.data.train), cfg.data.seq_len)
+    ds = PackedShards(ShardSet(data / "shards" / "docstrings" / "train"), cfg.data.seq_len)
+    order = MixtureOrder([len(ds)], [1.0], 0, ds.fingerprint)
     vocab = int(ds.shards.shards[0].meta["vocab_size"])
 
     torch.manual_seed(0)
@@ -69,12 +70,12 @@ def run(data: Path, stage: int = 1, threads: int = 2, rounds: int = 5,
     o = cfg.optim
     opt = torch.optim.AdamW(bare.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                             weight_decay=o.weight_decay, foreach=True)
-    bare_batches = iter(train_loader(ds, 0, 0, 8, 8, 0, 1, cfg.data.num_workers))
+    bare_batches = iter(train_loader(ds, order, 0, 8, 8, 0, 1, cfg.data.num_workers))
 
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab)
     engine = build_engine(model, cfg, 1, lr_multiplier(cfg.schedule, 10**6))
-    trainer = Trainer(engine, NextTokenLoss(), iter(train_loader(ds, 0, 0, 8, 8, 0, 1,
+    trainer = Trainer(engine, NextTokenLoss(), iter(train_loader(ds, order, 0, 8, 8, 0, 1,
                                                                  cfg.data.num_workers)),
                       TrainerState(), dist, 1, 8, cfg.data.seq_len, 10**6, [])
     bare_steps(bare, opt, bare_batches, 3, o.grad_clip)  # warm-up both

@@ -3,10 +3,9 @@
 import logging
 
 import hydra
-from omegaconf import OmegaConf
 
 from ipt.cli import run
-from ipt.config import DemoDataConfig, register
+from ipt.config import DemoDataConfig, register, to_object
 from ipt.data.demo import build_demo_data
 
 register()
@@ -15,9 +14,7 @@ register()
 @hydra.main(config_path="../configs", config_name="demo_data", version_base=None)
 def main(cfg) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    obj = OmegaConf.to_object(cfg)
-    assert isinstance(obj, DemoDataConfig)
-    run(lambda: build_demo_data(obj))
+    run(lambda: build_demo_data(to_object(cfg, DemoDataConfig)))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data")
     return build_demo_data(DemoDataConfig(out=str(out), max_docs=600, vocab_size=512,
-                                          valid_every=20))
+                                          valid_fraction=0.05, workers=1))
 
 
 def tiny_overrides(data_dir: Path, run_dir: Path, **extra) -> list[str]:

@@ -50,7 +50,7 @@ def test_batch_divisibility_counts_ranks():
 
 def test_missing_data_directory_is_named(tmp_path: Path):
     cfg = load([f"data.root={tmp_path}", f"tokenizer={tmp_path}"])
-    with pytest.raises(ConfigError, match="data.train=.* does not exist"):
+    with pytest.raises(ConfigError, match="data.sources.docstrings.path=.* does not exist"):
         validate(cfg, world_size=1)
 
 

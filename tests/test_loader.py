@@ -5,12 +5,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ipt.data.loader import ChunkedSequences, GlobalOrder, RankBatches, train_loader
+from ipt.config import ConfigError
+from ipt.data.loader import MixtureOrder, PackedShards, RankBatches, shares, train_loader
 from ipt.data.shards import ShardError, ShardSet, write_shards
 
 
-def test_order_is_a_permutation_per_epoch_and_reproducible():
-    a, b = GlobalOrder(100, 7, "fp"), GlobalOrder(100, 7, "fp")
+def order(n=100, seed=7, fp="fp"):
+    return MixtureOrder([n], [1.0], seed, fp)
+
+
+def test_one_source_is_a_permutation_per_epoch_and_reproducible():
+    a, b = order(), order()
     first = [a[k] for k in range(100)]
     assert sorted(first) == list(range(100))
     assert first == [b[k] for k in range(100)]
@@ -18,13 +23,40 @@ def test_order_is_a_permutation_per_epoch_and_reproducible():
 
 
 def test_order_depends_on_seed_and_fingerprint():
-    base = [GlobalOrder(50, 1, "x")[k] for k in range(50)]
-    assert base != [GlobalOrder(50, 2, "x")[k] for k in range(50)]
-    assert base != [GlobalOrder(50, 1, "y")[k] for k in range(50)]
+    base = [order(50, 1, "x")[k] for k in range(50)]
+    assert base != [order(50, 2, "x")[k] for k in range(50)]
+    assert base != [order(50, 1, "y")[k] for k in range(50)]
+
+
+def test_mixture_gives_each_source_its_weighted_share():
+    mix = MixtureOrder([300, 100], [0.5, 0.5], 0, "fp")
+    epoch = [mix[k] for k in range(mix.epoch_len)]
+    small = [i for i in epoch if i >= 300]
+    assert len(epoch) == 400 and len(small) == 200  # half the epoch from the small source
+    assert sorted(set(small)) == list(range(300, 400))  # every sequence of it, each twice
+    assert max(np.bincount(small)) == 2
+    big = [i for i in epoch if i < 300]
+    assert len(set(big)) == 200  # the big source is subsampled without repeats
+
+
+def test_mixture_subsample_differs_between_epochs():
+    mix = MixtureOrder([300, 100], [0.5, 0.5], 0, "fp")
+    e0 = {mix[k] for k in range(400) if mix[k] < 300}
+    e1 = {mix[k] for k in range(400, 800) if mix[k] < 300}
+    assert e0 != e1
+
+
+def test_repetition_beyond_the_cap_is_refused_with_the_source_named():
+    with pytest.raises(ConfigError, match="source tiny: .* repetition of 8.0x > data.max_repeat=4"):
+        MixtureOrder([900, 100], [0.2, 0.8], 0, "fp", max_repeat=4, names=["big", "tiny"])
+
+
+def test_shares_add_up_exactly():
+    assert shares([10, 10, 10], [1, 1, 1]).tolist() == [10, 10, 10]
+    assert shares([7, 0, 6], [1, 2, 1]).sum() == 13
 
 
 def global_batches(order, consumed, world, steps, gb=12, mb=2):
-    """The set of samples each global batch covers, read through every rank."""
     per_rank = [iter(RankBatches(order, consumed, gb, mb, r, world)) for r in range(world)]
     out = []
     for _ in range(steps):
@@ -38,30 +70,22 @@ def global_batches(order, consumed, world, steps, gb=12, mb=2):
 
 @pytest.mark.parametrize("world", [1, 2, 3, 6])
 def test_global_batches_do_not_depend_on_world_size(world):
-    order = GlobalOrder(40, 0, "fp")
-    assert global_batches(order, 0, world, 5) == global_batches(order, 0, 1, 5)
+    o = MixtureOrder([30, 10], [0.7, 0.3], 0, "fp")
+    assert global_batches(o, 0, world, 5) == global_batches(o, 0, 1, 5)
 
 
 def test_resume_from_counter_continues_with_next_unseen_samples():
-    order = GlobalOrder(40, 0, "fp")
-    straight = global_batches(order, 0, 2, 6)
-    resumed = global_batches(order, 3 * 12, 3, 3)  # 3 steps done on 2 ranks, resumed on 3
+    o = MixtureOrder([30, 10], [0.7, 0.3], 0, "fp")
+    straight = global_batches(o, 0, 2, 6)
+    resumed = global_batches(o, 3 * 12, 3, 3)  # 3 steps done on 2 ranks, resumed on 3
     assert resumed == straight[3:]
 
 
-def test_loader_yields_shifted_windows(data_dir: Path):
-    ds = ChunkedSequences(ShardSet(data_dir / "train"), seq_len=32)
-    batch = next(iter(train_loader(ds, 0, 0, 4, 2, 0, 1, num_workers=0)))
+def test_loader_yields_packed_batches(data_dir: Path):
+    ds = PackedShards(ShardSet(data_dir / "shards" / "docstrings" / "train"), seq_len=32)
+    batch = next(iter(train_loader(ds, MixtureOrder([len(ds)], [1], 0, "x"), 0, 4, 2, 0, 1, 0)))
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape
     assert batch["input_ids"].shape == (2, 32)
-    assert (batch["input_ids"][:, 1:] == batch["labels"][:, :-1]).all()
-
-
-def test_windows_cover_the_token_stream(data_dir: Path):
-    shards = ShardSet(data_dir / "train")
-    ds = ChunkedSequences(shards, seq_len=32)
-    tokens = np.asarray(shards.shards[0].tokens)
-    joined = np.concatenate([ds[i]["input_ids"].numpy() for i in range(3)])
-    assert (joined == tokens[:96]).all()
 
 
 def test_truncated_shard_is_named(tmp_path: Path):
@@ -88,12 +112,6 @@ def test_empty_dataset_is_refused(tmp_path: Path):
 def test_directory_without_shards_is_refused(tmp_path: Path):
     with pytest.raises(ShardError, match="holds no token shards"):
         ShardSet(tmp_path)
-
-
-def test_too_little_data_for_one_sequence_is_refused(tmp_path: Path):
-    write_shards([[1, 2, 3]], tmp_path, 512, "fp")
-    with pytest.raises(ShardError, match="do not fill one sequence"):
-        ChunkedSequences(ShardSet(tmp_path), seq_len=8)
 
 
 def test_uint16_is_used_when_the_vocabulary_fits(tmp_path: Path):

@@ -59,7 +59,7 @@ def test_wandb_logs_offline_without_a_key(data_dir, tmp_path, monkeypatch):
 def test_truncated_shard_fails_before_any_step(data_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
-    tokens = next((data / "train").glob("*.tokens"))
+    tokens = next((data / "shards" / "docstrings" / "train").glob("*.tokens"))
     tokens.write_bytes(tokens.read_bytes()[:-10])
     run = tmp_path / "r"
     proc = run_pretrain(tiny_overrides(data, run), check=False)
@@ -71,7 +71,8 @@ def test_truncated_shard_fails_before_any_step(data_dir, tmp_path):
 def test_shards_of_another_tokenizer_are_refused(data_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
-    texts = [json.loads(t)["text"] for t in (data / "corpus.jsonl").read_text().splitlines()[:200]]
+    raw = (data / "raw" / "docstrings.jsonl").read_text().splitlines()[:200]
+    texts = [json.loads(t)["text"] for t in raw]
     shutil.rmtree(data / "tokenizer")
     train_sentencepiece(texts, data / "tokenizer", vocab_size=400)
     proc = run_pretrain(tiny_overrides(data, tmp_path / "r"), check=False)
@@ -83,8 +84,8 @@ def test_damaged_tokenizer_is_named(data_dir, tmp_path):
     shutil.copytree(data_dir, data)
     model = data / "tokenizer" / "tokenizer.model"
     model.write_bytes(model.read_bytes()[:1000])
-    for shards in ("train", "valid"):  # keep the fingerprints consistent: only loading fails
-        for meta in (data / shards).glob("*.json"):
+    for meta in (data / "shards").glob("*/*/shard_*.json"):  # fingerprints stay consistent:
+        if meta.parent.name in ("train", "valid"):  # only loading the tokenizer fails
             fixed = json.loads(meta.read_text()) | {"tokenizer": fingerprint(data / "tokenizer")}
             meta.write_text(json.dumps(fixed))
     proc = run_pretrain(tiny_overrides(data, tmp_path / "r"), check=False)

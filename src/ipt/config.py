@@ -16,6 +16,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, ValidationError
 
 
 class ConfigError(ValueError):
@@ -44,13 +45,26 @@ class ModelConfig:
 
 
 @dataclass
+class MixSourceConfig:
+    """One source of the training mixture: a folder written by the prepare stage."""
+
+    path: str = MISSING  # holds train/ (and optionally valid/) token shards
+    weight: float = 1.0  # share of the training sequences, relative to the other sources
+
+
+@dataclass
 class DataConfig:
-    """Token shards to train on (written by `data_pipeline/prepare.py`)."""
+    """What the trainer reads: prepared sources, mixed, packed and ordered."""
 
     root: str | None = None  # a folder the paths below may interpolate (${data.root})
-    train: str = MISSING  # directory of token shards
-    valid: str | None = None  # directory of token shards for validation loss
+    # name -> MixSourceConfig fields (checked by `to_object`; see ENTRY_TYPES)
+    sources: dict[str, Any] = field(default_factory=dict)
     seq_len: int = 256
+    packing: str = "bestfit"  # bestfit | concat
+    # Tokens attend only within their own document; false lets them see the whole sequence.
+    doc_masking: bool = True
+    # The most times a source's sequences may repeat within one epoch of the mixture.
+    max_repeat: float = 4.0
     seed: int = 1234
     num_workers: int = 1
 
@@ -145,14 +159,60 @@ class PretrainConfig:
 
 
 @dataclass
+class SourceConfig:
+    """A raw corpus for the data stages (`ipt.data.sources` reads it)."""
+
+    name: str = ""  # filled from its key under `sources`
+    path: str = MISSING
+    format: str = "auto"  # auto | jsonl | parquet | text | hf | hf_disk
+    text_field: str = "text"
+    id_field: str | None = None
+    # A field holding [{"text": ..., "loss": bool}, ...]: the tokens of segments with
+    # loss=false get a 0 in the shards' loss mask (SFT-style data).
+    segments_field: str | None = None
+    split: str = "train"  # hf / hf_disk
+    streaming: bool = True  # hf
+    data_files: str | None = None  # hf: e.g. path=parquet data_files=/data/*.parquet
+
+
+@dataclass
+class PrepareConfig:
+    """`data_pipeline/prepare.py`: raw sources to token shards, one folder per source."""
+
+    sources: dict[str, Any] = field(default_factory=dict)  # name -> SourceConfig fields
+    tokenizer: str = MISSING
+    out: str = MISSING
+    docs_per_shard: int = 20_000
+    workers: int = 2
+    valid_fraction: float = 0.005  # documents held out for validation, chosen by id hash
+    add_bos: bool = True
+    # Texts longer than this are tokenized in pieces cut at line breaks (bounded memory).
+    max_chars_per_piece: int = 1_000_000
+    progress_bar: str = "auto"
+
+
+@dataclass
 class DemoDataConfig:
-    """`data_pipeline/demo_data.py`: the demo corpus, its tokenizer and its shards."""
+    """`data_pipeline/demo_data.py`: the demo's raw corpora, tokenizer and shards."""
 
     out: str = "data/demo"
-    max_docs: int = 6000
+    max_docs: int = 6000  # docstrings
     min_chars: int = 200
     vocab_size: int = 4096
-    valid_every: int = 50  # every n-th document goes to the validation split
+    valid_fraction: float = 0.02
+    docs_per_shard: int = 2000
+    workers: int = 2
+
+
+@dataclass
+class TokenizerConfig:
+    """`data_pipeline/tokenizer.py`: train a sentencepiece model on a sample of sources."""
+
+    sources: dict[str, Any] = field(default_factory=dict)  # name -> SourceConfig fields
+    out: str = MISSING
+    vocab_size: int = 32000
+    model_type: str = "bpe"  # bpe | unigram
+    max_docs_per_source: int = 200_000
 
 
 @dataclass
@@ -162,7 +222,7 @@ class ExportConfig:
 
 
 SECTIONS: dict[str, type] = {c.__name__: c for c in (
-    ModelConfig, DataConfig, OptimConfig, ScheduleConfig, DeepSpeedConfig, LossConfig,
+    ModelConfig, DataConfig, MixSourceConfig, OptimConfig, ScheduleConfig, DeepSpeedConfig, LossConfig,
     LoggerConfig, TrainConfig)}
 
 
@@ -172,19 +232,65 @@ def register() -> None:
     cs.store(name="pretrain_schema", node=PretrainConfig)
     cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="demo_data_schema", node=DemoDataConfig)
+    cs.store(name="prepare_schema", node=PrepareConfig)
+    cs.store(name="tokenizer_schema", node=TokenizerConfig)
 
 
 SCHEDULES = ("cosine", "wsd", "constant")
+PACKINGS = ("bestfit", "concat")
 PRECISIONS = ("fp32", "bf16")
 
 
-def to_object(cfg: DictConfig) -> PretrainConfig:
-    """Resolve interpolations and turn Hydra's DictConfig into the typed dataclass."""
-    unknown = _unknown_keys(cfg, PretrainConfig)
+# Maps whose entries a user adds by name (`+sources.web.path=...`): OmegaConf cannot create
+# dataclass-typed entries from the command line, so the schema types them `Any` and
+# `to_object` checks each entry against its dataclass.
+ENTRY_TYPES: dict[tuple[type, str], type] = {
+    (DataConfig, "sources"): MixSourceConfig,
+    (PrepareConfig, "sources"): SourceConfig,
+    (TokenizerConfig, "sources"): SourceConfig,
+}
+
+
+def to_object(cfg: DictConfig, schema: type = PretrainConfig) -> Any:
+    """Resolve interpolations and turn Hydra's DictConfig into the typed dataclass `schema`.
+
+    Unknown keys and wrong types anywhere, map entries included, fail with the key named.
+    """
+    unknown = _unknown_keys(cfg, schema)
     if unknown:  # `+key=value` overrides slip past Hydra's struct mode; nothing else does
         raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
     obj = OmegaConf.to_object(cfg)
-    assert isinstance(obj, PretrainConfig), type(obj)
+    assert isinstance(obj, schema), type(obj)
+    _build_entries(obj, "")
+    return obj
+
+
+def _build_entries(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if (type(obj), f.name) in ENTRY_TYPES:
+            kind = ENTRY_TYPES[type(obj), f.name]
+            setattr(obj, f.name, {name: _entry(kind, entry, f"{prefix}{f.name}.{name}", name)
+                                  for name, entry in value.items()})
+        elif dataclasses.is_dataclass(value):
+            _build_entries(value, f"{prefix}{f.name}.")
+
+
+def _entry(kind: type, entry: Any, key: str, name: str) -> Any:
+    if isinstance(entry, kind):
+        return entry
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{key} must be a mapping of {kind.__name__} fields, got {entry!r}")
+    known = {f.name for f in dataclasses.fields(kind)}
+    if extra := sorted(set(entry) - known):
+        raise ConfigError(f"unknown config keys: {', '.join(f'{key}.{k}' for k in extra)} "
+                          f"(known: {', '.join(sorted(known))})")
+    try:
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(kind), entry))
+    except (ValidationError, MissingMandatoryValue) as e:
+        raise ConfigError(f"{key}.{e.key}: {e.msg}") from e
+    if "name" in known and not obj.name:
+        obj.name = name
     return obj
 
 
@@ -194,8 +300,10 @@ def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
     for key in node:
         if key not in fields:
             out.append(f"{prefix}{key}")
-        elif isinstance(sub := fields[key].type, str) and sub in SECTIONS:
-            out += _unknown_keys(node[key], SECTIONS[sub], f"{prefix}{key}.")
+            continue
+        kind = str(fields[key].type)
+        if kind in SECTIONS:
+            out += _unknown_keys(node[key], SECTIONS[kind], f"{prefix}{key}.")
     return out
 
 
@@ -226,8 +334,14 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}"
         )
-    for key, path in (("tokenizer", cfg.tokenizer), ("data.train", cfg.data.train),
-                      ("data.valid", cfg.data.valid), ("model.init_from", cfg.model.init_from)):
+    if not cfg.data.sources:
+        raise ConfigError("data.sources is empty: name at least one prepared source folder")
+    if cfg.data.packing not in PACKINGS:
+        raise ConfigError(f"data.packing={cfg.data.packing!r}; expected one of {PACKINGS}")
+    paths = [("tokenizer", cfg.tokenizer), ("model.init_from", cfg.model.init_from)]
+    paths += [(f"data.sources.{name}.path", f"{m.path}/train")
+              for name, m in cfg.data.sources.items()]
+    for key, path in paths:
         if path is not None and not Path(path).exists():
             raise ConfigError(f"{key}={path!r} does not exist")
     return t.global_batch_size // per_step

@@ -6,6 +6,7 @@ Read top to bottom, this is the whole job: ranks, data, model, engine, resume, c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -18,7 +19,7 @@ from ipt import checkpoint
 from ipt.checkpoint import CheckpointError, TrainerState
 from ipt.config import ConfigError, PretrainConfig, validate
 from ipt.data import tokenizer as tok
-from ipt.data.loader import ChunkedSequences, train_loader
+from ipt.data.loader import Concat, MixtureOrder, PackedShards, train_loader
 from ipt.data.shards import ShardSet
 from ipt.engine import Dist, build_engine, init_distributed
 from ipt.export import ExportAtEnd
@@ -52,14 +53,36 @@ def prepare_run_dir(cfg: PretrainConfig, dist: Dist) -> Path:
     return run_dir
 
 
-def open_split(key: str, path: str, tokenizer_fp: str, seq_len: int,
-               tokenizer: str) -> ChunkedSequences:
+def open_split(key: str, path: Path, tokenizer_fp: str, cfg: PretrainConfig) -> PackedShards:
     shards = ShardSet(path)
     if shards.tokenizer_fingerprint != tokenizer_fp:
         raise ConfigError(f"{key}={path} was tokenized with tokenizer "
-                          f"{shards.tokenizer_fingerprint}, but tokenizer={tokenizer} is "
+                          f"{shards.tokenizer_fingerprint}, but tokenizer={cfg.tokenizer} is "
                           f"{tokenizer_fp}; re-run the prepare stage or point at the right one")
-    return ChunkedSequences(shards, seq_len)
+    d = cfg.data
+    return PackedShards(shards, d.seq_len, d.packing, d.doc_masking)
+
+
+def open_data(cfg: PretrainConfig, tokenizer_fp: str) -> tuple[Concat, MixtureOrder,
+                                                                dict[str, PackedShards]]:
+    """The mixture of training sources in its global order, and each source's validation set."""
+    names, train, valid = [], [], {}
+    for name, source in cfg.data.sources.items():
+        key = f"data.sources.{name}.path"
+        names.append(name)
+        train.append(open_split(key, Path(source.path) / "train", tokenizer_fp, cfg))
+        held_out = Path(source.path) / "valid"
+        if held_out.is_dir() and any(held_out.glob("*.json")):
+            valid[name] = open_split(key, held_out, tokenizer_fp, cfg)
+    weights = [cfg.data.sources[n].weight for n in names]
+    fingerprint = hashlib.sha256(repr([(n, p.fingerprint, w) for n, p, w in
+                                       zip(names, train, weights, strict=True)]).encode())
+    order = MixtureOrder([len(p) for p in train], weights, cfg.data.seed,
+                         fingerprint.hexdigest()[:16], cfg.data.max_repeat, names)
+    for name, part in zip(names, train, strict=True):
+        log.info("source %s: %d sequences (%.1f%% filled), weight %s", name, len(part),
+                 100 * part.fill, cfg.data.sources[name].weight)
+    return Concat(train), order, valid
 
 
 def as_dict(cfg: PretrainConfig) -> dict:
@@ -133,15 +156,12 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
         logging.getLogger().addHandler(file_log)
 
     tokenizer_fp = tok.fingerprint(cfg.tokenizer)
-    d = cfg.data
-    train_set = open_split("data.train", d.train, tokenizer_fp, d.seq_len, cfg.tokenizer)
-    valid_set = (open_split("data.valid", d.valid, tokenizer_fp, d.seq_len, cfg.tokenizer)
-                 if d.valid else None)
+    train_set, order, valid_sets = open_data(cfg, tokenizer_fp)
     tokenizer = tok.load(cfg.tokenizer)
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    fresh = TrainerState(data_fingerprint=f"{train_set.fingerprint}-s{cfg.data.seed}",
+    fresh = TrainerState(data_fingerprint=f"{order.key:016x}",
                          tokenizer_fingerprint=tokenizer_fp, world_size=dist.world_size,
                          model_config=model.config.to_dict(),
                          config=as_dict(cfg))
@@ -153,13 +173,13 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
     state.config = fresh.config
 
     loss_fn = build_loss(cfg.loss)
-    batches = iter(train_loader(train_set, cfg.data.seed, state.consumed_samples,
+    batches = iter(train_loader(train_set, order, state.consumed_samples,
                                 cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                 dist.rank, dist.world_size, cfg.data.num_workers,
                                 pin_memory=dist.device.type == "cuda"))
     callbacks: list = []
-    if valid_set is not None and cfg.train.eval_every > 0:
-        callbacks.append(Evaluator(valid_set, loss_fn, cfg.train.micro_batch_size,
+    if valid_sets and cfg.train.eval_every > 0:
+        callbacks.append(Evaluator(valid_sets, loss_fn, cfg.train.micro_batch_size,
                                    cfg.train.eval_batches, cfg.train.eval_every))
     callbacks.append(Checkpointer(run_dir / "checkpoints", cfg.train.checkpoint_every,
                                   cfg.train.keep_last))

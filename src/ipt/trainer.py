@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as tdist
+from torch.utils.data import Dataset
 
 from ipt import checkpoint
 from ipt.checkpoint import TrainerState
-from ipt.data.loader import ChunkedSequences, eval_batches
+from ipt.data.loader import eval_batches
 from ipt.engine import Dist
 from ipt.losses import LossOutput
 from ipt.observe import peak_memory_gb
@@ -118,11 +119,12 @@ class Trainer:
 
 
 class Evaluator:
-    """Mean validation loss over a fixed subset, every `every` steps and at the end."""
+    """Validation loss of each source (`val_loss/<source>`) and of all together
+    (`val_loss`, token-weighted), on a fixed subset, every `every` steps and at the end."""
 
-    def __init__(self, dataset: ChunkedSequences, loss_fn: Callable[..., LossOutput],
+    def __init__(self, datasets: Mapping[str, Dataset], loss_fn: Callable[..., LossOutput],
                  micro_batch: int, num_batches: int, every: int) -> None:
-        self.dataset, self.loss_fn, self.every = dataset, loss_fn, every
+        self.datasets, self.loss_fn, self.every = datasets, loss_fn, every
         self.micro_batch, self.num_batches = micro_batch, num_batches
 
     def on_start(self, trainer: Trainer) -> None:
@@ -130,27 +132,32 @@ class Evaluator:
 
     def on_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         if metrics["step"] % self.every == 0 or metrics["step"] == trainer.max_steps:
-            metrics["val_loss"] = self.evaluate(trainer)
+            metrics.update(self.evaluate(trainer))
 
     def on_end(self, trainer: Trainer) -> None:
         pass
 
     @torch.no_grad()
-    def evaluate(self, trainer: Trainer) -> float:
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
         trainer.engine.eval()
         d = trainer.dist
-        total = torch.zeros(2, dtype=torch.float64, device=d.device)
-        for idx in eval_batches(self.dataset, self.micro_batch, d.rank, d.world_size,
-                                self.num_batches):
-            items = [self.dataset[i] for i in idx]
-            batch = {k: torch.stack([it[k] for it in items]).to(d.device) for k in items[0]}
-            out = self.loss_fn(trainer.engine, batch, trainer.state.step)
-            total += torch.tensor([out.loss.item() * out.tokens, out.tokens],
-                                  dtype=torch.float64, device=d.device)
+        sums = torch.zeros(len(self.datasets), 2, dtype=torch.float64, device=d.device)
+        for row, dataset in enumerate(self.datasets.values()):
+            for idx in eval_batches(dataset, self.micro_batch, d.rank, d.world_size,
+                                    self.num_batches):
+                items = [dataset[i] for i in idx]
+                batch = {k: torch.stack([it[k] for it in items]).to(d.device) for k in items[0]}
+                out = self.loss_fn(trainer.engine, batch, trainer.state.step)
+                sums[row, 0] += out.loss.item() * out.tokens
+                sums[row, 1] += out.tokens
         if d.world_size > 1:
-            tdist.all_reduce(total)
+            tdist.all_reduce(sums)
         trainer.engine.train()
-        return float(total[0] / total[1])
+        result = {"val_loss": float(sums[:, 0].sum() / sums[:, 1].sum())}
+        if len(self.datasets) > 1:
+            result.update({f"val_loss/{name}": float(sums[i, 0] / sums[i, 1])
+                           for i, name in enumerate(self.datasets)})
+        return result
 
 
 class Checkpointer:

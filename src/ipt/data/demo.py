@@ -1,47 +1,69 @@
-"""The demo's data: docstrings of the installed Python, a sentencepiece tokenizer trained on
-them, and train/validation token shards. Idempotent: finished parts are not redone."""
+"""The demo's data, built with the real stages: two raw corpora available offline, a
+sentencepiece tokenizer trained on them, and token shards from the prepare stage.
+
+- `raw/docstrings.jsonl`: documentation strings of the installed Python (jsonl source)
+- `raw/packages/`: the long descriptions of the installed distributions (a directory of text)
+
+Every step is skipped when its output exists, and the prepare stage resumes by itself.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
+import re
 from pathlib import Path
 
-from ipt.config import DemoDataConfig
+from ipt.config import DemoDataConfig, PrepareConfig, SourceConfig
+from ipt.data import sources as src
 from ipt.data import tokenizer as tok
 from ipt.data.corpus import docstrings
-from ipt.data.shards import ShardSet, write_shards
+from ipt.data.prepare import prepare
 
 log = logging.getLogger(__name__)
 
 
-def build_demo_data(cfg: DemoDataConfig) -> Path:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    corpus = out / "corpus.jsonl"
-    if not corpus.exists():
-        tmp = corpus.with_suffix(".tmp")
+def package_descriptions(min_chars: int) -> dict[str, str]:
+    """Name -> long description (markdown or reStructuredText) of each installed package."""
+    out = {}
+    for dist in importlib.metadata.distributions():
+        body = dist.metadata.get_payload() or dist.metadata.get("Description") or ""  # type: ignore[attr-defined]
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", dist.metadata["Name"] or "")
+        if isinstance(body, str) and len(body) >= min_chars and name:
+            out[name.lower()] = body
+    return dict(sorted(out.items()))
+
+
+def write_raw(cfg: DemoDataConfig, raw: Path) -> dict[str, SourceConfig]:
+    raw.mkdir(parents=True, exist_ok=True)
+    jsonl = raw / "docstrings.jsonl"
+    if not jsonl.exists():
+        tmp = jsonl.with_suffix(".tmp")
         with tmp.open("w") as f:
             for doc in docstrings(cfg.min_chars, cfg.max_docs):
                 f.write(json.dumps(doc) + "\n")
-        tmp.rename(corpus)
-    docs = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
-    log.info("corpus: %d documents, %d characters", len(docs), sum(map(len, docs)))
+        tmp.rename(jsonl)
+    packages = raw / "packages"
+    if not packages.is_dir():
+        tmp_dir = raw / "packages.tmp"
+        tmp_dir.mkdir(exist_ok=True)
+        for name, text in package_descriptions(500).items():
+            (tmp_dir / f"{name}.txt").write_text(text)
+        tmp_dir.rename(packages)
+    return {"docstrings": SourceConfig(name="docstrings", path=str(jsonl), id_field="id"),
+            "packages": SourceConfig(name="packages", path=str(packages))}
 
+
+def build_demo_data(cfg: DemoDataConfig) -> Path:
+    out = Path(cfg.out)
+    sources = write_raw(cfg, out / "raw")
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer_config.json").exists():
-        tok.train_sentencepiece(docs, tok_dir, cfg.vocab_size)
-    fp = tok.fingerprint(tok_dir)
-    tokenizer = tok.load(tok_dir)
-
-    for split, keep in (("train", lambda i: i % cfg.valid_every != 0),
-                        ("valid", lambda i: i % cfg.valid_every == 0)):
-        d = out / split
-        if d.is_dir() and any(d.glob("*.json")) and ShardSet(d).tokenizer_fingerprint == fp:
-            continue
-        texts = [t for i, t in enumerate(docs) if keep(i)]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        write_shards(([*x, tokenizer.eos_token_id] for x in ids), d, len(tokenizer), fp,
-                     source="python-docstrings")
-        log.info("%s: %s tokens", split, f"{ShardSet(d).num_tokens:,}")
+        texts = [r.text for spec in sources.values() for r in src.read(spec)
+                 if isinstance(r, src.Doc)]
+        tok.train_sentencepiece(texts, tok_dir, cfg.vocab_size)
+    prepare(PrepareConfig(sources=sources, tokenizer=str(tok_dir), out=str(out / "shards"),
+                          docs_per_shard=cfg.docs_per_shard, workers=cfg.workers,
+                          valid_fraction=cfg.valid_fraction, progress_bar="never"))
     return out

@@ -1,81 +1,151 @@
-"""The training loader: a deterministic global order of sequences, read by a single counter.
+"""The training loader: a deterministic global order of packed sequences, read by one counter.
 
-The order of samples is a pure function of (seed, epoch, dataset fingerprint). The loader's
-whole state is `consumed`, the number of samples all ranks together have used. Global batch
-`b` is samples `[b*G, (b+1)*G)` of that order; rank `r` of `R` reads the `r`-th contiguous
-slice of it, cut into micro-batches. Resuming (after a crash, or on another number of ranks
-with the same global batch G) therefore continues at the next unseen sample: nothing is
-repeated, nothing skipped, and there is no per-rank or per-worker state to save.
+The training set is the concatenation of every source's packed sequences. Sample `k` of the
+endless stream is `table(epoch)[k % T]`, with `epoch = k // T`. The table of an epoch is a
+pure function of (seed, epoch, dataset fingerprint): it holds each source's share of the `T`
+slots (its mixture weight), drawn from that source's sequences (repeated, or subsampled, as
+the share needs), in shuffled order.
+
+The loader's whole state is `consumed`, the number of samples all ranks together have used.
+Global batch `b` is samples `[b*G, (b+1)*G)`; rank `r` of `R` reads the `r`-th contiguous
+slice of it, cut into micro-batches. Resuming, after a crash or on another number of ranks
+with the same G, continues at the next unseen sample. Nothing is repeated or skipped, and no
+per-rank or per-worker state exists to save.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ipt.config import ConfigError
+from ipt.data.packing import Packing, assemble, pack
 from ipt.data.shards import ShardError, ShardSet
 
 
-class ChunkedSequences(Dataset):
-    """Fixed windows of `seq_len + 1` tokens cut from each shard's token stream.
+class PackedShards(Dataset):
+    """The packed sequences of one source's shards (see `ipt.data.packing`)."""
 
-    Window `i` of a shard starts at token `i * seq_len`, so consecutive windows share one token
-    (the last label of one is the first input of the next) and no token is lost.
-    """
-
-    def __init__(self, shards: ShardSet, seq_len: int) -> None:
-        self.shards = shards
-        self.seq_len = seq_len
-        counts = [max(0, (s.meta["num_tokens"] - 1) // seq_len) for s in shards.shards]
-        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    def __init__(self, shards: ShardSet, seq_len: int, packing: str = "bestfit",
+                 doc_masking: bool = True) -> None:
+        self.shards, self.seq_len = shards, seq_len
+        self.how, self.doc_masking = packing, doc_masking
+        self.packs: list[Packing] = []
+        self.doc_starts: list[np.ndarray] = []
+        self.doc_lens: list[np.ndarray] = []
+        for shard in shards.shards:
+            ends = shard.doc_ends.astype(np.int64)
+            starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+            self.doc_starts.append(starts)
+            self.doc_lens.append(ends - starts)
+            self.packs.append(pack(ends - starts, seq_len, packing))
+        self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in self.packs])])
         if self.offsets[-1] == 0:
-            raise ShardError(f"{shards.directory}: {shards.num_tokens} tokens do not fill one "
-                             f"sequence of {seq_len + 1}; lower data.seq_len or add data")
+            raise ShardError(f"{shards.directory}: no sequences to train on")
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         k = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        start = (index - int(self.offsets[k])) * self.seq_len
-        window = np.asarray(self.shards.shards[k].tokens[start:start + self.seq_len + 1],
-                            dtype=np.int64)
-        ids = torch.from_numpy(window)
-        return {"input_ids": ids[:-1], "labels": ids[1:]}
+        shard = self.shards.shards[k]
+        arrays = assemble(shard.tokens, self.doc_starts[k], self.doc_lens[k], self.packs[k],
+                          index - int(self.offsets[k]), self.seq_len, 0, self.doc_masking,
+                          shard.channels.get("loss_mask"))
+        return {name: torch.from_numpy(a) for name, a in arrays.items()}
+
+    @property
+    def fill(self) -> float:
+        """Share of positions holding real tokens (the rest is padding)."""
+        return sum(float(p.length.sum()) for p in self.packs) / (len(self) * self.seq_len)
 
     @property
     def fingerprint(self) -> str:
-        return f"{self.shards.fingerprint}-L{self.seq_len}"
+        return f"{self.shards.fingerprint}-L{self.seq_len}-{self.how}-m{int(self.doc_masking)}"
 
 
-class GlobalOrder:
-    """Sample `k` of the infinite stream is `perm(seed, epoch)[k % n]`, epoch = `k // n`."""
+class Concat(Dataset):
+    """Sources one after another: global index = source offset + index within the source."""
 
-    def __init__(self, num_samples: int, seed: int, fingerprint: str) -> None:
-        self.n = num_samples
+    def __init__(self, parts: Sequence[Dataset]) -> None:
+        self.parts = list(parts)
+        self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in self.parts])])  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        k = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.parts[k][index - int(self.offsets[k])]
+
+
+def shares(sizes: Sequence[int], weights: Sequence[float]) -> np.ndarray:
+    """Slots per source in an epoch of `sum(sizes)` slots: proportional to the weights, in
+    whole numbers that add up exactly (largest remainders)."""
+    total = int(sum(sizes))
+    w = np.asarray(weights, dtype=np.float64)
+    exact = w / w.sum() * total
+    counts = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - counts), kind="stable")
+    counts[order[: total - int(counts.sum())]] += 1
+    return counts
+
+
+class MixtureOrder:
+    """The global sample order over the concatenated sources (see the module docstring)."""
+
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float], seed: int,
+                 fingerprint: str, max_repeat: float = float("inf"),
+                 names: Sequence[str] | None = None) -> None:
+        if len(sizes) != len(weights) or not sizes:
+            raise ValueError("one weight per source, and at least one source")
+        if any(w <= 0 for w in weights):
+            raise ConfigError(f"mixture weights must be > 0, got {list(weights)}")
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.counts = shares(sizes, weights)
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
+        self.epoch_len = int(self.counts.sum())
+        names = list(names or [str(i) for i in range(len(sizes))])
+        for name, n, size in zip(names, self.counts, self.sizes, strict=True):
+            if n / size > max_repeat:
+                raise ConfigError(
+                    f"source {name}: its weight asks for {n} sequences per epoch but it has "
+                    f"{size}, a repetition of {n / size:.1f}x > data.max_repeat={max_repeat}; "
+                    "lower its weight, add data, or raise data.max_repeat")
         digest = hashlib.sha256(f"{seed}:{fingerprint}".encode()).digest()
         self.key = int.from_bytes(digest[:8], "little")
-        self._epoch = -1
-        self._perm = np.empty(0, dtype=np.int64)
+        self._epoch, self._table = -1, np.empty(0, dtype=np.int64)
 
-    def permutation(self, epoch: int) -> np.ndarray:
+    def _rng(self, *path: int) -> np.random.Generator:
+        return np.random.Generator(np.random.PCG64([self.key, *path]))
+
+    def table(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            rng = np.random.Generator(np.random.PCG64([self.key, epoch]))
-            self._perm, self._epoch = rng.permutation(self.n), epoch
-        return self._perm
+            picks = []
+            for i, (n, size) in enumerate(zip(self.counts, self.sizes, strict=True)):
+                if n == 0:
+                    continue
+                passes = -(-int(n) // int(size))  # a new permutation for every repetition
+                drawn = np.concatenate([self._rng(epoch, i, p).permutation(int(size))
+                                        for p in range(passes)])[: int(n)]
+                picks.append(drawn + self.starts[i])
+            mixed = np.concatenate(picks)
+            self._table = mixed[self._rng(epoch, len(self.sizes)).permutation(len(mixed))]
+            self._epoch = epoch
+        return self._table
 
     def __getitem__(self, k: int) -> int:
-        return int(self.permutation(k // self.n)[k % self.n])
+        return int(self.table(k // self.epoch_len)[k % self.epoch_len])
 
 
 class RankBatches:
     """Index lists of this rank's micro-batches, from global sample `consumed` onwards."""
 
-    def __init__(self, order: GlobalOrder, consumed: int, global_batch: int, micro_batch: int,
+    def __init__(self, order: MixtureOrder, consumed: int, global_batch: int, micro_batch: int,
                  rank: int, world_size: int) -> None:
         assert global_batch % (micro_batch * world_size) == 0
         self.order, self.consumed = order, consumed
@@ -92,20 +162,19 @@ class RankBatches:
             start += self.global_batch
 
 
-def train_loader(dataset: ChunkedSequences, seed: int, consumed: int, global_batch: int,
+def train_loader(dataset: Dataset, order: MixtureOrder, consumed: int, global_batch: int,
                  micro_batch: int, rank: int, world_size: int, num_workers: int,
                  pin_memory: bool = False) -> DataLoader:
     """An endless DataLoader over this rank's micro-batches, starting after `consumed`."""
-    order = GlobalOrder(len(dataset), seed, dataset.fingerprint)
     batches = RankBatches(order, consumed, global_batch, micro_batch, rank, world_size)
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=num_workers > 0,
                       prefetch_factor=4 if num_workers > 0 else None)
 
 
-def eval_batches(dataset: ChunkedSequences, micro_batch: int, rank: int, world_size: int,
+def eval_batches(dataset: Dataset, micro_batch: int, rank: int, world_size: int,
                  num_batches: int) -> list[list[int]]:
     """A fixed validation subset (the first sequences), split across ranks."""
-    total = min(len(dataset), micro_batch * world_size * num_batches)
+    total = min(len(dataset), micro_batch * world_size * num_batches)  # type: ignore[arg-type]
     mine = list(range(rank, total, world_size))
     return [mine[i:i + micro_batch] for i in range(0, len(mine), micro_batch)]

@@ -1,9 +1,10 @@
 """Token shards on disk: a flat memmap of token ids, cumulative document ends, JSON metadata.
 
-One shard is three files sharing a stem:
+One shard is three files sharing a stem, plus one per side channel:
   `{stem}.tokens`  token ids, uint16 when the vocabulary fits, else uint32
   `{stem}.docs`    uint64 cumulative end offsets of the documents (the last one = token count)
-  `{stem}.json`    metadata: dtype, counts, tokenizer fingerprint, source, content hash
+  `{stem}.json`    metadata: dtype, counts, channels, tokenizer fingerprint, source, hash
+  `{stem}.{name}`  a per-token side channel as long as the tokens (e.g. `loss_mask`, uint8)
 
 The JSON is written last, by rename, so a shard without it was never finished and is ignored
 by readers and redone by writers.
@@ -35,34 +36,49 @@ class ShardWriter:
     """Streams documents into one shard; `close()` publishes it atomically."""
 
     def __init__(self, stem: str | Path, vocab_size: int, tokenizer_fingerprint: str,
-                 source: str = "") -> None:
+                 source: str = "", channels: dict[str, str] | None = None,
+                 extra: dict | None = None) -> None:
         self.stem = Path(stem)
         self.stem.parent.mkdir(parents=True, exist_ok=True)
         self.dtype = token_dtype(vocab_size)
+        self.channels = dict(channels or {})
         self.meta = {"format": FORMAT, "dtype": self.dtype.name, "vocab_size": vocab_size,
-                     "tokenizer": tokenizer_fingerprint, "source": source}
-        self._tokens = open(f"{self.stem}.tokens.tmp", "wb")  # noqa: SIM115 - closed in close()
+                     "tokenizer": tokenizer_fingerprint, "source": source,
+                     "channels": self.channels, **(extra or {})}
+        names = ["tokens", *self.channels]
+        self._files = {n: open(f"{self.stem}.{n}.tmp", "wb") for n in names}  # noqa: SIM115
         self._ends: list[int] = []
-        self._n = 0
+        self.num_tokens = 0
         self._hash = hashlib.sha256()
 
-    def add(self, ids: Sequence[int]) -> None:
-        arr = np.asarray(ids, dtype=self.dtype)
-        data = arr.tobytes()
-        self._tokens.write(data)
-        self._hash.update(data)
-        self._n += len(arr)
-        self._ends.append(self._n)
+    def add(self, ids: Sequence[int], **channels: Sequence[int] | np.ndarray) -> None:
+        """Append one document; `channels` gives each declared side channel's values."""
+        if set(channels) != set(self.channels):
+            raise ValueError(f"document has channels {sorted(channels)}, shard declares "
+                             f"{sorted(self.channels)}")
+        arrays = {"tokens": np.asarray(ids, dtype=self.dtype)}
+        for name, values in channels.items():
+            arrays[name] = np.asarray(values, dtype=self.channels[name])
+            if len(arrays[name]) != len(arrays["tokens"]):
+                raise ValueError(f"channel {name} has {len(arrays[name])} values for "
+                                 f"{len(arrays['tokens'])} tokens")
+        for name, arr in arrays.items():
+            data = arr.tobytes()
+            self._files[name].write(data)
+            self._hash.update(data)
+        self.num_tokens += len(arrays["tokens"])
+        self._ends.append(self.num_tokens)
 
     def close(self) -> dict:
-        self._tokens.close()
+        for f in self._files.values():
+            f.close()
         ends = np.asarray(self._ends, dtype=np.uint64)
         ends.tofile(f"{self.stem}.docs.tmp")
         self._hash.update(ends.tobytes())
-        self.meta.update(num_tokens=self._n, num_docs=len(self._ends),
+        self.meta.update(num_tokens=self.num_tokens, num_docs=len(self._ends),
                          content_hash=self._hash.hexdigest())
-        os.replace(f"{self.stem}.tokens.tmp", f"{self.stem}.tokens")
-        os.replace(f"{self.stem}.docs.tmp", f"{self.stem}.docs")
+        for name in [*self._files, "docs"]:
+            os.replace(f"{self.stem}.{name}.tmp", f"{self.stem}.{name}")
         tmp = f"{self.stem}.json.tmp"
         Path(tmp).write_text(json.dumps(self.meta, indent=1))
         os.replace(tmp, f"{self.stem}.json")
@@ -75,25 +91,30 @@ class Shard:
     meta: dict
     tokens: np.ndarray  # memmap
     doc_ends: np.ndarray
+    channels: dict[str, np.ndarray]  # memmaps, as long as `tokens`
 
     @classmethod
     def open(cls, stem: Path) -> Shard:
         meta = json.loads(Path(f"{stem}.json").read_text())
         if meta.get("format") != FORMAT:
             raise ShardError(f"{stem}.json: unknown format {meta.get('format')!r}")
-        dtype = np.dtype(meta["dtype"])
-        for suffix, expect in ((".tokens", meta["num_tokens"] * dtype.itemsize),
-                               (".docs", meta["num_docs"] * 8)):
-            path = Path(f"{stem}{suffix}")
+        n = meta["num_tokens"]
+        arrays = {"tokens": np.dtype(meta["dtype"]),
+                  **{k: np.dtype(v) for k, v in meta.get("channels", {}).items()}}
+        expected = {name: n * dt.itemsize for name, dt in arrays.items()}
+        expected["docs"] = meta["num_docs"] * 8
+        for name, size in expected.items():
+            path = Path(f"{stem}.{name}")
             if not path.exists():
                 raise ShardError(f"{path} is missing (its metadata {stem}.json exists)")
-            if path.stat().st_size != expect:
-                raise ShardError(f"{path} has {path.stat().st_size} bytes, metadata says {expect}: "
+            if path.stat().st_size != size:
+                raise ShardError(f"{path} has {path.stat().st_size} bytes, metadata says {size}: "
                                  "the shard is truncated or corrupt; re-run the prepare stage")
-        tokens = np.memmap(f"{stem}.tokens", dtype=dtype, mode="r") if meta["num_tokens"] else \
-            np.zeros(0, dtype=dtype)
+        maps = {name: np.memmap(f"{stem}.{name}", dtype=dt, mode="r") if n else
+                np.zeros(0, dtype=dt) for name, dt in arrays.items()}
         ends = np.fromfile(f"{stem}.docs", dtype=np.uint64)
-        return cls(stem, meta, tokens, ends)
+        tokens = maps.pop("tokens")
+        return cls(stem, meta, tokens, ends, maps)
 
 
 class ShardSet:
@@ -132,7 +153,7 @@ def write_shards(docs: Iterable[Sequence[int]], out_dir: str | Path, vocab_size:
             stem = Path(out_dir) / f"{prefix}_{len(metas):05d}"
             writer = ShardWriter(stem, vocab_size, tokenizer_fingerprint, source)
         writer.add(ids)
-        if writer._n >= tokens_per_shard:
+        if writer.num_tokens >= tokens_per_shard:
             metas.append(writer.close())
             writer = None
     if writer is not None:

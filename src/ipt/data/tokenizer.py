@@ -64,3 +64,24 @@ def load(tokenizer_dir: str | Path):
     except Exception as e:  # transformers reports a damaged file in many ways
         raise TokenizerError(f"the tokenizer in {tokenizer_dir} could not be loaded "
                              f"({type(e).__name__}: {str(e)[:300]})") from e
+
+
+def train_from_sources(cfg) -> Path:
+    """Train on the first `max_docs_per_source` documents of each source (a `TokenizerConfig`)."""
+    from itertools import islice
+
+    from ipt.config import ConfigError
+    from ipt.data import sources as src
+
+    if not cfg.sources:
+        raise ConfigError("sources is empty: name at least one, e.g. +sources.web.path=...")
+    for name, spec in cfg.sources.items():
+        spec.name = name
+        src.check(spec)
+
+    def texts():
+        for spec in cfg.sources.values():
+            docs = (r.text for r in src.read(spec) if isinstance(r, src.Doc))
+            yield from islice(docs, cfg.max_docs_per_source)
+
+    return train_sentencepiece(texts(), cfg.out, cfg.vocab_size, cfg.model_type)

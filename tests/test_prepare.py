@@ -1,0 +1,171 @@
+"""The prepare stage: every record ends in a shard or in the rejects with its reason; the
+output does not depend on the number of workers; a killed run resumes without redoing or
+duplicating anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ipt.config import ConfigError, PrepareConfig, SourceConfig
+from ipt.data.prepare import pieces, prepare
+from ipt.data.shards import ShardSet
+
+from .conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def corpus(data_dir, tmp_path_factory) -> Path:
+    """The demo docstrings plus bad lines sprinkled in."""
+    path = tmp_path_factory.mktemp("corpus") / "mixed.jsonl"
+    good = (data_dir / "raw" / "docstrings.jsonl").read_bytes().splitlines()
+    lines = []
+    for i, line in enumerate(good):
+        lines.append(line)
+        if i % 97 == 0:
+            lines += [b'{"text": "unterminated', b'{"title": "no text"}', b'{"text": ""}',
+                      b'{"text": "\xff\xfe"}']
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def config(data_dir: Path, out: Path, corpus: Path, **kw) -> PrepareConfig:
+    return PrepareConfig(sources={"mixed": SourceConfig(path=str(corpus))},
+                         tokenizer=str(data_dir / "tokenizer"), out=str(out),
+                         docs_per_shard=100, progress_bar="never", **kw)
+
+
+def shard_hashes(out: Path) -> dict[str, str]:
+    return {str(p.relative_to(out)): json.loads(p.read_text())["content_hash"]
+            for p in sorted(out.glob("*/*/shard_*.json")) if p.parent.name in ("train", "valid")}
+
+
+def test_every_record_is_accounted_for(data_dir, corpus, tmp_path):
+    summary = prepare(config(data_dir, tmp_path, corpus, workers=1))["mixed"]
+    lines = sum(1 for line in corpus.read_bytes().splitlines() if line.strip())
+    assert summary["records"] == lines
+    assert summary["train_docs"] + summary["valid_docs"] + summary["rejected"] == lines
+    assert summary["reject_reasons"] == {"invalid JSON": 7, "no 'text' field": 7,
+                                         "empty text": 7, "not UTF-8": 7}
+    rejects = [json.loads(x) for f in sorted((tmp_path / "mixed" / "rejects").glob("*.jsonl"))
+               for x in f.read_text().splitlines()]
+    assert len(rejects) == 28 and all(r["id"].startswith("mixed/mixed.jsonl:") for r in rejects)
+    shards = ShardSet(tmp_path / "mixed" / "train")
+    assert sum(s.meta["num_docs"] for s in shards.shards) == summary["train_docs"]
+
+
+def test_documents_get_bos_and_eos(data_dir, corpus, tmp_path):
+    prepare(config(data_dir, tmp_path, corpus, workers=1))
+    shard = ShardSet(tmp_path / "mixed" / "train").shards[0]
+    starts = np.concatenate([[0], shard.doc_ends[:-1]]).astype(np.int64)
+    assert set(shard.tokens[starts].tolist()) == {1}  # <s>
+    assert set(shard.tokens[shard.doc_ends.astype(np.int64) - 1].tolist()) == {2}  # </s>
+
+
+def test_output_does_not_depend_on_the_number_of_workers(data_dir, corpus, tmp_path):
+    prepare(config(data_dir, tmp_path / "one", corpus, workers=1))
+    prepare(config(data_dir, tmp_path / "two", corpus, workers=2))
+    assert shard_hashes(tmp_path / "one") == shard_hashes(tmp_path / "two")
+
+
+def test_killed_run_resumes_without_redoing_or_duplicating(data_dir, corpus, tmp_path):
+    reference = tmp_path / "reference"
+    prepare(config(data_dir, reference, corpus, workers=1))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "data_pipeline" / "prepare.py"),
+           f"tokenizer={data_dir / 'tokenizer'}", f"out={out}", f"+sources.mixed.path={corpus}",
+           "docs_per_shard=100", "workers=1", "progress_bar=never"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    parts = out / "mixed" / "parts"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(parts.glob("*.json"))) < 2:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.json")}
+    assert 2 <= len(done_before) < len(list((reference / "mixed" / "parts").glob("*.json")))
+
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    assert {p.name: p.stat().st_mtime_ns for p in parts.glob("*.json")
+            if p.name in done_before} == done_before  # finished groups were not redone
+    assert shard_hashes(out) == shard_hashes(reference)
+    summary = json.loads((out / "mixed" / "summary.json").read_text())
+    assert summary == json.loads((reference / "mixed" / "summary.json").read_text()) | {
+        "source": summary["source"]}
+
+
+def test_segments_become_a_loss_mask_channel(data_dir, tmp_path):
+    f = tmp_path / "sft.jsonl"
+    row = {"segments": [{"text": "Read this context first. ", "loss": False},
+                        {"text": "Question? Answer.", "loss": True}]}
+    f.write_text(json.dumps(row) + "\n")
+    prepare(PrepareConfig(sources={"sft": SourceConfig(path=str(f), segments_field="segments")},
+                          tokenizer=str(data_dir / "tokenizer"), out=str(tmp_path / "o"),
+                          valid_fraction=0.0, workers=1, progress_bar="never"))
+    shard = ShardSet(tmp_path / "o" / "sft" / "train").shards[0]
+    mask = shard.channels["loss_mask"].tolist()
+    assert mask[0] == 0 and mask[-1] == 1  # BOS never trained on, EOS always
+    from ipt.data.tokenizer import load
+
+    tok = load(data_dir / "tokenizer")
+    trained = [t for t, m in zip(shard.tokens.tolist(), mask, strict=True) if m][:-1]
+    assert tok.decode(trained).strip() == "Question? Answer."
+
+
+def test_huge_document_is_tokenized_in_pieces(data_dir, tmp_path):
+    text = ("A long line of plain prose about nothing in particular.\n" * 40_000)  # 2.2 MB
+    f = tmp_path / "huge.jsonl"
+    f.write_text(json.dumps({"text": text}) + "\n")
+    prepare(PrepareConfig(sources={"huge": SourceConfig(path=str(f))},
+                          tokenizer=str(data_dir / "tokenizer"), out=str(tmp_path / "o"),
+                          valid_fraction=0.0, workers=1, max_chars_per_piece=100_000,
+                          progress_bar="never"))
+    shard = ShardSet(tmp_path / "o" / "huge" / "train").shards[0]
+    from ipt.data.tokenizer import load
+
+    whole = load(data_dir / "tokenizer")(text, add_special_tokens=False)["input_ids"]
+    assert shard.tokens[1:-1].tolist() == whole  # the same ids as in one piece
+
+
+def test_pieces_cut_at_line_breaks():
+    assert pieces("aaa\nbbb\nccc", 5) == ["aaa\n", "bbb\n", "ccc"]
+    assert "".join(pieces("x" * 23, 5)) == "x" * 23
+
+
+def test_no_sources_is_a_config_error(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="sources is empty"):
+        prepare(PrepareConfig(tokenizer=str(data_dir / "tokenizer"), out=str(tmp_path)))
+
+
+def test_missing_source_fails_before_any_work(data_dir, tmp_path):
+    cfg = PrepareConfig(sources={"a": SourceConfig(path=str(tmp_path / "missing.jsonl"))},
+                        tokenizer=str(data_dir / "tokenizer"), out=str(tmp_path / "o"))
+    with pytest.raises(ConfigError, match="source a: path=.* does not exist"):
+        prepare(cfg)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_a_100_mb_document_goes_through_with_bounded_memory(data_dir, tmp_path):
+    line = "Plain prose, repeated until the document weighs a hundred megabytes.\n"
+    text = line * (100 * 2**20 // len(line))
+    f = tmp_path / "huge.jsonl"
+    f.write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "a small one"}) + "\n")
+    del text
+    out = tmp_path / "o"
+    summary = prepare(PrepareConfig(sources={"huge": SourceConfig(path=str(f))},
+                                    tokenizer=str(data_dir / "tokenizer"), out=str(out),
+                                    valid_fraction=0.0, workers=1,
+                                    progress_bar="never"))["huge"]
+    assert summary["train_docs"] == 2 and summary["rejected"] == 0
+    shard = ShardSet(out / "huge" / "train").shards[0]
+    assert shard.meta["num_docs"] == 2 and shard.meta["num_tokens"] > 10_000_000
