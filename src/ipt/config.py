@@ -286,7 +286,7 @@ def _entry(kind: type, entry: Any, key: str, name: str) -> Any:
         raise ConfigError(f"unknown config keys: {', '.join(f'{key}.{k}' for k in extra)} "
                           f"(known: {', '.join(sorted(known))})")
     try:
-        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(kind), entry))
+        obj: Any = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(kind), entry))
     except (ValidationError, MissingMandatoryValue) as e:
         raise ConfigError(f"{key}.{e.key}: {e.msg}") from e
     if "name" in known and not obj.name:
