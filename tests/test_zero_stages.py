@@ -25,6 +25,7 @@ def zero1_losses(data_dir, tmp_path_factory):
     return [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_stage_matches_zero1(variant, data_dir, tmp_path, zero1_losses):
     run = tmp_path / variant
