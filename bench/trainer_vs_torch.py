@@ -27,7 +27,7 @@ from ipt.trainer import Trainer
 
 def config(data: Path, stage: int, threads: int) -> PretrainConfig:
     cfg = PretrainConfig(tokenizer=str(data / "tokenizer"))
-    cfg.data.seq_len, cfg.data.num_workers = 256, 1
+    cfg.data.seq_len = 256
     m = cfg.model
     m.name, m.hidden_size, m.intermediate_size, m.num_layers = "bench", 256, 768, 4
     m.num_heads, m.num_kv_heads, m.max_seq_len = 4, 4, 256
@@ -70,13 +70,13 @@ def run(data: Path, stage: int = 1, threads: int = 2, rounds: int = 5,
     o = cfg.optim
     opt = torch.optim.AdamW(bare.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                             weight_decay=o.weight_decay, foreach=True)
-    bare_batches = iter(train_loader(ds, order, 0, 8, 8, 0, 1, cfg.data.num_workers))
+    bare_batches = train_loader(ds, order, 0, 8, 8, 0, 1, cfg.data.num_workers)
 
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab)
     engine = build_engine(model, cfg, 1, lr_multiplier(cfg.schedule, 10**6))
-    trainer = Trainer(engine, NextTokenLoss(), iter(train_loader(ds, order, 0, 8, 8, 0, 1,
-                                                                 cfg.data.num_workers)),
+    trainer = Trainer(engine, NextTokenLoss(), train_loader(ds, order, 0, 8, 8, 0, 1,
+                                                            cfg.data.num_workers),
                       TrainerState(), dist, 1, 8, cfg.data.seq_len, 10**6, [])
     bare_steps(bare, opt, bare_batches, 3, o.grad_clip)  # warm-up both
     trainer_steps(trainer, 3)

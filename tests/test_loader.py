@@ -1,9 +1,11 @@
 """The global order and the loader: a pure function of (seed, fingerprint, consumed)."""
 
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ipt.config import ConfigError
 from ipt.data.loader import MixtureOrder, PackedShards, RankBatches, shares, train_loader
@@ -83,9 +85,32 @@ def test_resume_from_counter_continues_with_next_unseen_samples():
 
 def test_loader_yields_packed_batches(data_dir: Path):
     ds = PackedShards(ShardSet(data_dir / "shards" / "docstrings" / "train"), seq_len=32)
-    batch = next(iter(train_loader(ds, MixtureOrder([len(ds)], [1], 0, "x"), 0, 4, 2, 0, 1, 0)))
+    batch = next(train_loader(ds, MixtureOrder([len(ds)], [1], 0, "x"), 0, 4, 2, 0, 1))
     assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape
     assert batch["input_ids"].shape == (2, 32)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_yields_the_batches_of_the_global_order(data_dir: Path, workers):
+    """On its thread or with worker processes, rank 1 of 2 gets exactly its slice."""
+    ds = PackedShards(ShardSet(data_dir / "shards" / "docstrings" / "train"), seq_len=32)
+    order = MixtureOrder([len(ds)], [1], 0, "x")
+    loader = train_loader(ds, order, 8, 4, 2, 1, 2, workers)
+    for indices in islice(RankBatches(order, 8, 4, 2, 1, 2), 3):
+        expected = torch.stack([ds[i]["input_ids"] for i in indices])
+        assert torch.equal(next(loader)["input_ids"], expected)
+
+
+def test_loader_errors_surface_on_the_training_thread():
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            raise ValueError(f"record {i} is corrupt")
+
+    with pytest.raises(ValueError, match="is corrupt"):
+        next(train_loader(Broken(), MixtureOrder([10], [1], 0, "x"), 0, 2, 2, 0, 1))
 
 
 def test_truncated_shard_is_named(tmp_path: Path):

@@ -173,10 +173,10 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
     state.config = fresh.config
 
     loss_fn = build_loss(cfg.loss)
-    batches = iter(train_loader(train_set, order, state.consumed_samples,
-                                cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                                dist.rank, dist.world_size, cfg.data.num_workers,
-                                pin_memory=dist.device.type == "cuda"))
+    batches = train_loader(train_set, order, state.consumed_samples,
+                           cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                           dist.rank, dist.world_size, cfg.data.num_workers,
+                           pin_memory=dist.device.type == "cuda")
     callbacks: list = []
     if valid_sets and cfg.train.eval_every > 0:
         callbacks.append(Evaluator(valid_sets, loss_fn, cfg.train.micro_batch_size,

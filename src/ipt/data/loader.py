@@ -16,7 +16,10 @@ per-rank or per-worker state exists to save.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -162,14 +165,65 @@ class RankBatches:
             start += self.global_batch
 
 
+KEYS = ("input_ids", "labels", "position_ids")
+
+
+def stack(items: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """A micro-batch as one [3, batch, seq] tensor: one transfer between processes, not three."""
+    return torch.stack([torch.stack([it[k] for it in items]) for k in KEYS])
+
+
+class Prefetcher:
+    """Runs an iterator on a background thread, `depth` items ahead.
+
+    Assembling a packed batch is cheap (slices of memory-mapped shards), so a thread in the
+    training process keeps ahead of the step with no inter-process transfer; with worker
+    processes, it also takes the cost of receiving their batches off the training thread.
+    Errors are raised on the training thread at the batch where they happened.
+    """
+
+    _END = object()
+
+    def __init__(self, iterable: Iterable, depth: int = 8) -> None:
+        self.queue: queue.Queue = queue.Queue(depth)
+        self.thread = threading.Thread(target=self._run, args=(iterable,), daemon=True,
+                                       name="ipt-prefetch")
+        self.thread.start()
+
+    def _run(self, iterable: Iterable) -> None:
+        try:
+            for item in iterable:
+                self.queue.put(item)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer to raise
+            self.queue.put(e)
+        self.queue.put(self._END)
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> Any:
+        item = self.queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
 def train_loader(dataset: Dataset, order: MixtureOrder, consumed: int, global_batch: int,
-                 micro_batch: int, rank: int, world_size: int, num_workers: int,
-                 pin_memory: bool = False) -> DataLoader:
-    """An endless DataLoader over this rank's micro-batches, starting after `consumed`."""
+                 micro_batch: int, rank: int, world_size: int, num_workers: int = 0,
+                 pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's micro-batches, endlessly, from global sample `consumed` onwards.
+
+    `num_workers=0` (the default) assembles batches on a background thread; more workers
+    add processes, for datasets whose items are expensive to build.
+    """
     batches = RankBatches(order, consumed, global_batch, micro_batch, rank, world_size)
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                      prefetch_factor=4 if num_workers > 0 else None)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                        collate_fn=stack, pin_memory=pin_memory,
+                        persistent_workers=num_workers > 0,
+                        prefetch_factor=4 if num_workers > 0 else None)
+    return Prefetcher(dict(zip(KEYS, b.unbind(0), strict=True)) for b in loader)
 
 
 def eval_batches(dataset: Dataset, micro_batch: int, rank: int, world_size: int,
