@@ -101,6 +101,14 @@ def test_loader_yields_the_batches_of_the_global_order(data_dir: Path, workers):
         assert torch.equal(next(loader)["input_ids"], expected)
 
 
+def test_closing_the_loader_stops_its_thread(data_dir: Path):
+    ds = PackedShards(ShardSet(data_dir / "shards" / "docstrings" / "train"), seq_len=32)
+    loader = train_loader(ds, MixtureOrder([len(ds)], [1], 0, "x"), 0, 4, 2, 0, 1)
+    next(loader)
+    loader.close()
+    assert not loader.thread.is_alive()
+
+
 def test_loader_errors_surface_on_the_training_thread():
     class Broken(torch.utils.data.Dataset):
         def __len__(self):

@@ -51,13 +51,22 @@ def test_sigkill_and_resume_reproduces_losses_bitwise(data_dir, tmp_path, nproc,
     ref_dir, cut_dir = tmp_path / "reference", tmp_path / "interrupted"
     run_pretrain(tiny_overrides(data_dir, ref_dir, **opts), nproc)
 
-    died_at = kill_after_step(tiny_overrides(data_dir, cut_dir, **opts), nproc, cut_dir, 12)
+    died_at = kill_after_step(tiny_overrides(data_dir, cut_dir, **opts), nproc, cut_dir, 6)
     assert died_at < STEPS
     run_pretrain(tiny_overrides(data_dir, cut_dir, **opts), nproc)
 
     ref, resumed = losses(ref_dir), losses(cut_dir)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     assert resumed == ref  # exact float equality, every step, loss and grad norm
+
+
+def test_rerunning_a_finished_run_exits_cleanly(data_dir, tmp_path):
+    """Re-submitting a job that already finished resumes at its last step and does nothing."""
+    overrides = tiny_overrides(data_dir, tmp_path / "done", **{"train.max_steps": 4})
+    run_pretrain(overrides, nproc=2)
+    again = run_pretrain(overrides, nproc=2)
+    assert "at step 4" in again.stderr and "finished at step 4" in again.stdout
+    assert len(losses(tmp_path / "done")) == 4
 
 
 @pytest.mark.parametrize(("stage", "before", "after"), [(1, 2, 1), (3, 1, 2)],

@@ -197,7 +197,10 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
         log.info("training %s: %s params, %d ranks, grad accumulation %d, from step %d",
                  cfg.name, f"{sum(p.numel() for p in model.parameters()):,}", dist.world_size,
                  grad_accum, state.step)
-    state = trainer.fit()
+    try:
+        state = trainer.fit()
+    finally:
+        batches.close()
     if dist.is_main and trainer.finished:
         summary = {"run_dir": str(run_dir), "step": state.step,
                    "checkpoint": str(run_dir / "checkpoints" / checkpoint.tag_for(state.step))}

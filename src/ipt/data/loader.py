@@ -186,17 +186,34 @@ class Prefetcher:
 
     def __init__(self, iterable: Iterable, depth: int = 8) -> None:
         self.queue: queue.Queue = queue.Queue(depth)
+        self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(iterable,), daemon=True,
                                        name="ipt-prefetch")
         self.thread.start()
 
+    def _put(self, item: Any) -> bool:
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _run(self, iterable: Iterable) -> None:
         try:
             for item in iterable:
-                self.queue.put(item)
+                if not self._put(item):
+                    return  # closed: leave the loop, so the loader shuts down in this thread
         except BaseException as e:  # noqa: BLE001 - handed to the consumer to raise
-            self.queue.put(e)
-        self.queue.put(self._END)
+            self._put(e)
+        self._put(self._END)
+
+    def close(self) -> None:
+        """Stop the thread and wait for it: a loader torn down mid-batch at interpreter exit
+        aborts the process."""
+        self.stopping.set()
+        self.thread.join(timeout=30)
 
     def __iter__(self) -> Prefetcher:
         return self
@@ -212,8 +229,9 @@ class Prefetcher:
 
 def train_loader(dataset: Dataset, order: MixtureOrder, consumed: int, global_batch: int,
                  micro_batch: int, rank: int, world_size: int, num_workers: int = 0,
-                 pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's micro-batches, endlessly, from global sample `consumed` onwards.
+                 pin_memory: bool = False) -> Prefetcher:
+    """This rank's micro-batches, endlessly, from global sample `consumed` onwards; `close()`
+    it when done.
 
     `num_workers=0` (the default) assembles batches on a background thread; more workers
     add processes, for datasets whose items are expensive to build.
