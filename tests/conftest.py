@@ -56,3 +56,23 @@ def run_pretrain(overrides: list[str], nproc: int = 1, check: bool = True,
     if check and proc.returncode != 0:
         raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(data_dir, tmp_path_factory) -> Path:
+    """A random-init tiny Llama saved as a Hugging Face folder with the test tokenizer."""
+    import torch
+
+    from ipt.config import ModelConfig
+    from ipt.data import tokenizer as tok
+    from ipt.model import build_model
+
+    out = tmp_path_factory.mktemp("tiny_lm")
+    tokenizer = tok.load(data_dir / "tokenizer")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="tiny", hidden_size=64, intermediate_size=128,
+                                    num_layers=2, num_heads=4, num_kv_heads=2,
+                                    max_seq_len=1024), len(tokenizer))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

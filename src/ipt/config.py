@@ -194,6 +194,54 @@ class PrepareConfig:
 
 
 @dataclass
+class SynthBackendConfig:
+    """An instruction synthesizer (see `configs/synth/` and `ipt.synth.backends`)."""
+
+    kind: str = "rules"  # rules | hf | openai
+    name: str | None = None  # the synthesizer id in records; default from kind and model
+    model: str | None = None  # hf: a model folder; openai: the served model's name
+    url: str | None = None  # openai: base URL, e.g. http://127.0.0.1:8000/v1
+    # A tokenizer folder for fitting prompts into the context (hf uses the model's own);
+    # without one, tokens are estimated as characters / chars_per_token.
+    tokenizer: str | None = None
+    chars_per_token: float = 3.0
+    context: int = 4096  # the synthesizer's context window (the released one: 4096)
+    max_new_tokens: int = 400
+    batch_size: int = 16  # hf: prompts per generate call
+    device: str = "auto"  # hf
+    dtype: str = "auto"  # hf: auto | fp32 | bf16
+    concurrency: int = 8  # openai: requests in flight
+    timeout_s: float = 120.0  # openai: per request
+    retries: int = 3  # openai: after the first attempt, with exponential backoff
+    backoff_s: float = 1.0
+    min_sentence_chars: int = 50  # rules
+    per_kind: int = 2  # rules: tasks of each kind per text
+    domain_words: str | None = None  # rules: a file of domain words (keyword task)
+
+
+@dataclass
+class SynthesizeConfig:
+    """`data_pipeline/synthesize.py`: raw documents to documents with instruction-response
+    pairs, in shards, resumable, splittable over workers and hosts."""
+
+    source: SourceConfig = field(default_factory=SourceConfig)
+    out: str = MISSING
+    synth: SynthBackendConfig = field(default_factory=SynthBackendConfig)
+    rounds: int = 2  # multi-round synthesis: documents of round r chain to round r-1
+    fraction: float = 1.0  # share of documents synthesized (by id hash); the rest stay raw
+    docs_per_shard: int = 1000
+    max_docs: int | None = None  # read only the first documents (a sample)
+    workers: int = 1  # local processes, each with its own backend
+    # This process's share when several hosts split the shards (shard k goes to worker
+    # k % num_workers); null takes them from SLURM_PROCID/SLURM_NTASKS or RANK/WORLD_SIZE.
+    worker_index: int | None = None
+    num_workers: int | None = None
+    retry_failed: bool = True  # a re-run regenerates only the documents that failed
+    seed: int = 0
+    progress_bar: str = "auto"
+
+
+@dataclass
 class DemoDataConfig:
     """`data_pipeline/demo_data.py`: the demo's raw corpora, tokenizer and shards."""
 
@@ -225,7 +273,7 @@ class ExportConfig:
 
 SECTIONS: dict[str, type] = {c.__name__: c for c in (
     ModelConfig, DataConfig, MixSourceConfig, OptimConfig, ScheduleConfig, DeepSpeedConfig, LossConfig,
-    LoggerConfig, TrainConfig)}
+    LoggerConfig, TrainConfig, SourceConfig, SynthBackendConfig)}
 
 
 def register() -> None:
@@ -236,6 +284,7 @@ def register() -> None:
     cs.store(name="demo_data_schema", node=DemoDataConfig)
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(name="tokenizer_schema", node=TokenizerConfig)
+    cs.store(name="synthesize_schema", node=SynthesizeConfig)
 
 
 SCHEDULES = ("cosine", "wsd", "constant")

@@ -1,0 +1,137 @@
+"""A small OpenAI-compatible completions server over a local `transformers` model.
+
+For trying the `openai` backend without vLLM, and for the tests and benchmarks, which serve
+a tiny model on loopback. Requests that arrive together are generated as one batch (up to
+`max_batch`), as vLLM does with continuous batching, only coarser.
+
+    python -m ipt.synth.server --model runs/synth/export --port 8000
+    # then synth=openai synth.url=http://127.0.0.1:8000/v1 synth.model=local
+
+`fault` makes it misbehave on purpose (slow, http500, garbage), for testing clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from ipt.synth.hf import Generator
+
+FAULTS = ("none", "slow", "http500", "garbage")
+
+
+class Batcher(threading.Thread):
+    """Collects concurrent prompts into batches for one generating thread."""
+
+    def __init__(self, gen: Generator, max_batch: int, wait_s: float = 0.01) -> None:
+        super().__init__(daemon=True, name="batcher")
+        self.gen, self.max_batch, self.wait_s = gen, max_batch, wait_s
+        self.inbox: queue.Queue[tuple[str, int, Future]] = queue.Queue()
+
+    def submit(self, prompt: str, max_tokens: int) -> Future:
+        f: Future = Future()
+        self.inbox.put((prompt, max_tokens, f))
+        return f
+
+    def run(self) -> None:
+        while True:
+            batch = [self.inbox.get()]
+            deadline = time.monotonic() + self.wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.inbox.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            for max_tokens in {m for _, m, _ in batch}:  # one generate call per length limit
+                same = [(p, f) for p, m, f in batch if m == max_tokens]
+                try:
+                    done = self.gen.complete([p for p, _ in same], max_tokens, len(same))
+                except Exception as e:  # noqa: BLE001 - reported to the waiting requests
+                    for _, f in same:
+                        f.set_exception(e)
+                    continue
+                for (_, f), result in zip(same, done, strict=True):
+                    f.set_result(result)
+
+
+def make_server(model_dir: str, host: str = "127.0.0.1", port: int = 0, max_batch: int = 16,
+                fault: str = "none", slow_s: float = 5.0, device: str = "auto",
+                served_name: str = "local") -> ThreadingHTTPServer:
+    if fault not in FAULTS:
+        raise ValueError(f"fault={fault!r}; expected one of {FAULTS}")
+    batcher = Batcher(Generator(model_dir, device), max_batch)
+    batcher.start()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass  # quiet: a benchmark sends thousands of requests
+
+        def _send(self, code: int, body: bytes, kind: str = "application/json") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            if self.path.rstrip("/") == "/v1/models":
+                self._send(200, json.dumps({"object": "list", "data": [
+                    {"id": served_name, "object": "model"}]}).encode())
+            else:
+                self._send(404, b'{"error": "not found"}')
+
+        def do_POST(self) -> None:  # noqa: N802
+            raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if self.path.rstrip("/") != "/v1/completions":
+                return self._send(404, b'{"error": "not found"}')
+            if fault == "http500":
+                return self._send(500, b'{"error": "injected failure"}')
+            if fault == "garbage":
+                return self._send(200, b"<html>not a completion", "text/html")
+            if fault == "slow":
+                time.sleep(slow_s)
+            try:
+                req = json.loads(raw)
+                prompts = req["prompt"] if isinstance(req["prompt"], list) else [req["prompt"]]
+                max_tokens = int(req.get("max_tokens", 16))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                return self._send(400, json.dumps({"error": f"bad request: {e}"}).encode())
+            futures = [batcher.submit(p, max_tokens) for p in prompts]
+            try:
+                results = [f.result() for f in futures]
+            except Exception as e:  # noqa: BLE001
+                return self._send(500, json.dumps({"error": str(e)}).encode())
+            choices = [{"index": i, "text": text, "finish_reason": finish}
+                       for i, (text, finish) in enumerate(results)]
+            self._send(200, json.dumps({"object": "text_completion", "model": served_name,
+                                        "choices": choices}).encode())
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--served-name", default="local")
+    p.add_argument("--fault", default="none", choices=FAULTS)
+    a = p.parse_args()
+    server = make_server(a.model, a.host, a.port, a.max_batch, a.fault, served_name=a.served_name)
+    print(f"serving {a.model} as {a.served_name!r} on http://{a.host}:{server.server_port}/v1",
+          flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""The synthesize stage: raw documents to documents with instruction-response pairs.
+
+The source is read in its fixed order and cut into groups of `docs_per_shard` records.
+Group `k` becomes `shards/shard_k.jsonl` (one record per document, in input order),
+`rejects/shard_k.jsonl` (records the source could not read) and last `parts/shard_k.json`,
+its accounting and completion mark. Group k belongs to worker `k % num_workers`, so hosts
+split a corpus with no coordination but a shared folder.
+
+Within a group, the documents chosen for synthesis (a `fraction`, by id hash) are split into
+`rounds`. Document j of round r is chained to document j of round r-1: the earlier texts
+and their pairs go before it in the prompt as finished examples, while the prompt fits the
+context (spec section 3). A document inherits from its predecessor when it was chained and
+its own generation parsed into at least one pair; the chain goes on from it only then.
+
+A killed run goes on where it stopped: finished groups are skipped, and generations already
+paid for are in `cache/shard_k.jsonl`, keyed by a hash of the prompt. A re-run also retries
+the documents whose generation failed (server down, timeout), and only those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from ipt.config import ConfigError, SynthesizeConfig
+from ipt.data import sources as src
+from ipt.synth import backends
+from ipt.synth import format as fmt
+from ipt.synth.backends import Backend, Request, Result
+from ipt.synth.format import Pair
+
+log = logging.getLogger(__name__)
+
+SAFETY_TOKENS = 8  # slack for token counts that are not exactly additive at the seams
+CHUNK = 64  # requests per backend call: what a kill can lose before it reaches the cache
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One link of a chain: a text as the synthesizer read it, and its pairs."""
+
+    id: str
+    text: str
+    pairs: list[Pair]
+
+
+def chosen(doc_id: str, fraction: float, seed: int) -> bool:
+    """Whether a document is synthesized: a hash of its id, the same on every machine."""
+    h = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < fraction
+
+
+def worker_share(cfg: SynthesizeConfig) -> tuple[int, int]:
+    """(index, count) of this process among the hosts splitting the shards."""
+    env = os.environ
+    index = cfg.worker_index if cfg.worker_index is not None else \
+        int(env.get("SLURM_PROCID", env.get("RANK", 0)))
+    count = cfg.num_workers if cfg.num_workers is not None else \
+        int(env.get("SLURM_NTASKS", env.get("WORLD_SIZE", 1)))
+    if not 0 <= index < count:
+        raise ConfigError(f"worker_index={index} must be in [0, num_workers={count})")
+    return index, count
+
+
+class Cache:
+    """Generations already paid for, one append-only jsonl file per group."""
+
+    def __init__(self, path: Path, salt: str) -> None:
+        self.path, self.salt = path, salt
+        self.done: dict[str, Result] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the line a kill cut short
+                self.done[row["key"]] = Result(row["text"], finish=row["finish"])
+
+    def key(self, prompt: str) -> str:
+        return hashlib.sha256(f"{self.salt}\n{prompt}".encode()).hexdigest()
+
+    def generate(self, backend: Backend, requests: list[Request]) -> list[Result]:
+        results: list[Result | None] = [self.done.get(self.key(r.prompt)) for r in requests]
+        todo = [i for i, r in enumerate(results) if r is None]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for start in range(0, len(todo), CHUNK):
+            chunk = todo[start:start + CHUNK]
+            fresh = backend.generate([requests[i] for i in chunk])
+            with self.path.open("a") as f:
+                for i, res in zip(chunk, fresh, strict=True):
+                    results[i] = res
+                    if res.text is not None:
+                        key = self.key(requests[i].prompt)
+                        self.done[key] = res
+                        f.write(json.dumps({"key": key, "text": res.text,
+                                            "finish": res.finish}) + "\n")
+        return [r for r in results if r is not None]
+
+
+class NoCache(Cache):
+    """The rules miner costs nothing to rerun."""
+
+    def __init__(self) -> None:
+        self.done = {}
+
+    def generate(self, backend: Backend, requests: list[Request]) -> list[Result]:
+        return backend.generate(requests)
+
+
+def synthesize_group(backend: Backend, cfg: SynthesizeConfig, k: int,
+                     records: list[src.Record]) -> dict[str, Any]:
+    out = Path(cfg.out)
+    name = f"shard_{k:05d}"
+    docs = [r for r in records if isinstance(r, src.Doc)]
+    rejects = [r for r in records if isinstance(r, src.Reject)]
+    previous = _read_shard(out / "shards" / f"{name}.jsonl") if cfg.retry_failed else {}
+    cache = NoCache() if backend.name == "rules" else \
+        Cache(out / "cache" / f"{name}.jsonl", f"{backend.name}|{backend.cfg.max_new_tokens}")
+    done = run_rounds(backend, cfg, [d for d in docs if chosen(d.id, cfg.fraction, cfg.seed)],
+                      previous, cache)
+    rows = [done.get(d.id) or {"id": d.id, "source": cfg.source.name, "text": d.text,
+                               "status": "raw", "pairs": [], "synthesizer": backend.name}
+            for d in docs]
+    _write_atomic(out / "shards" / f"{name}.jsonl",
+                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    _write_atomic(out / "rejects" / f"{name}.jsonl",
+                  "".join(json.dumps({"id": r.id, "reason": r.reason}) + "\n" for r in rejects))
+    part = account(k, rows, rejects, backend)
+    _write_atomic(out / "parts" / f"{name}.json", json.dumps(part))  # the completion mark
+    return part
+
+
+def run_rounds(backend: Backend, cfg: SynthesizeConfig, docs: list[src.Doc],
+               previous: dict[str, dict], cache: Cache) -> dict[str, dict]:
+    """The records of `docs`, synthesized in `cfg.rounds` chained rounds."""
+    s = backend.cfg
+    per_round = math.ceil(len(docs) / max(1, cfg.rounds)) if docs else 0
+    budget = s.context - s.max_new_tokens - backend.count_tokens(fmt.context("")) - SAFETY_TOKENS
+    if budget <= 0:
+        raise ConfigError(f"synth.context={s.context} leaves no room for a text after "
+                          f"synth.max_new_tokens={s.max_new_tokens}")
+    chains: dict[int, list[Entry]] = {}
+    records: dict[str, dict] = {}
+    for r in range(cfg.rounds):
+        todo: list[tuple[int, src.Doc, list[Entry], Request]] = []
+        for j, doc in enumerate(docs[r * per_round:(r + 1) * per_round]):
+            chain = chains.get(j, [])
+            old = previous.get(doc.id)
+            if old is not None and old["status"] != "failed":  # kept from an earlier run
+                records[doc.id] = old
+                pairs = [Pair(**p) for p in old["pairs"]]
+                entry = Entry(doc.id, doc.text[:old["read_chars"]], pairs)
+                chains[j] = ((chain if old["prev"] else []) + [entry]) if pairs else []
+                continue
+            text = backend.truncate(doc.text, budget)
+            prompt = fmt.prompt(text, [(e.text, e.pairs) for e in chain])
+            if chain and backend.count_tokens(prompt) + s.max_new_tokens > s.context:
+                chain, prompt = [], fmt.prompt(text)  # does not fit: the chain breaks here
+            todo.append((j, doc, chain, Request(doc.id, text, prompt)))
+        results = cache.generate(backend, [t[3] for t in todo])
+        for (j, doc, chain, req), res in zip(todo, results, strict=True):
+            rec = record(doc, req, res, r, chain, backend.name, cfg.source.name)
+            records[doc.id] = rec
+            pairs = [Pair(**p) for p in rec["pairs"]]
+            chains[j] = chain + [Entry(doc.id, req.text, pairs)] if pairs else []
+    return records
+
+
+def record(doc: src.Doc, req: Request, res: Result, round_: int, chain: list[Entry],
+           synthesizer: str, source: str) -> dict[str, Any]:
+    rec: dict[str, Any] = {"id": doc.id, "source": source, "text": doc.text, "round": round_,
+                           "prev": chain[-1].id if chain else None, "synthesizer": synthesizer,
+                           "read_chars": len(req.text), "truncated": len(req.text) < len(doc.text)}
+    if res.text is None:
+        return {**rec, "status": "failed", "pairs": [], "inherited": False, "error": res.error}
+    parsed = fmt.parse(res.text)
+    rec |= {"status": "ok" if parsed.pairs else "no_pairs",
+            "pairs": [p.to_json() for p in parsed.pairs],
+            "inherited": bool(chain) and bool(parsed.pairs), "finish": res.finish,
+            "drops": dict(parsed.drops)}
+    if not parsed.pairs:
+        rec["generation"] = res.text[:2000]  # to see why nothing parsed
+    return rec
+
+
+def account(k: int, rows: list[dict], rejects: list[src.Reject],
+            backend: Backend) -> dict[str, Any]:
+    status = Counter(r["status"] for r in rows)
+    drops: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    kinds: Counter[str] = Counter()
+    pair_tokens = 0
+    for r in rows:
+        drops.update(r.get("drops", {}))
+        if r.get("error"):
+            errors[r["error"].split(":")[0].split(" (")[0]] += 1
+        pairs = [Pair(**p) for p in r["pairs"]]
+        kinds.update(p.kind for p in pairs)
+        if pairs:
+            pair_tokens += backend.count_tokens(fmt.render_pairs(pairs))
+    return {"group": k, "records": len(rows) + len(rejects), "docs": len(rows),
+            "rejected": len(rejects), **{s: status[s] for s in ("ok", "no_pairs", "failed", "raw")},
+            "pairs": sum(kinds.values()), "pair_tokens": pair_tokens,
+            "inherited": sum(bool(r.get("inherited")) for r in rows),
+            "truncated": sum(bool(r.get("truncated")) for r in rows),
+            "kinds": dict(kinds), "drops": dict(drops), "errors": dict(errors)}
+
+
+def _read_shard(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def groups(cfg: SynthesizeConfig) -> Iterator[list[src.Record]]:
+    records = src.read(cfg.source)
+    if cfg.max_docs is not None:
+        records = islice(records, cfg.max_docs)
+    while batch := list(islice(records, cfg.docs_per_shard)):
+        yield batch
+
+
+SETTINGS = ("rounds", "fraction", "docs_per_shard", "max_docs", "seed")
+
+
+def check_settings(cfg: SynthesizeConfig, synthesizer: str) -> None:
+    """An output folder holds one run's settings; continuing it with others would mix them."""
+    path = Path(cfg.out) / "stage.json"
+    now = {"source": cfg.source.path, "synthesizer": synthesizer,
+           "context": cfg.synth.context, "max_new_tokens": cfg.synth.max_new_tokens,
+           **{k: getattr(cfg, k) for k in SETTINGS}}
+    if path.exists():
+        then = json.loads(path.read_text())
+        if diff := [f"{k}: {then.get(k)!r} -> {v!r}" for k, v in now.items() if then.get(k) != v]:
+            raise ConfigError(f"out={cfg.out} holds a run with other settings "
+                              f"({'; '.join(diff)}); continue it with the same settings or "
+                              "write to a new out")
+    else:
+        _write_atomic(path, json.dumps(now, indent=1))
+
+
+def synthesize(cfg: SynthesizeConfig) -> dict[str, Any]:
+    """Run (or continue) the stage for this worker's groups; returns the summary."""
+    if cfg.rounds < 1 or cfg.docs_per_shard < 1:
+        raise ConfigError("rounds and docs_per_shard must be >= 1")
+    if not 0 < cfg.fraction <= 1:
+        raise ConfigError(f"fraction={cfg.fraction} must be in (0, 1]")
+    cfg.source.name = cfg.source.name or Path(cfg.source.path).stem
+    src.check(cfg.source)
+    index, count = worker_share(cfg)
+    out = Path(cfg.out)
+    backend = backends.build(cfg.synth)  # fails fast on a bad model folder or URL
+    check_settings(cfg, backend.name)
+    skip = _finished(out, cfg.retry_failed)
+    bar = _progress(cfg)
+    started, n_docs, n_pairs, total_groups = time.perf_counter(), 0, 0, 0
+    pool = ProcessPoolExecutor(cfg.workers, initializer=_init_worker, initargs=(cfg.synth,)) \
+        if cfg.workers > 1 else None
+    in_flight: list[Future] = []
+
+    def finish(part: dict[str, Any]) -> None:
+        nonlocal n_docs, n_pairs
+        n_docs, n_pairs = n_docs + part["docs"], n_pairs + part["pairs"]
+        if bar is not None:
+            bar.update(part["records"])
+            bar.set_postfix(docs_s=f"{n_docs / (time.perf_counter() - started):.1f}",
+                            pairs_doc=f"{n_pairs / max(1, n_docs):.2f}",
+                            failed=part["failed"])
+
+    try:
+        for k, group in enumerate(groups(cfg)):
+            total_groups = k + 1
+            if k % count != index or k in skip:
+                continue
+            if pool is None:
+                finish(synthesize_group(backend, cfg, k, group))
+                continue
+            in_flight.append(pool.submit(_pool_group, cfg, k, group))
+            while len(in_flight) >= 2 * cfg.workers:
+                finish(in_flight.pop(0).result())
+        for f in in_flight:
+            finish(f.result())
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        if bar is not None:
+            bar.close()
+        backend.close()
+    return summarize(out, total_groups, backend.name)
+
+
+def _finished(out: Path, retry_failed: bool) -> set[int]:
+    done = set()
+    for p in (out / "parts").glob("shard_*.json"):
+        part = json.loads(p.read_text())
+        if not (retry_failed and part["failed"]):
+            done.add(part["group"])
+    return done
+
+
+_backend: Backend | None = None
+
+
+def _init_worker(synth_cfg: Any) -> None:
+    global _backend
+    _backend = backends.build(synth_cfg)
+
+
+def _pool_group(cfg: SynthesizeConfig, k: int, group: list[src.Record]) -> dict[str, Any]:
+    assert _backend is not None, "worker not initialised"
+    return synthesize_group(_backend, cfg, k, group)
+
+
+def _progress(cfg: SynthesizeConfig) -> Any:
+    if cfg.progress_bar == "never" or (cfg.progress_bar == "auto" and not sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc=f"synthesize {cfg.source.name}", unit="doc", dynamic_ncols=True)
+
+
+def summarize(out: Path, total_groups: int, synthesizer: str) -> dict[str, Any]:
+    """Add up the finished groups; every record read is a document or a reject."""
+    total: Counter[str] = Counter()
+    by: dict[str, Counter[str]] = {"kinds": Counter(), "drops": Counter(), "errors": Counter()}
+    parts = sorted((out / "parts").glob("shard_*.json"))
+    for p in parts:
+        part = json.loads(p.read_text())
+        part.pop("group")
+        for key, counter in by.items():
+            counter.update(part.pop(key))
+        total.update(part)
+    if total["docs"] + total["rejected"] != total["records"] or \
+            sum(total[s] for s in ("ok", "no_pairs", "failed", "raw")) != total["docs"]:
+        raise RuntimeError(f"{out}: records do not add up: {dict(total)}")
+    tried = total["ok"] + total["no_pairs"]
+    summary = {"synthesizer": synthesizer, "groups_done": len(parts),
+               "groups_total": max(total_groups, len(parts)), **dict(total),
+               "parse_rate": round(total["ok"] / tried, 4) if tried else None,
+               "pairs_per_doc": round(total["pairs"] / tried, 3) if tried else None,
+               "tokens_per_pair": round(total["pair_tokens"] / total["pairs"], 1)
+               if total["pairs"] else None,
+               **{k: dict(v.most_common()) for k, v in by.items()}}
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    return summary
+
