@@ -31,11 +31,11 @@ class Generator:
                        "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         try:
             self.tok = AutoTokenizer.from_pretrained(model_dir)
-            self.model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+            model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
         except OSError as e:
             raise ConfigError(f"synth.model={model_dir!r} is not a loadable model folder: {e}") \
                 from e
-        self.model.to(self.device).eval()
+        self.model = model.to(self.device).eval()
         self.eos = self.tok.eos_token_id
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos
 

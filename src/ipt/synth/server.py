@@ -7,7 +7,9 @@ a tiny model on loopback. Requests that arrive together are generated as one bat
     python -m ipt.synth.server --model runs/synth/export --port 8000
     # then synth=openai synth.url=http://127.0.0.1:8000/v1 synth.model=local
 
-`fault` makes it misbehave on purpose (slow, http500, garbage), for testing clients.
+`fault` makes it misbehave on purpose, for testing clients: slow (sleeps `slow_s` first),
+http500 (every request), flaky (every second request answers 500), garbage (a 200 answer
+that is not JSON). It can be changed while serving (`server.fault = "none"`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ipt.synth.hf import Generator
 
-FAULTS = ("none", "slow", "http500", "garbage")
+FAULTS = ("none", "slow", "http500", "garbage", "flaky")
+
+
+class CompletionServer(ThreadingHTTPServer):
+    daemon_threads = True
+    fault = "none"
+    slow_s = 5.0
+    served = 0  # prompts generated, for tests and benchmarks to check what was paid for
+    requests_seen = 0
+    lock = threading.Lock()
 
 
 class Batcher(threading.Thread):
@@ -61,7 +72,7 @@ class Batcher(threading.Thread):
 
 def make_server(model_dir: str, host: str = "127.0.0.1", port: int = 0, max_batch: int = 16,
                 fault: str = "none", slow_s: float = 5.0, device: str = "auto",
-                served_name: str = "local") -> ThreadingHTTPServer:
+                served_name: str = "local") -> CompletionServer:
     if fault not in FAULTS:
         raise ValueError(f"fault={fault!r}; expected one of {FAULTS}")
     batcher = Batcher(Generator(model_dir, device), max_batch)
@@ -78,7 +89,10 @@ def make_server(model_dir: str, host: str = "127.0.0.1", port: int = 0, max_batc
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (timed out, or was killed)
 
         def do_GET(self) -> None:  # noqa: N802 - the http.server API
             if self.path.rstrip("/") == "/v1/models":
@@ -91,12 +105,17 @@ def make_server(model_dir: str, host: str = "127.0.0.1", port: int = 0, max_batc
             raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             if self.path.rstrip("/") != "/v1/completions":
                 return self._send(404, b'{"error": "not found"}')
-            if fault == "http500":
+            srv = self.server
+            assert isinstance(srv, CompletionServer)
+            with srv.lock:
+                srv.requests_seen += 1
+                flaky = srv.requests_seen % 2 == 0
+            if srv.fault == "http500" or (srv.fault == "flaky" and flaky):
                 return self._send(500, b'{"error": "injected failure"}')
-            if fault == "garbage":
+            if srv.fault == "garbage":
                 return self._send(200, b"<html>not a completion", "text/html")
-            if fault == "slow":
-                time.sleep(slow_s)
+            if srv.fault == "slow":
+                time.sleep(srv.slow_s)
             try:
                 req = json.loads(raw)
                 prompts = req["prompt"] if isinstance(req["prompt"], list) else [req["prompt"]]
@@ -108,13 +127,15 @@ def make_server(model_dir: str, host: str = "127.0.0.1", port: int = 0, max_batc
                 results = [f.result() for f in futures]
             except Exception as e:  # noqa: BLE001
                 return self._send(500, json.dumps({"error": str(e)}).encode())
+            with srv.lock:
+                srv.served += len(prompts)
             choices = [{"index": i, "text": text, "finish_reason": finish}
                        for i, (text, finish) in enumerate(results)]
             self._send(200, json.dumps({"object": "text_completion", "model": served_name,
                                         "choices": choices}).encode())
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    server = CompletionServer((host, port), Handler)
+    server.fault, server.slow_s = fault, slow_s
     return server
 
 

@@ -1,0 +1,158 @@
+"""The model backends for real: a local transformers model, and an OpenAI-compatible server
+on loopback serving that same model, healthy and misbehaving."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ipt.config import ConfigError, SourceConfig, SynthBackendConfig, SynthesizeConfig
+from ipt.synth import backends
+from ipt.synth.backends import Request
+from ipt.synth.hf import Generator
+from ipt.synth.server import make_server
+from ipt.synth.stage import synthesize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def server(tiny_lm):
+    srv = make_server(str(tiny_lm), port=0, max_batch=8)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def url(srv) -> str:
+    return f"http://127.0.0.1:{srv.server_port}/v1"
+
+
+def openai_cfg(srv, tiny_lm, **kw) -> SynthBackendConfig:
+    return SynthBackendConfig(kind="openai", url=url(srv), model="local",
+                              tokenizer=str(tiny_lm), context=1024, max_new_tokens=8,
+                              concurrency=4, **{"retries": 0, "backoff_s": 0.01, **kw})
+
+
+def stage_cfg(data_dir, tmp_path, synth, n=24, **kw) -> SynthesizeConfig:
+    lines = (data_dir / "raw" / "docstrings.jsonl").read_text().splitlines()[:n]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    return SynthesizeConfig(source=SourceConfig(name="docs", path=str(tmp_path / "in.jsonl"),
+                                                id_field="id"),
+                            out=str(tmp_path / "out"), synth=synth, progress_bar="never",
+                            **{"docs_per_shard": 12, "rounds": 2, **kw})
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(line) for f in sorted((Path(out) / "shards").glob("*.jsonl"))
+            for line in f.read_text().splitlines()]
+
+
+def prompts(data_dir, n: int) -> list[str]:
+    docs = [json.loads(line)["text"] for line in
+            (data_dir / "raw" / "docstrings.jsonl").read_text().splitlines()[:n]]
+    return [f"<s> <CON> {t[:300 + 97 * i]} </CON>\n\n" for i, t in enumerate(docs)]
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tiny_lm, data_dir):
+    gen = Generator(str(tiny_lm), device="cpu")
+    ps = prompts(data_dir, 6)  # different lengths: left padding must not change a token
+    assert gen.complete(ps, 12, batch_size=6) == gen.complete(ps, 12, batch_size=1)
+
+
+def test_the_server_answers_what_the_local_backend_generates(server, tiny_lm, data_dir):
+    hf = backends.build(SynthBackendConfig(kind="hf", model=str(tiny_lm), max_new_tokens=8,
+                                           device="cpu"))
+    api = backends.build(openai_cfg(server, tiny_lm))
+    reqs = [Request(str(i), "", p) for i, p in enumerate(prompts(data_dir, 5))]
+    local, remote = hf.generate(reqs), api.generate(reqs)
+    api.close()
+    assert [r.text for r in remote] == [r.text for r in local]
+    assert all(r.error is None and r.text for r in remote)
+
+
+def test_a_dead_server_fails_each_document_with_the_reason(tiny_lm, data_dir, tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    synth = SynthBackendConfig(kind="openai", url=f"http://127.0.0.1:{port}/v1", model="local",
+                               retries=2, backoff_s=0.01, max_new_tokens=8, context=1024)
+    summary = synthesize(stage_cfg(data_dir, tmp_path, synth))
+    assert summary["failed"] == 24 and summary["docs"] == 24
+    assert list(summary["errors"]) == ["ConnectError"]
+    assert all("3 attempts" in r["error"] for r in rows(tmp_path / "out"))
+
+
+def test_a_rerun_retries_only_the_documents_that_failed(server, tiny_lm, data_dir, tmp_path):
+    server.fault = "flaky"  # every second request answers 500
+    cfg = stage_cfg(data_dir, tmp_path, openai_cfg(server, tiny_lm))
+    first = synthesize(cfg)
+    kept = {r["id"]: r for r in rows(cfg.out) if r["status"] != "failed"}
+    assert 0 < first["failed"] < 24
+    server.fault, server.served = "none", 0
+    second = synthesize(cfg)
+    assert server.served == first["failed"]  # nothing paid twice
+    assert second["failed"] == 0 and second["docs"] == 24
+    again = {r["id"]: r for r in rows(cfg.out)}
+    assert all(again[i] == r for i, r in kept.items())
+
+
+def test_a_slow_server_times_out_into_a_recorded_failure(server, tiny_lm, data_dir, tmp_path):
+    server.fault, server.slow_s = "slow", 3.0
+    cfg = stage_cfg(data_dir, tmp_path, openai_cfg(server, tiny_lm, timeout_s=0.5), n=4,
+                    docs_per_shard=4)
+    summary = synthesize(cfg)
+    assert summary["failed"] == 4
+    assert all(r["error"].startswith("timed out after 0.5s") for r in rows(cfg.out))
+
+
+def test_a_server_answering_garbage_fails_without_retrying(server, tiny_lm, data_dir, tmp_path):
+    server.fault = "garbage"
+    cfg = stage_cfg(data_dir, tmp_path, openai_cfg(server, tiny_lm, retries=3), n=4,
+                    docs_per_shard=4)
+    summary = synthesize(cfg)
+    assert summary["failed"] == 4 and server.requests_seen == 4
+    assert all("malformed response" in r["error"] for r in rows(cfg.out))
+
+
+def test_a_killed_run_pays_again_only_for_what_was_in_flight(server, tiny_lm, data_dir,
+                                                             tmp_path):
+    cfg = stage_cfg(data_dir, tmp_path, openai_cfg(server, tiny_lm), n=96)
+    server.slow_s, server.fault = 0.05, "slow"  # slow enough to be killed mid-run
+    cmd = [sys.executable, "data_pipeline/synthesize.py", f"source.path={cfg.source.path}",
+           "source.id_field=id", f"out={cfg.out}", "synth=openai", f"synth.url={url(server)}",
+           "synth.model=local", f"synth.tokenizer={tiny_lm}", "synth.context=1024",
+           "synth.max_new_tokens=8", "synth.concurrency=4", "synth.retries=0",
+           "docs_per_shard=12", "rounds=2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    parts = Path(cfg.out) / "parts"
+    deadline = time.time() + 120
+    while len(list(parts.glob("*.json"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    cached = sum(len(f.read_text().splitlines()) for f in (Path(cfg.out) / "cache").glob("*"))
+    assert 24 <= cached < 96, "the kill came too late to test anything"
+    time.sleep(1)  # requests the dead client left in flight finish on the server
+    server.fault, server.served = "none", 0
+    summary = synthesize(cfg)
+    assert server.served == 96 - cached
+    assert summary["docs"] == 96 and summary["failed"] == 0
+    assert len({r["id"] for r in rows(cfg.out)}) == 96
+
+
+def test_a_model_folder_that_does_not_load_fails_at_start(tmp_path):
+    with pytest.raises(ConfigError, match="not a loadable model folder"):
+        backends.build(SynthBackendConfig(kind="hf", model=str(tmp_path)))
