@@ -32,9 +32,9 @@ class Generator:
         try:
             self.tok = AutoTokenizer.from_pretrained(model_dir)
             model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
-        except OSError as e:
-            raise ConfigError(f"synth.model={model_dir!r} is not a loadable model folder: {e}") \
-                from e
+        except (OSError, ValueError) as e:  # no config.json, no tokenizer files, bad weights
+            raise ConfigError(f"synth.model={model_dir!r} is not a loadable model folder "
+                              f"({type(e).__name__}: {str(e)[:200]})") from e
         self.model = model.to(self.device).eval()
         self.eos = self.tok.eos_token_id
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos

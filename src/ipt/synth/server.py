@@ -15,6 +15,7 @@ that is not JSON). It can be changed while serving (`server.fault = "none"`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import queue
 import threading
@@ -89,10 +90,8 @@ def make_server(model_dir: str, host: str = "127.0.0.1", port: int = 0, max_batc
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            try:
-                self.wfile.write(body)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client gave up (timed out, or was killed)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.wfile.write(body)  # fails when the client gave up (timed out, killed)
 
         def do_GET(self) -> None:  # noqa: N802 - the http.server API
             if self.path.rstrip("/") == "/v1/models":
