@@ -166,7 +166,8 @@ class SourceConfig:
 
     name: str = ""  # filled from its key under `sources`
     path: str = MISSING
-    format: str = "auto"  # auto | jsonl | parquet | text | hf | hf_disk
+    # auto | jsonl | parquet | text | hf | hf_disk | synth | synth_tuning
+    format: str = "auto"
     text_field: str = "text"
     id_field: str | None = None
     # A field holding [{"text": ..., "loss": bool}, ...]: the tokens of segments with
@@ -175,6 +176,10 @@ class SourceConfig:
     split: str = "train"  # hf / hf_disk
     streaming: bool = True  # hf
     data_files: str | None = None  # hf: e.g. path=parquet data_files=/data/*.parquet
+    # synth / synth_tuning (the synthesize stage's output folder):
+    template_seed: int = 0  # synth: templates are drawn per document from this seed
+    shots: int = 4  # synth_tuning: one-shot examples concatenated per sequence
+    allow_partial: bool = False  # use a synthesize output whose run has not finished
 
 
 @dataclass

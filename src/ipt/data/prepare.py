@@ -166,7 +166,7 @@ def prepare_source(spec: SourceConfig, cfg: PrepareConfig, vocab_size: int,
     parts_dir = out / "parts"
     done = {int(p.stem.split("_")[1]) for p in parts_dir.glob("shard_*.json")} \
         if parts_dir.is_dir() else set()
-    masked = spec.segments_field is not None
+    masked = src.masked(spec)
     bar = _progress(cfg, spec.name)
     started, docs_done = time.perf_counter(), 0
     pool = ProcessPoolExecutor(max(1, cfg.workers), initializer=_init_worker,

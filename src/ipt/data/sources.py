@@ -21,7 +21,8 @@ from typing import Any
 
 from ipt.config import ConfigError, SourceConfig
 
-FORMATS = ("auto", "jsonl", "parquet", "text", "hf", "hf_disk")
+FORMATS = ("auto", "jsonl", "parquet", "text", "hf", "hf_disk", "synth", "synth_tuning")
+SYNTH_FORMATS = ("synth", "synth_tuning")  # the synthesize stage's output (`ipt.synth.corpus`)
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.bz2", ".jsonl.xz",
                   ".jsonl.zst")
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
@@ -48,6 +49,8 @@ def detect_format(path: Path) -> str:
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             return "hf_disk"
+        if (path / "stage.json").exists():
+            return "synth"  # written by the synthesize stage: templated into text
         names = [p.name for p in path.rglob("*") if p.is_file()]
         if any(n.endswith(JSONL_SUFFIXES) for n in names):
             return "jsonl"
@@ -61,6 +64,11 @@ def detect_format(path: Path) -> str:
     return "text"
 
 
+def masked(spec: SourceConfig) -> bool:
+    """Whether the source's documents train on part of their tokens only (a loss mask)."""
+    return spec.segments_field is not None or spec.format == "synth_tuning"
+
+
 def check(spec: SourceConfig) -> str:
     """The resolved format; fails before any work when the source cannot be read at all."""
     if spec.format not in FORMATS:
@@ -69,6 +77,10 @@ def check(spec: SourceConfig) -> str:
     if spec.format != "hf" and not path.exists():
         raise ConfigError(f"source {spec.name}: path={spec.path!r} does not exist")
     fmt = detect_format(path) if spec.format == "auto" else spec.format
+    if fmt in SYNTH_FORMATS:
+        from ipt.synth import corpus
+
+        corpus.check(spec)
     if fmt in ("jsonl", "parquet", "text") and not files_of(path, fmt):
         raise ConfigError(f"source {spec.name}: no {fmt} files under {spec.path}")
     return fmt
@@ -97,6 +109,10 @@ def read(spec: SourceConfig) -> Iterator[Record]:
     elif fmt == "text":
         for f in files_of(root, fmt):
             yield _text_file(f, f"{spec.name}/{_rel(f, root)}")
+    elif fmt in SYNTH_FORMATS:
+        from ipt.synth import corpus
+
+        yield from corpus.read_augmented(spec) if fmt == "synth" else corpus.read_tuning(spec)
     else:
         yield from _hf(spec, fmt)
 

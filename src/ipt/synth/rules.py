@@ -69,7 +69,9 @@ def sentences(text: str) -> list[str]:
 
 def _strip_connector(sentence: str, connectors: tuple[str, ...]) -> str | None:
     for c in connectors:
-        if sentence.startswith(c + ",") or sentence.startswith(c + " "):
+        # "Yes"/"No" are connectors only as "Yes, ..." ("No feature is ..." is not one).
+        if sentence.startswith(c + ",") or (c not in ("Yes", "No")
+                                            and sentence.startswith(c + " ")):
             rest = sentence[len(c):].lstrip(" ,")
             return rest[:1].upper() + rest[1:] if rest else None
     return None
