@@ -5,6 +5,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 NPROC  ?= 2
 DEMO_DATA ?= data/demo
 DEMO_RUN  ?= runs/demo
+DEMO_SYNTH ?= runs/demo-synth
 # CI runs the slow end-to-end tests too; `make test` locally skips them (`make test-slow` runs them).
 PYTEST_SELECT := $(if $(CI),,-m "not slow")
 
@@ -19,10 +20,27 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	rm -f $(VENV)/.installed-* && touch $@
 
-# The demo: docstrings -> sentencepiece -> token shards -> 2-rank ZeRO-1 pre-training -> HF
+# The demo, raw text to an exported model, every stage a real entry point:
+#  1. raw corpora (docstrings, package descriptions) -> sentencepiece tokenizer -> raw shards
+#  2. the rules miner augments 1/5 of the docstrings (2 chained rounds)
+#  3. a tiny synthesizer is trained on the mined pairs (loss on the pairs only) ...
+#  4. ... and writes pairs for held-out texts (a sample of the package descriptions)
+#  5. the mix is tokenized and pre-trained on 2 CPU ranks with ZeRO-1, then exported
+SYNTH := $(PY) data_pipeline/synthesize.py
+PREP  := $(PY) data_pipeline/prepare.py tokenizer=$(DEMO_DATA)/tokenizer out=$(DEMO_DATA)/shards
 train: $(STAMP)
 	$(PY) data_pipeline/demo_data.py out=$(DEMO_DATA)
-	NPROC=$(NPROC) bash launch/torchrun.sh train/pretrain.py experiment=demo \
+	$(SYNTH) source.path=$(DEMO_DATA)/raw/docstrings.jsonl source.id_field=id \
+		out=$(DEMO_DATA)/synth/rules fraction=0.2 synth.tokenizer=$(DEMO_DATA)/tokenizer
+	$(PREP) +sources.synth_tuning.path=$(DEMO_DATA)/synth/rules \
+		+sources.synth_tuning.format=synth_tuning +sources.docstrings_ipt.path=$(DEMO_DATA)/synth/rules
+	NPROC=$(NPROC) bash launch/torchrun.sh train/finetune.py experiment=synth_demo \
+		data.root=$(DEMO_DATA) run_dir=$(DEMO_SYNTH)
+	$(SYNTH) source.path=$(DEMO_DATA)/raw/packages out=$(DEMO_DATA)/synth/tiny max_docs=64 \
+		synth=hf synth.model=$(DEMO_SYNTH)/hf synth.context=512 synth.max_text_tokens=128 \
+		synth.max_new_tokens=128
+	$(PREP) +sources.packages_synth.path=$(DEMO_DATA)/synth/tiny
+	NPROC=$(NPROC) bash launch/torchrun.sh train/pretrain.py experiment=demo data=demo_ipt \
 		data.root=$(DEMO_DATA) run_dir=$(DEMO_RUN)
 	$(PY) train/sample.py model=$(DEMO_RUN)/hf prompt="Return the number of"
 

@@ -52,6 +52,10 @@ def main(argv: list[str]) -> None:
         import loader_wait
 
         results.append(loader_wait.run(data, demo_step_seconds()))
+    if not only or "synth" in only:
+        import synth_throughput
+
+        results.extend(synth_throughput.run(data))
     machine = {"cpu_count": os.cpu_count(), "torch": torch.__version__,
                "platform": platform.platform(), "gpu": torch.cuda.is_available()}
     out = HERE / "results"

@@ -93,3 +93,31 @@ def test_an_unfinished_synthesize_output_is_refused(synth_out, tmp_path):
     (partial / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(ConfigError, match="finished 1 of 2 shards"):
         list(src.read(SourceConfig(name="aug", path=str(partial))))
+
+
+def test_finetune_trains_on_the_tuning_shards_with_the_context_masked(synth_out, data_dir,
+                                                                      tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from ipt.observe import read_metrics
+
+    from .conftest import ROOT, tiny_overrides
+
+    root = tmp_path / "data"
+    (root / "shards").mkdir(parents=True)
+    (root / "tokenizer").symlink_to(data_dir / "tokenizer")
+    prepare(PrepareConfig(sources={"synth_tuning": SourceConfig(
+        name="synth_tuning", path=str(synth_out), format="synth_tuning")},
+        tokenizer=str(root / "tokenizer"), out=str(root / "shards"), valid_fraction=0.1,
+        progress_bar="never", workers=1))
+    run = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(root, run, **{"train.max_steps": 4})]
+    proc = subprocess.run([sys.executable, "train/finetune.py", *overrides], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(run / "metrics.jsonl")
+    assert len(rows) == 4 and all(r["loss"] > 0 for r in rows)
+    assert "synth_tuning" in proc.stdout + proc.stderr

@@ -211,6 +211,9 @@ class SynthBackendConfig:
     tokenizer: str | None = None
     chars_per_token: float = 3.0
     context: int = 4096  # the synthesizer's context window (the released one: 4096)
+    # Texts are truncated to fit the context with the generation; a smaller limit leaves
+    # room for chaining earlier examples into the prompt.
+    max_text_tokens: int | None = None
     max_new_tokens: int = 400
     batch_size: int = 16  # hf: prompts per generate call
     device: str = "auto"  # hf

@@ -35,9 +35,12 @@ class NextTokenLoss:
         labels = batch["labels"]
         extra = {k: v for k, v in batch.items() if k in ("position_ids", "attention_mask")}
         logits = model(input_ids=batch["input_ids"], **extra).logits
+        tokens = int((labels != IGNORE).sum())
+        # A sum over max(tokens, 1): a micro-batch whose every token is masked (all context,
+        # in SFT data) gives 0 with a graph, not a NaN mean.
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                               ignore_index=IGNORE)
-        return LossOutput(loss, {"ce": loss.item()}, int((labels != IGNORE).sum()))
+                               ignore_index=IGNORE, reduction="sum") / max(tokens, 1)
+        return LossOutput(loss, {"ce": loss.item()}, tokens)
 
 
 LOSSES: dict[str, Callable[[LossConfig], Callable]] = {

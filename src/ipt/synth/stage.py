@@ -148,6 +148,8 @@ def run_rounds(backend: Backend, cfg: SynthesizeConfig, docs: list[src.Doc],
     s = backend.cfg
     per_round = math.ceil(len(docs) / max(1, cfg.rounds)) if docs else 0
     budget = s.context - s.max_new_tokens - backend.count_tokens(fmt.context("")) - SAFETY_TOKENS
+    if s.max_text_tokens is not None:
+        budget = min(budget, s.max_text_tokens)
     if budget <= 0:
         raise ConfigError(f"synth.context={s.context} leaves no room for a text after "
                           f"synth.max_new_tokens={s.max_new_tokens}")

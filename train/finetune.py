@@ -1,0 +1,20 @@
+"""Fine-tune on loss-masked shards, e.g. an instruction synthesizer:
+`python train/finetune.py [overrides]` (or under torchrun / srun)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from ipt.cli import run
+from ipt.config import register, to_object
+from ipt.pretrain import pretrain
+
+register()
+
+
+@hydra.main(config_path="../configs", config_name="finetune", version_base=None)
+def main(cfg: DictConfig) -> None:
+    run(lambda: pretrain(to_object(cfg)))
+
+
+if __name__ == "__main__":
+    main()
