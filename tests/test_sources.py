@@ -109,3 +109,17 @@ def test_missing_path_fails_before_any_work(tmp_path):
 def test_unknown_format_is_named(tmp_path):
     with pytest.raises(ConfigError, match="format='csv'"):
         next(read(spec(tmp_path, format="csv")))
+
+
+def test_instruction_data_joins_instruction_and_response_as_plain_text(tmp_path):
+    from ipt.config import SourceConfig
+    from ipt.data import sources as src
+
+    f = tmp_path / "general.jsonl"
+    f.write_text('{"instruction": "Name a colour.", "response": "Blue."}\n'
+                 '{"instruction": "Say hi.", "response": ""}\n')
+    spec = SourceConfig(name="general", path=str(f), text_field="instruction",
+                        response_field="response")
+    doc, reject = list(src.read(spec))
+    assert doc.text == "Name a colour.\n\nBlue."
+    assert reject.reason == "no 'response' text"

@@ -119,3 +119,10 @@ def test_the_entry_point_names_an_unknown_key(tmp_path):
                            f"out={tmp_path}", "synth.temprature=0"], capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode != 0 and "temprature" in proc.stderr
+
+
+def test_worker_processes_write_what_one_process_writes(data_dir, tmp_path):
+    write_corpus(data_dir, tmp_path / "in.jsonl", 160)
+    synthesize(config(tmp_path / "in.jsonl", tmp_path / "one"))
+    synthesize(config(tmp_path / "in.jsonl", tmp_path / "two", workers=2))
+    assert records(tmp_path / "one") == records(tmp_path / "two")

@@ -169,6 +169,9 @@ class SourceConfig:
     # auto | jsonl | parquet | text | hf | hf_disk | synth | synth_tuning
     format: str = "auto"
     text_field: str = "text"
+    # Instruction data: the text is `{text_field}` + a blank line + `{response_field}`,
+    # plain, no chat template (e.g. text_field=instruction response_field=response).
+    response_field: str | None = None
     id_field: str | None = None
     # A field holding [{"text": ..., "loss": bool}, ...]: the tokens of segments with
     # loss=false get a 0 in the shards' loss mask (SFT-style data).

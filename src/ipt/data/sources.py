@@ -147,6 +147,11 @@ def _from_row(row: Any, loc: str, spec: SourceConfig) -> Record:
     if not isinstance(text, str):
         return Reject(loc, f"{spec.text_field!r} is a {type(text).__name__}, not a string")
     doc_id = str(row[spec.id_field]) if spec.id_field and spec.id_field in row else loc
+    if spec.response_field:
+        response = row.get(spec.response_field)
+        if not isinstance(response, str) or not response.strip():
+            return Reject(doc_id, f"no {spec.response_field!r} text")
+        text = f"{text.strip()}\n\n{response.strip()}"
     if not text.strip():
         return Reject(doc_id, "empty text")
     return Doc(doc_id, text)
@@ -206,7 +211,7 @@ def _parquet(f: Path, rel: str, spec: SourceConfig) -> Iterator[Record]:
         yield Reject(f"{spec.name}/{rel}", f"wrong schema: no {spec.text_field!r} column "
                      f"(columns: {columns}); {pf.metadata.num_rows} rows not read")
         return
-    wanted = [c for c in (spec.text_field, spec.id_field) if c]
+    wanted = [c for c in (spec.text_field, spec.response_field, spec.id_field) if c]
     row_no = 0
     for batch in pf.iter_batches(columns=wanted, batch_size=1024):
         for row in batch.to_pylist():
