@@ -126,3 +126,15 @@ def test_worker_processes_write_what_one_process_writes(data_dir, tmp_path):
     synthesize(config(tmp_path / "in.jsonl", tmp_path / "one"))
     synthesize(config(tmp_path / "in.jsonl", tmp_path / "two", workers=2))
     assert records(tmp_path / "one") == records(tmp_path / "two")
+
+
+def test_non_english_and_markup_only_texts_are_kept_and_accounted(tmp_path):
+    texts = ["Der Hund läuft schnell über die Wiese, weil er den Ball sehen kann. Danach "
+             "schläft er lange im Garten unter dem großen Baum.", "これは日本語の文章です。" * 20,
+             "<div><span></span></div>", "1 2 3 4 5"]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n"
+                                               for i, t in enumerate(texts)))
+    summary = synthesize(config(tmp_path / "in.jsonl", tmp_path / "out", rounds=1))
+    rows = records(tmp_path / "out")
+    assert [r["text"] for r in rows] == texts and summary["failed"] == 0
+    assert summary["ok"] + summary["no_pairs"] == 4

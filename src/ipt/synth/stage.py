@@ -44,7 +44,9 @@ from ipt.synth.format import Pair
 log = logging.getLogger(__name__)
 
 SAFETY_TOKENS = 8  # slack for token counts that are not exactly additive at the seams
-CHUNK = 64  # requests per backend call: what a kill can lose before it reaches the cache
+# Requests per backend call, in units of the backend's parallelism (batch or concurrency):
+# enough to keep it busy, few enough that a kill loses little before the cache has it.
+CHUNK_PER_SLOT = 4
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,10 @@ class Cache:
         results: list[Result | None] = [self.done.get(self.key(r.prompt)) for r in requests]
         todo = [i for i, r in enumerate(results) if r is None]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for start in range(0, len(todo), CHUNK):
-            chunk = todo[start:start + CHUNK]
+        c = backend.cfg
+        size = CHUNK_PER_SLOT * (c.batch_size if c.kind == "hf" else c.concurrency)
+        for start in range(0, len(todo), size):
+            chunk = todo[start:start + size]
             fresh = backend.generate([requests[i] for i in chunk])
             with self.path.open("a") as f:
                 for i, res in zip(chunk, fresh, strict=True):
