@@ -121,3 +121,12 @@ def test_finetune_trains_on_the_tuning_shards_with_the_context_masked(synth_out,
     rows = read_metrics(run / "metrics.jsonl")
     assert len(rows) == 4 and all(r["loss"] > 0 for r in rows)
     assert "synth_tuning" in proc.stdout + proc.stderr
+
+
+def test_literal_bos_and_eos_tokenize_as_the_ids_the_prepare_stage_adds(data_dir):
+    tk = tok.load(data_dir / "tokenizer")
+    text = "<s> <CON> Some text. </CON>\n\n<QUE> q <ANS> a </END></s>"
+    inner = text.removeprefix("<s>").removesuffix("</s>")
+    ids = tk(text, add_special_tokens=False)["input_ids"]
+    assert ids == [tk.bos_token_id, *tk(inner, add_special_tokens=False)["input_ids"],
+                   tk.eos_token_id]
