@@ -218,6 +218,7 @@ class SynthBackendConfig:
     # room for chaining earlier examples into the prompt.
     max_text_tokens: int | None = None
     max_new_tokens: int = 400
+    temperature: float = 0.0  # 0: greedy, as the released synthesizer was evaluated
     batch_size: int = 16  # hf: prompts per generate call
     device: str = "auto"  # hf
     dtype: str = "auto"  # hf: auto | fp32 | bf16

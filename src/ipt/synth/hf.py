@@ -40,9 +40,12 @@ class Generator:
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos
 
     @torch.inference_mode()
-    def complete(self, prompts: list[str], max_new_tokens: int,
-                 batch_size: int) -> list[tuple[str, str]]:
-        """(generation, finish reason) for each prompt, greedy, stopping at EOS."""
+    def complete(self, prompts: list[str], max_new_tokens: int, batch_size: int,
+                 temperature: float = 0.0) -> list[tuple[str, str]]:
+        """(generation, finish reason) for each prompt, stopping at EOS; greedy at
+        temperature 0, else sampled."""
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else \
+            {"do_sample": False}
         ids = self.tok(prompts, add_special_tokens=False)["input_ids"]  # `<s>` is in the text
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         out: list[tuple[str, str]] = [("", "")] * len(ids)
@@ -56,7 +59,7 @@ class Generator:
                 mask[n, width - len(ids[i]):] = 1
             new = self.model.generate(
                 input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.eos,
+                max_new_tokens=max_new_tokens, eos_token_id=self.eos, **sampling,
                 pad_token_id=self.pad, use_cache=True)[:, width:].tolist()
             for n, i in enumerate(rows):
                 tokens = new[n]
@@ -79,7 +82,7 @@ class HFBackend(TokenCounter):
     def generate(self, requests: list[Request]) -> list[Result]:
         try:
             done = self.gen.complete([r.prompt for r in requests], self.cfg.max_new_tokens,
-                                     self.cfg.batch_size)
+                                     self.cfg.batch_size, self.cfg.temperature)
         except (RuntimeError, ValueError) as e:  # e.g. out of memory: these documents fail
             log.warning("generation failed for %d documents: %s", len(requests), e)
             return [Result(None, f"{type(e).__name__}: {str(e)[:200]}") for _ in requests]

@@ -41,7 +41,7 @@ class OpenAIBackend(TokenCounter):
 
     def _one(self, prompt: str) -> Result:
         body = {"model": self.cfg.model, "prompt": prompt, "max_tokens": self.cfg.max_new_tokens,
-                "temperature": 0.0}
+                "temperature": self.cfg.temperature}
         error = "no attempt made"
         for attempt in range(self.cfg.retries + 1):
             if attempt:

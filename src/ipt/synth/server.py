@@ -43,11 +43,11 @@ class Batcher(threading.Thread):
     def __init__(self, gen: Generator, max_batch: int, wait_s: float = 0.01) -> None:
         super().__init__(daemon=True, name="batcher")
         self.gen, self.max_batch, self.wait_s = gen, max_batch, wait_s
-        self.inbox: queue.Queue[tuple[str, int, Future]] = queue.Queue()
+        self.inbox: queue.Queue[tuple[str, tuple[int, float], Future]] = queue.Queue()
 
-    def submit(self, prompt: str, max_tokens: int) -> Future:
+    def submit(self, prompt: str, max_tokens: int, temperature: float = 0.0) -> Future:
         f: Future = Future()
-        self.inbox.put((prompt, max_tokens, f))
+        self.inbox.put((prompt, (max_tokens, temperature), f))
         return f
 
     def run(self) -> None:
@@ -59,10 +59,11 @@ class Batcher(threading.Thread):
                     batch.append(self.inbox.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            for max_tokens in {m for _, m, _ in batch}:  # one generate call per length limit
-                same = [(p, f) for p, m, f in batch if m == max_tokens]
+            for params in {m for _, m, _ in batch}:  # one generate call per set of limits
+                same = [(p, f) for p, m, f in batch if m == params]
                 try:
-                    done = self.gen.complete([p for p, _ in same], max_tokens, len(same))
+                    done = self.gen.complete([p for p, _ in same], params[0], len(same),
+                                             params[1])
                 except Exception as e:  # noqa: BLE001 - reported to the waiting requests
                     for _, f in same:
                         f.set_exception(e)
@@ -119,9 +120,10 @@ def make_server(model_dir: str, host: str = "127.0.0.1", port: int = 0, max_batc
                 req = json.loads(raw)
                 prompts = req["prompt"] if isinstance(req["prompt"], list) else [req["prompt"]]
                 max_tokens = int(req.get("max_tokens", 16))
+                temperature = float(req.get("temperature", 0.0) or 0.0)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 return self._send(400, json.dumps({"error": f"bad request: {e}"}).encode())
-            futures = [batcher.submit(p, max_tokens) for p in prompts]
+            futures = [batcher.submit(p, max_tokens, temperature) for p in prompts]
             try:
                 results = [f.result() for f in futures]
             except Exception as e:  # noqa: BLE001

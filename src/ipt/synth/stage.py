@@ -131,7 +131,8 @@ def synthesize_group(backend: Backend, cfg: SynthesizeConfig, k: int,
     rejects = [r for r in records if isinstance(r, src.Reject)]
     previous = _read_shard(out / "shards" / f"{name}.jsonl") if cfg.retry_failed else {}
     cache = NoCache() if backend.name == "rules" else \
-        Cache(out / "cache" / f"{name}.jsonl", f"{backend.name}|{backend.cfg.max_new_tokens}")
+        Cache(out / "cache" / f"{name}.jsonl",
+              f"{backend.name}|{backend.cfg.max_new_tokens}|{backend.cfg.temperature}")
     done = run_rounds(backend, cfg, [d for d in docs if chosen(d.id, cfg.fraction, cfg.seed)],
                       previous, cache)
     rows = [done.get(d.id) or {"id": d.id, "source": cfg.source.name, "text": d.text,
@@ -253,6 +254,7 @@ def check_settings(cfg: SynthesizeConfig, synthesizer: str) -> None:
     path = Path(cfg.out) / "stage.json"
     now = {"source": cfg.source.path, "synthesizer": synthesizer,
            "context": cfg.synth.context, "max_new_tokens": cfg.synth.max_new_tokens,
+           "temperature": cfg.synth.temperature,
            **{k: getattr(cfg, k) for k in SETTINGS}}
     if path.exists():
         then = json.loads(path.read_text())
