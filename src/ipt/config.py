@@ -112,6 +112,19 @@ class LossConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """A small LM teaching the student through soft labels early in training (SALT)."""
+
+    path: str | None = None  # a transformers model folder; null: no teacher
+    weight: float = 0.5  # w in (1 - w) * CE + w * KD
+    temperature: float = 1.0
+    kd_steps: int = 0  # KD for the first kd_steps optimizer steps
+    switch: str = "hard"  # hard | linear (w decays to 0 over decay_steps after kd_steps)
+    decay_steps: int = 0
+    chunk_size: int = 1024  # target positions per vocabulary-projection chunk
+
+
+@dataclass
 class LoggerConfig:
     log_every: int = 10
     progress_bar: str = "auto"  # auto (on a terminal) | always | never
@@ -156,6 +169,7 @@ class PretrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -285,7 +299,7 @@ class ExportConfig:
 
 SECTIONS: dict[str, type] = {c.__name__: c for c in (
     ModelConfig, DataConfig, MixSourceConfig, OptimConfig, ScheduleConfig, DeepSpeedConfig, LossConfig,
-    LoggerConfig, TrainConfig, SourceConfig, SynthBackendConfig)}
+    LoggerConfig, TrainConfig, SourceConfig, SynthBackendConfig, TeacherConfig)}
 
 
 def register() -> None:
@@ -399,6 +413,13 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
         )
     if not cfg.data.sources:
         raise ConfigError("data.sources is empty: name at least one prepared source folder")
+    if cfg.teacher.path is not None:
+        k = cfg.teacher
+        if k.switch not in ("hard", "linear"):
+            raise ConfigError(f"teacher.switch={k.switch!r}; expected hard or linear")
+        if not 0 < k.weight <= 1 or k.temperature <= 0 or k.kd_steps < 1 or k.chunk_size < 1:
+            raise ConfigError("teacher: weight must be in (0, 1], temperature > 0, "
+                              "kd_steps >= 1 and chunk_size >= 1")
     if cfg.data.packing not in PACKINGS:
         raise ConfigError(f"data.packing={cfg.data.packing!r}; expected one of {PACKINGS}")
     paths = [("tokenizer", cfg.tokenizer), ("model.init_from", cfg.model.init_from)]

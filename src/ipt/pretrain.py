@@ -27,6 +27,7 @@ from ipt.losses import build_loss
 from ipt.model import build_model, flops_per_token
 from ipt.observe import MetricsLogger, peak_flops
 from ipt.schedule import lr_multiplier
+from ipt.slm.kd import DistillationLoss, kd_weight
 from ipt.trainer import Checkpointer, Evaluator, Trainer
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,20 @@ def resume(engine, candidates: list[Path], fresh: TrainerState, dist: Dist,
     return fresh
 
 
+def distillation(cfg: PretrainConfig, dist: Dist, step: int) -> DistillationLoss:
+    """The KD loss; the teacher is loaded only if the run resumes before the KD phase ends."""
+    from ipt.slm import teacher
+
+    k = cfg.teacher
+    pending = any(kd_weight(k, s) > 0 for s in range(step, k.kd_steps + k.decay_steps))
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    model = teacher.load(k, dist.device, dtype) if pending else None
+    if model is not None:
+        log.info("teacher %s: %s params, KD for steps < %d (%s switch)", k.path,
+                 f"{sum(p.numel() for p in model.parameters()):,}", k.kd_steps, k.switch)
+    return DistillationLoss(model, k)
+
+
 def pretrain(cfg: PretrainConfig) -> TrainerState:
     dist = init_distributed(cfg.train.threads_per_rank)
     setup_logging(dist)
@@ -155,6 +170,10 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
         file_log.setFormatter(logging.getLogger().handlers[0].formatter)
         logging.getLogger().addHandler(file_log)
 
+    if cfg.teacher.path is not None:
+        from ipt.slm import teacher
+
+        teacher.check(cfg.teacher, cfg.tokenizer)  # before any model is built
     tokenizer_fp = tok.fingerprint(cfg.tokenizer)
     train_set, order, valid_sets = open_data(cfg, tokenizer_fp)
     tokenizer = tok.load(cfg.tokenizer)
@@ -173,6 +192,8 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
     state.config = fresh.config
 
     loss_fn = build_loss(cfg.loss)
+    if cfg.teacher.path is not None:
+        loss_fn = distillation(cfg, dist, state.step)
     batches = train_loader(train_set, order, state.consumed_samples,
                            cfg.train.global_batch_size, cfg.train.micro_batch_size,
                            dist.rank, dist.world_size, cfg.data.num_workers,

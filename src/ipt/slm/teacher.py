@@ -1,0 +1,50 @@
+"""The teacher: a small LM loaded frozen for online distillation.
+
+Any local `transformers` causal LM folder (an ipt export is one). It must use the student's
+tokenizer, token for token: distillation compares the two distributions id by id, so a
+different vocabulary would teach nonsense. The check runs before anything is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ipt.config import ConfigError, TeacherConfig
+from ipt.data import tokenizer as tok
+
+
+def check(cfg: TeacherConfig, tokenizer_dir: str) -> None:
+    """Fail early, with the reason, on a teacher that cannot teach this student."""
+    path = Path(cfg.path or "")
+    if not (path / "config.json").exists():
+        raise ConfigError(f"teacher.path={cfg.path!r} is not a model folder (no config.json)")
+    try:
+        theirs = tok.load(path)
+    except tok.TokenizerError as e:
+        raise ConfigError(f"teacher.path={cfg.path!r} has no readable tokenizer; the teacher "
+                          f"must ship the student's tokenizer ({e})") from e
+    ours = tok.load(tokenizer_dir)
+    if theirs.get_vocab() != ours.get_vocab():
+        diff = len(set(theirs.get_vocab().items()) ^ set(ours.get_vocab().items()))
+        raise ConfigError(f"teacher.path={cfg.path!r} uses another tokenizer than "
+                          f"tokenizer={tokenizer_dir!r} ({len(theirs)} vs {len(ours)} tokens, "
+                          f"{diff} entries differ); KD needs the same vocabulary")
+    import json
+
+    vocab = json.loads((path / "config.json").read_text()).get("vocab_size")
+    if vocab != len(ours):
+        raise ConfigError(f"teacher.path={cfg.path!r} has an output layer of {vocab} tokens; "
+                          f"the tokenizer has {len(ours)}")
+
+
+def load(cfg: TeacherConfig, device: torch.device, dtype: torch.dtype) -> Any:
+    """The teacher on this rank, frozen: eval mode, no gradients, no optimizer state."""
+    from transformers import AutoModelForCausalLM
+
+    assert cfg.path is not None, "check() runs first"
+    model: Any = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
+    model.requires_grad_(False)
+    return model.to(device).eval()

@@ -1,0 +1,107 @@
+"""Online distillation (SALT stage 1): the chunked KD loss, its schedule, the teacher checks,
+and a training run that distils, switches, and releases its teacher."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ipt.config import ConfigError, TeacherConfig
+from ipt.losses import IGNORE
+from ipt.observe import read_metrics
+from ipt.slm import teacher
+from ipt.slm.kd import kd_losses, kd_weight
+
+from .conftest import run_pretrain, tiny_overrides
+
+
+def naive(h_s, h_t, labels, head_s, head_t, tau):
+    keep = labels.flatten() != IGNORE
+    s = head_s(h_s).float().flatten(0, 1)[keep]
+    t = head_t(h_t).float().flatten(0, 1)[keep]
+    ce = F.cross_entropy(s, labels.flatten()[keep], reduction="sum")
+    kd = -(F.softmax(t / tau, -1) * F.log_softmax(s / tau, -1)).sum() * tau**2
+    return ce, kd
+
+
+def setup(vocab: int, n: int = 2, seq: int = 64):
+    torch.manual_seed(0)
+    head_s, head_t = torch.nn.Linear(32, vocab, bias=False), torch.nn.Linear(16, vocab, bias=False)
+    head_t.requires_grad_(False)
+    h_s = torch.randn(n, seq, 32, requires_grad=True)
+    h_t = torch.randn(n, seq, 16)
+    labels = torch.randint(0, vocab, (n, seq))
+    labels[0, :10] = IGNORE  # a loss mask
+    labels[:, -1] = IGNORE  # document ends
+    return h_s, h_t, labels, head_s, head_t
+
+
+def test_chunked_kd_equals_the_full_logit_computation_with_its_gradients():
+    h_s, h_t, labels, head_s, head_t = setup(vocab=300)
+    ce, kd, n = kd_losses(h_s, h_t, labels, head_s, head_t, tau=2.0, chunk_size=17)
+    (ce + 0.3 * kd).backward()
+    grads = h_s.grad.clone(), head_s.weight.grad.clone()
+    h_s.grad = head_s.weight.grad = None
+    ce0, kd0 = naive(h_s, h_t, labels, head_s, head_t, tau=2.0)
+    (ce0 + 0.3 * kd0).backward()
+    assert n == int((labels != IGNORE).sum())
+    torch.testing.assert_close((ce, kd), (ce0, kd0))
+    torch.testing.assert_close(grads, (h_s.grad, head_s.weight.grad))
+
+
+def test_kd_at_a_32k_vocabulary_never_keeps_full_logits_for_backward():
+    vocab, n, seq = 32_000, 2, 256
+    h_s, h_t, labels, head_s, head_t = setup(vocab, n, seq)
+    full = n * seq * vocab * 4  # one fp32 [batch, seq, vocab] tensor
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size() if t.untyped_storage().data_ptr() else 0)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        kd_losses(h_s, h_t, labels, head_s, head_t, tau=1.0, chunk_size=64)
+    chunked = sum(saved)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        naive(h_s, h_t, labels, head_s, head_t, tau=1.0)
+    assert sum(saved) > full  # the naive loss keeps logits and softmax for backward
+    assert chunked < full / 10, f"{chunked / 2**20:.0f} MiB saved for backward"
+
+
+def test_the_kd_weight_switches_hard_or_decays_linearly():
+    hard = TeacherConfig(path="x", weight=0.5, kd_steps=3)
+    assert [kd_weight(hard, s) for s in range(5)] == [0.5, 0.5, 0.5, 0.0, 0.0]
+    lin = TeacherConfig(path="x", weight=0.6, kd_steps=2, switch="linear", decay_steps=2)
+    assert [round(kd_weight(lin, s), 6) for s in range(6)] == [0.6, 0.6, 0.4, 0.2, 0.0, 0.0]
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_with_the_reason(tiny_lm, data_dir,
+                                                                      tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_lm, other)
+    cfg = json.loads((other / "tokenizer.json").read_text())
+    vocab = cfg["model"]["vocab"]
+    first = next(k for k in vocab if vocab[k] == 100)
+    vocab["renamed-piece"] = vocab.pop(first)
+    (other / "tokenizer.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        teacher.check(TeacherConfig(path=str(other)), str(data_dir / "tokenizer"))
+    with pytest.raises(ConfigError, match="not a model folder"):
+        teacher.check(TeacherConfig(path=str(tmp_path / "missing")), str(data_dir / "tokenizer"))
+
+
+def test_training_distils_then_switches_and_logs_both_parts(tiny_lm, data_dir, tmp_path):
+    run = tmp_path / "run"
+    proc = run_pretrain(tiny_overrides(data_dir, run, **{
+        "train.max_steps": 6, "teacher.path": str(tiny_lm), "teacher.kd_steps": 3,
+        "teacher.chunk_size": 32}))
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["kd_weight"] for r in rows] == [0.5] * 3 + [0.0] * 3
+    assert all("kd" in r and r["loss"] < r["ce"] + r["kd"] for r in rows[:3])
+    assert not any("kd" in r for r in rows[3:])
+    assert "teacher released" in proc.stderr
