@@ -105,3 +105,25 @@ def test_training_distils_then_switches_and_logs_both_parts(tiny_lm, data_dir, t
     assert all("kd" in r and r["loss"] < r["ce"] + r["kd"] for r in rows[:3])
     assert not any("kd" in r for r in rows[3:])
     assert "teacher released" in proc.stderr
+
+
+@pytest.mark.parametrize(("nproc", "stage"), [
+    (1, 1), pytest.param(2, 3, marks=pytest.mark.slow)], ids=["1rank-zero1", "2ranks-zero3"])
+def test_resume_in_the_kd_phase_and_in_the_decay_is_exact(tiny_lm, data_dir, tmp_path, nproc,
+                                                          stage):
+    opts = {"train.max_steps": 12, "train.checkpoint_every": 2, "deepspeed.stage": stage,
+            "teacher.path": str(tiny_lm), "teacher.kd_steps": 5, "teacher.switch": "linear",
+            "teacher.decay_steps": 3, "teacher.chunk_size": 48}
+    ref, cut = tmp_path / "reference", tmp_path / "interrupted"
+    run_pretrain(tiny_overrides(data_dir, ref, **opts), nproc)
+    run_pretrain(tiny_overrides(data_dir, cut, **opts, **{"train.stop_after": 3}), nproc)
+    run_pretrain(tiny_overrides(data_dir, cut, **opts, **{"train.stop_after": 4}), nproc)
+    run_pretrain(tiny_overrides(data_dir, cut, **opts), nproc)
+
+    def per_step(run):
+        return {r["step"]: (r["loss"], r["grad_norm"], r["kd_weight"])
+                for r in read_metrics(run / "metrics.jsonl")}
+
+    assert per_step(cut) == per_step(ref)
+    assert [round(w, 4) for _, _, w in per_step(ref).values()][3:9] == \
+        [0.5, 0.5, 0.375, 0.25, 0.125, 0.0]
