@@ -56,6 +56,10 @@ def main(argv: list[str]) -> None:
         import synth_throughput
 
         results.extend(synth_throughput.run(data))
+    if not only or "kd" in only:
+        import kd_cost
+
+        results.extend(kd_cost.run())
     machine = {"cpu_count": os.cpu_count(), "torch": torch.__version__,
                "platform": platform.platform(), "gpu": torch.cuda.is_available()}
     out = HERE / "results"
