@@ -268,6 +268,23 @@ class SynthesizeConfig:
 
 
 @dataclass
+class ScoreConfig:
+    """`data_pipeline/score.py`: a small LM scores the packed sequences of prepared sources."""
+
+    model: str = MISSING  # the SLM: a transformers model folder with the shards' tokenizer
+    tokenizer: str = MISSING  # the tokenizer the shards were prepared with
+    sources: dict[str, str] = field(default_factory=dict)  # name -> prepared source folder
+    # The packing of the run that will use the scores (the scores are per packed sequence).
+    seq_len: int = 256
+    packing: str = "bestfit"
+    doc_masking: bool = True
+    top_k: int = 10
+    batch_size: int = 8
+    block_size: int = 512  # sequences per resumable unit of work
+    progress_bar: str = "auto"
+
+
+@dataclass
 class DemoDataConfig:
     """`data_pipeline/demo_data.py`: the demo's raw corpora, tokenizer and shards."""
 
@@ -311,6 +328,7 @@ def register() -> None:
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(name="tokenizer_schema", node=TokenizerConfig)
     cs.store(name="synthesize_schema", node=SynthesizeConfig)
+    cs.store(name="score_schema", node=ScoreConfig)
 
 
 SCHEDULES = ("cosine", "wsd", "constant")
