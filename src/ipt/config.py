@@ -53,6 +53,17 @@ class MixSourceConfig:
 
 
 @dataclass
+class SelectConfig:
+    """SLM-scored selection for the early phase (`ipt.slm.select`); off while fraction is null."""
+
+    fraction: float | None = None  # share of each source's sequences to draw from
+    mode: str = "top"  # top: the highest scores; sample: scores as logits, no replacement
+    temperature: float = 1.0  # sample
+    column: str = "median_topk_loss"  # median_topk_loss | mean_loss | frac_topk
+    steps: int | None = None  # optimizer steps drawn from the selection; null: teacher.kd_steps
+
+
+@dataclass
 class DataConfig:
     """What the trainer reads: prepared sources, mixed, packed and ordered."""
 
@@ -69,6 +80,7 @@ class DataConfig:
     # Loader processes per rank; 0 builds batches on a background thread (fastest for
     # packed shards, which are cheap to slice).
     num_workers: int = 0
+    select: SelectConfig = field(default_factory=SelectConfig)
 
 
 @dataclass
@@ -316,7 +328,7 @@ class ExportConfig:
 
 SECTIONS: dict[str, type] = {c.__name__: c for c in (
     ModelConfig, DataConfig, MixSourceConfig, OptimConfig, ScheduleConfig, DeepSpeedConfig, LossConfig,
-    LoggerConfig, TrainConfig, SourceConfig, SynthBackendConfig, TeacherConfig)}
+    LoggerConfig, TrainConfig, SourceConfig, SynthBackendConfig, TeacherConfig, SelectConfig)}
 
 
 def register() -> None:
@@ -438,6 +450,14 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
         if not 0 < k.weight <= 1 or k.temperature <= 0 or k.kd_steps < 1 or k.chunk_size < 1:
             raise ConfigError("teacher: weight must be in (0, 1], temperature > 0, "
                               "kd_steps >= 1 and chunk_size >= 1")
+    sel = cfg.data.select
+    if sel.fraction is not None:
+        if not 0 < sel.fraction <= 1:
+            raise ConfigError(f"data.select.fraction={sel.fraction} must be in (0, 1]; "
+                              "null turns selection off")
+        if sel.steps is None and cfg.teacher.path is None:
+            raise ConfigError("data.select needs data.select.steps, or a teacher whose "
+                              "teacher.kd_steps it follows")
     if cfg.data.packing not in PACKINGS:
         raise ConfigError(f"data.packing={cfg.data.packing!r}; expected one of {PACKINGS}")
     paths = [("tokenizer", cfg.tokenizer), ("model.init_from", cfg.model.init_from)]

@@ -28,6 +28,7 @@ from ipt.model import build_model, flops_per_token
 from ipt.observe import MetricsLogger, peak_flops
 from ipt.schedule import lr_multiplier
 from ipt.slm.kd import DistillationLoss, kd_weight
+from ipt.slm.select import SelectedOrder, selected_order
 from ipt.trainer import Checkpointer, Evaluator, Trainer
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def open_split(key: str, path: Path, tokenizer_fp: str, cfg: PretrainConfig) -> 
     return PackedShards(shards, d.seq_len, d.packing, d.doc_masking)
 
 
-def open_data(cfg: PretrainConfig, tokenizer_fp: str) -> tuple[Concat, MixtureOrder,
+def open_data(cfg: PretrainConfig, tokenizer_fp: str) -> tuple[Concat, MixtureOrder | SelectedOrder,
                                                                 dict[str, PackedShards]]:
     """The mixture of training sources in its global order, and each source's validation set."""
     names, train, valid = [], [], {}
@@ -78,8 +79,17 @@ def open_data(cfg: PretrainConfig, tokenizer_fp: str) -> tuple[Concat, MixtureOr
     weights = [cfg.data.sources[n].weight for n in names]
     fingerprint = hashlib.sha256(repr([(n, p.fingerprint, w) for n, p, w in
                                        zip(names, train, weights, strict=True)]).encode())
-    order = MixtureOrder([len(p) for p in train], weights, cfg.data.seed,
-                         fingerprint.hexdigest()[:16], cfg.data.max_repeat, names)
+    full = MixtureOrder([len(p) for p in train], weights, cfg.data.seed,
+                        fingerprint.hexdigest()[:16], cfg.data.max_repeat, names)
+    order: MixtureOrder | SelectedOrder = full
+    sel = cfg.data.select
+    if sel.fraction is not None:
+        steps = sel.steps if sel.steps is not None else cfg.teacher.kd_steps
+        dirs = [Path(cfg.data.sources[n].path) for n in names]
+        order = selected_order(full, train, dirs, names, weights, sel, cfg.data.seed,
+                               steps * cfg.train.global_batch_size, cfg.data.max_repeat)
+        log.info("data selection: the first %d steps draw from the %s %.0f%% of each source "
+                 "by %s", steps, sel.mode, 100 * sel.fraction, sel.column)
     for name, part in zip(names, train, strict=True):
         log.info("source %s: %d sequences (%.1f%% filled), weight %s", name, len(part),
                  100 * part.fill, cfg.data.sources[name].weight)

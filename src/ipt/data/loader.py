@@ -19,7 +19,7 @@ import hashlib
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -98,6 +98,14 @@ def shares(sizes: Sequence[int], weights: Sequence[float]) -> np.ndarray:
     return counts
 
 
+class Order(Protocol):
+    """A global sample order: sample k of the endless stream is sequence `order[k]`."""
+
+    key: int  # the fingerprint a checkpoint records, to refuse resuming on other data
+
+    def __getitem__(self, k: int) -> int: ...
+
+
 class MixtureOrder:
     """The global sample order over the concatenated sources (see the module docstring)."""
 
@@ -148,7 +156,7 @@ class MixtureOrder:
 class RankBatches:
     """Index lists of this rank's micro-batches, from global sample `consumed` onwards."""
 
-    def __init__(self, order: MixtureOrder, consumed: int, global_batch: int, micro_batch: int,
+    def __init__(self, order: Order, consumed: int, global_batch: int, micro_batch: int,
                  rank: int, world_size: int) -> None:
         assert global_batch % (micro_batch * world_size) == 0
         self.order, self.consumed = order, consumed
@@ -227,7 +235,7 @@ class Prefetcher:
         return item
 
 
-def train_loader(dataset: Dataset, order: MixtureOrder, consumed: int, global_batch: int,
+def train_loader(dataset: Dataset, order: Order, consumed: int, global_batch: int,
                  micro_batch: int, rank: int, world_size: int, num_workers: int = 0,
                  pin_memory: bool = False) -> Prefetcher:
     """This rank's micro-batches, endlessly, from global sample `consumed` onwards; `close()`
