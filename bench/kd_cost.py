@@ -80,15 +80,16 @@ def _peak(kind: str) -> float:
 
     base = status_kib("VmRSS")
     assert status_kib("VmHWM") < base + 64 * 1024, "start-up peaked higher than the loss may"
+    logits = head_s(h_s)  # the student's own forward: in both, as in next-token training
     if kind == "chunked":
-        ce, kd, _ = kd_losses(h_s, h_t, labels, head_s, head_t, 1.0, 512)
+        loss = kd_losses(logits, h_t, labels, head_t, 1.0, 0.5, 512)[0]
     else:
-        s = head_s(h_s).float().flatten(0, 1)
+        s = logits.float().flatten(0, 1)
         with torch.no_grad():
             p_t = torch.softmax(head_t(h_t).float().flatten(0, 1), -1)
         ce = torch.nn.functional.cross_entropy(s, labels.flatten(), reduction="sum")
-        kd = -(p_t * torch.log_softmax(s, -1)).sum()
-    (ce + kd).backward()
+        loss = 0.5 * ce + 0.5 * -(p_t * torch.log_softmax(s, -1)).sum()
+    loss.backward()
     return (status_kib("VmHWM") - base) / 1024
 
 

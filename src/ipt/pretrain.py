@@ -163,10 +163,11 @@ def distillation(cfg: PretrainConfig, dist: Dist, step: int) -> DistillationLoss
     k = cfg.teacher
     pending = any(kd_weight(k, s) > 0 for s in range(step, k.kd_steps + k.decay_steps))
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    model = teacher.load(k, dist.device, dtype) if pending else None
+    zero3 = cfg.train.micro_batch_size if cfg.deepspeed.stage == 3 else None
+    model = teacher.load(k, dist.device, dtype, zero3) if pending else None
     if model is not None:
-        log.info("teacher %s: %s params, KD for steps < %d (%s switch)", k.path,
-                 f"{sum(p.numel() for p in model.parameters()):,}", k.kd_steps, k.switch)
+        log.info("teacher %s%s: KD for steps < %d (%s switch)", k.path,
+                 ", sharded with ZeRO-3" if zero3 else "", k.kd_steps, k.switch)
     return DistillationLoss(model, k)
 
 

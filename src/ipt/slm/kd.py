@@ -6,11 +6,12 @@ KD is the token-level cross-entropy of the student's softmax against the teacher
 temperature tau, scaled by tau^2 (so its gradient does not shrink as tau grows). Only
 positions with a target count, so loss masks and document ends are honoured by both parts.
 
-Memory: the logits are never materialised for the whole micro-batch. The student and the
-teacher run their trunks once; the vocabulary projections run over chunks of `chunk_size`
-target positions inside activation checkpoints, so at most a few [chunk, vocab] fp32 tensors
-exist at a time, in the forward and again in the backward (which recomputes a chunk's
-logits from its hidden states instead of storing them).
+Memory: the student's logits come from its ordinary forward (through the DeepSpeed engine,
+which under ZeRO-3 must see the whole forward to gather parameters and scale gradients).
+The loss and its gradient with respect to those logits are computed together, over chunks
+of `chunk_size` positions: the teacher's logits and the fp32 softmaxes exist one chunk at a
+time, and what is kept for the backward is the gradient itself (the size of the logits, in
+their dtype; autograd would build it anyway). Nothing is recomputed.
 
 `w` follows the step (`kd_weight`): KD for the first `kd_steps`, then a hard switch, or a
 linear decay to 0 over `decay_steps`. Once it is 0 for good, the teacher is released and the
@@ -25,7 +26,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ipt.config import TeacherConfig
 from ipt.losses import IGNORE, LossOutput, NextTokenLoss
@@ -42,29 +42,58 @@ def kd_weight(cfg: TeacherConfig, step: int) -> float:
     return 0.0
 
 
-def _chunk(h_s: torch.Tensor, h_t: torch.Tensor, y: torch.Tensor, head_s: torch.nn.Module,
-           head_t: torch.nn.Module, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    s = head_s(h_s).float()
-    ce = F.cross_entropy(s, y, reduction="sum")
-    with torch.no_grad():
-        p_t = F.softmax(head_t(h_t).float() / tau, dim=-1)
-    kd = -(p_t * F.log_softmax(s / tau, dim=-1)).sum() * tau**2
-    return ce, kd
+class _MixedLoss(torch.autograd.Function):
+    """(1 - w) * CE + w * KD summed over target positions, with d/d(logits) computed in the
+    forward, one chunk of positions at a time, and kept for the backward.
+
+    The gradient is the size of the logits (autograd would make that tensor in the backward
+    anyway), in their dtype; everything else (fp32 softmaxes, the teacher's logits) exists
+    one chunk at a time, and nothing is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, h_t: torch.Tensor, labels: torch.Tensor,
+                head_t: torch.nn.Module, tau: float, w: float,
+                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        flat, y_all = logits.detach().flatten(0, 1), labels.flatten()
+        keep_all, ht_all = y_all != IGNORE, h_t.flatten(0, 1)
+        grad = torch.zeros_like(flat)
+        ce = torch.zeros((), dtype=torch.float64, device=flat.device)
+        kd = torch.zeros_like(ce)
+        for a in range(0, len(flat), chunk_size):
+            keep = keep_all[a:a + chunk_size]
+            if not keep.any():
+                continue
+            y = y_all[a:a + chunk_size][keep]
+            s = flat[a:a + chunk_size][keep].float()
+            p_t = F.softmax(head_t(ht_all[a:a + chunk_size][keep]).float() / tau, dim=-1)
+            log_p = F.log_softmax(s, dim=-1)
+            log_q = F.log_softmax(s / tau, dim=-1)
+            ce += -log_p.gather(1, y[:, None]).sum()
+            kd += -(p_t * log_q).sum() * tau**2
+            g = (1 - w) * log_p.exp_() + (w * tau) * (log_q.exp_() - p_t)
+            g[torch.arange(len(y), device=g.device), y] -= 1 - w
+            grad[a:a + chunk_size][keep] = g.to(grad.dtype)
+        ctx.save_for_backward(grad)
+        ctx.shape = logits.shape
+        mixed = ((1 - w) * ce + w * kd).float()
+        ctx.mark_non_differentiable(ce, kd)
+        return mixed, ce.float(), kd.float()
+
+    @staticmethod
+    def backward(ctx: Any, g_mixed: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+        (grad,) = ctx.saved_tensors
+        # In place: the buffer is this backward's alone (the graph is not retained).
+        return grad.mul_(g_mixed).view(ctx.shape), None, None, None, None, None, None
 
 
-def kd_losses(h_s: torch.Tensor, h_t: torch.Tensor, labels: torch.Tensor,
-              head_s: torch.nn.Module, head_t: torch.nn.Module, tau: float,
-              chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(CE sum, KD sum, target count) over the positions of `labels` that have a target."""
-    keep = (labels.flatten() != IGNORE).nonzero().squeeze(1)
-    hs, ht = h_s.flatten(0, 1)[keep], h_t.flatten(0, 1)[keep]
-    y = labels.flatten()[keep]
-    ce = kd = hs.sum() * 0.0  # part of the graph even with no target in this micro-batch
-    for a in range(0, len(keep), chunk_size):
-        c, k = checkpoint(_chunk, hs[a:a + chunk_size], ht[a:a + chunk_size],
-                          y[a:a + chunk_size], head_s, head_t, tau, use_reentrant=False)
-        ce, kd = ce + c, kd + k
-    return ce, kd, len(keep)
+def kd_losses(logits: torch.Tensor, h_t: torch.Tensor, labels: torch.Tensor,
+              head_t: torch.nn.Module, tau: float, w: float,
+              chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(mixed sum, CE sum, KD sum, target count) over the positions of `labels` that have
+    a target; only the mixed sum carries a gradient (to the student's logits)."""
+    mixed, ce, kd = _MixedLoss.apply(logits, h_t.detach(), labels, head_t, tau, w, chunk_size)
+    return mixed, ce, kd, int((labels != IGNORE).sum())
 
 
 class DistillationLoss:
@@ -83,17 +112,13 @@ class DistillationLoss:
             out.metrics |= {"kd_weight": w}
             return out
         assert self.teacher is not None, "the teacher was released before the KD phase ended"
-        student = model.module if hasattr(model, "module") else model
-        inputs = {"input_ids": batch["input_ids"]}
-        if "position_ids" in batch:
-            inputs["position_ids"] = batch["position_ids"]
-        h_s = student.model(**inputs).last_hidden_state
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids")}
+        logits = model(**inputs).logits  # through the engine: ZeRO sees an ordinary forward
         with torch.no_grad():
             h_t = self.teacher.model(**inputs).last_hidden_state
-        ce, kd, n = kd_losses(h_s, h_t, batch["labels"], student.lm_head, self.teacher.lm_head,
-                              self.cfg.temperature, self.cfg.chunk_size)
-        ce, kd = ce / max(n, 1), kd / max(n, 1)
-        loss = (1 - w) * ce + w * kd
+        mixed, ce, kd, n = kd_losses(logits, h_t, batch["labels"], self.teacher.lm_head,
+                                     self.cfg.temperature, w, self.cfg.chunk_size)
+        loss, ce, kd = mixed / max(n, 1), ce / max(n, 1), kd / max(n, 1)
         return LossOutput(loss, {"ce": ce.item(), "kd": kd.item(), "kd_weight": w}, n)
 
     def release(self) -> None:

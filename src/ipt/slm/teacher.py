@@ -40,11 +40,27 @@ def check(cfg: TeacherConfig, tokenizer_dir: str) -> None:
                           f"the tokenizer has {len(ours)}")
 
 
-def load(cfg: TeacherConfig, device: torch.device, dtype: torch.dtype) -> Any:
-    """The teacher on this rank, frozen: eval mode, no gradients, no optimizer state."""
+def load(cfg: TeacherConfig, device: torch.device, dtype: torch.dtype,
+         zero3_micro_batch: int | None = None) -> Any:
+    """The teacher on this rank, frozen: eval mode, no gradients, no optimizer state.
+
+    With `zero3_micro_batch` (the student runs ZeRO-3) the teacher is sharded across the
+    ranks too, by a DeepSpeed engine without an optimizer: each rank holds 1/world of it and
+    gathers a layer's weights only while that layer runs.
+    """
     from transformers import AutoModelForCausalLM
 
     assert cfg.path is not None, "check() runs first"
     model: Any = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
     model.requires_grad_(False)
-    return model.to(device).eval()
+    model.eval()
+    if zero3_micro_batch is None:
+        return model.to(device)
+    import deepspeed
+
+    ds_config = {"train_micro_batch_size_per_gpu": zero3_micro_batch,
+                 "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3},
+                 "bf16": {"enabled": dtype == torch.bfloat16}, "steps_per_print": 1 << 30}
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine.module
