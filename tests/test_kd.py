@@ -148,3 +148,14 @@ def test_under_zero3_the_teacher_is_sharded_and_distils_like_a_replicated_one(ti
         runs[stage] = [(r["ce"], r["kd"]) for r in read_metrics(run / "metrics.jsonl")]
     for (ce1, kd1), (ce3, kd3) in zip(runs[1], runs[3], strict=True):
         assert ce3 == pytest.approx(ce1, rel=1e-4) and kd3 == pytest.approx(kd1, rel=1e-4)
+
+
+def test_a_chunk_without_targets_still_runs_the_teacher_head_like_every_rank_must():
+    h_s, h_t, labels, head_s, head_t = setup(vocab=50)
+    labels[:] = IGNORE
+    labels[1, 5] = 3  # one target, in the last chunk
+    calls = []
+    head_t.register_forward_hook(lambda *_: calls.append(1))
+    mixed, ce, kd, n = kd_losses(head_s(h_s), h_t, labels, head_t, 1.0, 0.5, chunk_size=32)
+    mixed.backward()
+    assert len(calls) == 4 and n == 1 and torch.isfinite(mixed)

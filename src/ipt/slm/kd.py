@@ -61,9 +61,9 @@ class _MixedLoss(torch.autograd.Function):
         ce = torch.zeros((), dtype=torch.float64, device=flat.device)
         kd = torch.zeros_like(ce)
         for a in range(0, len(flat), chunk_size):
+            # Every chunk runs the teacher's output layer, even one with no target: under
+            # ZeRO-3 each call gathers its weight, a collective all ranks must join.
             keep = keep_all[a:a + chunk_size]
-            if not keep.any():
-                continue
             y = y_all[a:a + chunk_size][keep]
             s = flat[a:a + chunk_size][keep].float()
             p_t = F.softmax(head_t(ht_all[a:a + chunk_size][keep]).float() / tau, dim=-1)
