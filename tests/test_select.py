@@ -41,12 +41,18 @@ def test_the_early_samples_come_only_from_the_selection_then_the_full_mixture():
 
 
 @pytest.fixture(scope="module")
-def scored(data_dir, tiny_lm):
-    score(ScoreConfig(model=str(tiny_lm), tokenizer=str(data_dir / "tokenizer"), seq_len=64,
-                      sources={n: str(data_dir / "shards" / n)
-                               for n in ("docstrings", "packages")},
+def scored(data_dir, tiny_lm, tmp_path_factory):
+    """A copy of the session's data with scores (the shared data stays unscored)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("scored")
+    shutil.copytree(data_dir / "tokenizer", root / "tokenizer")
+    for n in ("docstrings", "packages"):
+        shutil.copytree(data_dir / "shards" / n, root / "shards" / n)
+    score(ScoreConfig(model=str(tiny_lm), tokenizer=str(root / "tokenizer"), seq_len=64,
+                      sources={n: str(root / "shards" / n) for n in ("docstrings", "packages")},
                       progress_bar="never", block_size=256))
-    return data_dir
+    return root
 
 
 def test_training_draws_its_early_steps_from_the_selection(scored, tmp_path):

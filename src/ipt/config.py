@@ -344,6 +344,8 @@ def register() -> None:
 
 
 SCHEDULES = ("cosine", "wsd", "constant")
+# The statistics of the scoring stage, in the column order of its files (`ipt.slm.score`).
+SCORE_COLUMNS = ("median_topk_loss", "mean_loss", "frac_topk")
 PACKINGS = ("bestfit", "concat")
 PRECISIONS = ("fp32", "bf16")
 
@@ -455,6 +457,9 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
         if not 0 < sel.fraction <= 1:
             raise ConfigError(f"data.select.fraction={sel.fraction} must be in (0, 1]; "
                               "null turns selection off")
+        if sel.mode not in ("top", "sample") or sel.column not in SCORE_COLUMNS:
+            raise ConfigError(f"data.select: mode must be top or sample (got {sel.mode!r}), "
+                              f"column one of {SCORE_COLUMNS} (got {sel.column!r})")
         if sel.steps is None and cfg.teacher.path is None:
             raise ConfigError("data.select needs data.select.steps, or a teacher whose "
                               "teacher.kd_steps it follows")

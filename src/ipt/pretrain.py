@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from ipt.data.loader import Concat, MixtureOrder, PackedShards, train_loader
 from ipt.data.shards import ShardSet
 from ipt.engine import Dist, build_engine, init_distributed
 from ipt.export import ExportAtEnd
-from ipt.losses import build_loss
+from ipt.losses import LossOutput, build_loss
 from ipt.model import build_model, flops_per_token
 from ipt.observe import MetricsLogger, peak_flops
 from ipt.schedule import lr_multiplier
@@ -156,7 +157,8 @@ def resume(engine, candidates: list[Path], fresh: TrainerState, dist: Dist,
     return fresh
 
 
-def distillation(cfg: PretrainConfig, dist: Dist, step: int) -> DistillationLoss:
+def distillation(cfg: PretrainConfig, dist: Dist, step: int,
+                 base: Callable[..., LossOutput]) -> DistillationLoss:
     """The KD loss; the teacher is loaded only if the run resumes before the KD phase ends."""
     from ipt.slm import teacher
 
@@ -168,7 +170,7 @@ def distillation(cfg: PretrainConfig, dist: Dist, step: int) -> DistillationLoss
     if model is not None:
         log.info("teacher %s%s: KD for steps < %d (%s switch)", k.path,
                  ", sharded with ZeRO-3" if zero3 else "", k.kd_steps, k.switch)
-    return DistillationLoss(model, k)
+    return DistillationLoss(model, k, base)
 
 
 def pretrain(cfg: PretrainConfig) -> TrainerState:
@@ -204,7 +206,7 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
 
     loss_fn = build_loss(cfg.loss)
     if cfg.teacher.path is not None:
-        loss_fn = distillation(cfg, dist, state.step)
+        loss_fn = distillation(cfg, dist, state.step, loss_fn)
     batches = train_loader(train_set, order, state.consumed_samples,
                            cfg.train.global_batch_size, cfg.train.micro_batch_size,
                            dist.rank, dist.world_size, cfg.data.num_workers,

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ipt.config import TeacherConfig
-from ipt.losses import IGNORE, LossOutput, NextTokenLoss
+from ipt.losses import IGNORE, LossOutput
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,12 @@ class _MixedLoss(torch.autograd.Function):
             s = flat[a:a + chunk_size][keep].float()
             p_t = F.softmax(head_t(ht_all[a:a + chunk_size][keep]).float() / tau, dim=-1)
             log_p = F.log_softmax(s, dim=-1)
-            log_q = F.log_softmax(s / tau, dim=-1)
+            log_q = log_p if tau == 1.0 else F.log_softmax(s / tau, dim=-1)
             ce += -log_p.gather(1, y[:, None]).sum()
             kd += -(p_t * log_q).sum() * tau**2
-            g = (1 - w) * log_p.exp_() + (w * tau) * (log_q.exp_() - p_t)
+            p = log_p.exp()
+            q = p if tau == 1.0 else log_q.exp_()
+            g = (1 - w) * p + (w * tau) * (q - p_t)
             g[torch.arange(len(y), device=g.device), y] -= 1 - w
             grad[a:a + chunk_size][keep] = g.to(grad.dtype)
         ctx.save_for_backward(grad)
@@ -97,18 +100,19 @@ def kd_losses(logits: torch.Tensor, h_t: torch.Tensor, labels: torch.Tensor,
 
 
 class DistillationLoss:
-    """Next-token loss plus KD from a frozen teacher, on the schedule of `cfg`."""
+    """KD from a frozen teacher mixed into next-token loss, on the schedule of `cfg`; outside
+    the KD phase (and in evaluation) it is the run's configured loss, `base`."""
 
-    def __init__(self, teacher: Any, cfg: TeacherConfig) -> None:
-        self.teacher, self.cfg = teacher, cfg
-        self.plain = NextTokenLoss()
+    def __init__(self, teacher: Any, cfg: TeacherConfig,
+                 base: Callable[..., LossOutput]) -> None:
+        self.teacher, self.cfg, self.base = teacher, cfg, base
 
     def __call__(self, model: Any, batch: dict[str, torch.Tensor], step: int) -> LossOutput:
         w = kd_weight(self.cfg, step)
         if w == 0.0 or not torch.is_grad_enabled():  # after the KD phase, and in evaluation
             if w == 0.0 and step >= self.cfg.kd_steps and self.teacher is not None:
                 self.release()
-            out = self.plain(model, batch, step)
+            out = self.base(model, batch, step)
             out.metrics |= {"kd_weight": w}
             return out
         assert self.teacher is not None, "the teacher was released before the KD phase ended"

@@ -27,16 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ipt.config import ConfigError, ScoreConfig, TeacherConfig
+from ipt.config import SCORE_COLUMNS, ConfigError, ScoreConfig, TeacherConfig
 from ipt.data import tokenizer as tok
 from ipt.data.loader import PackedShards
 from ipt.data.shards import ShardSet
+from ipt.engine import launcher_env
 from ipt.losses import IGNORE
 from ipt.slm import teacher
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("median_topk_loss", "mean_loss", "frac_topk")
+COLUMNS = SCORE_COLUMNS
 
 
 @torch.no_grad()
@@ -121,10 +122,9 @@ def score(cfg: ScoreConfig) -> dict[str, str | None]:
         raise ConfigError("sources is empty: name prepared source folders, e.g. "
                           "+sources.web=data/shards/web")
     teacher.check(TeacherConfig(path=cfg.model), cfg.tokenizer)
-    rank, world = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))), \
-        int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-                          if torch.cuda.is_available() else "cpu")
+    env = launcher_env()  # torchrun's or srun's rank variables; one process without them
+    rank, world = env["rank"], env["world"]
+    device = torch.device(f"cuda:{env['local_rank']}" if torch.cuda.is_available() else "cpu")
     model = teacher.load(TeacherConfig(path=cfg.model), device, torch.float32)
     out = {}
     for name, path in cfg.sources.items():

@@ -69,11 +69,6 @@ def selected_order(full: MixtureOrder, parts: Sequence[PackedShards],
                    dirs: Sequence[Path], names: Sequence[str], weights: Sequence[float],
                    cfg: SelectConfig, seed: int, until: int,
                    max_repeat: float) -> SelectedOrder:
-    if cfg.fraction is None or not 0 < cfg.fraction <= 1:
-        raise ConfigError(f"data.select.fraction={cfg.fraction} must be in (0, 1]")
-    if cfg.mode not in ("top", "sample") or cfg.column not in COLUMNS:
-        raise ConfigError(f"data.select: mode must be top or sample (got {cfg.mode!r}), "
-                          f"column one of {COLUMNS} (got {cfg.column!r})")
     rng = np.random.Generator(np.random.PCG64([full.key, 7]))
     selected = [choose(load_scores(n, d, p, cfg.column), cfg, rng)
                 for n, d, p in zip(names, dirs, parts, strict=True)]

@@ -7,6 +7,7 @@ different vocabulary would teach nonsense. The check runs before anything is bui
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,6 @@ def check(cfg: TeacherConfig, tokenizer_dir: str) -> None:
         raise ConfigError(f"teacher.path={cfg.path!r} uses another tokenizer than "
                           f"tokenizer={tokenizer_dir!r} ({len(theirs)} vs {len(ours)} tokens, "
                           f"{diff} entries differ); KD needs the same vocabulary")
-    import json
-
     vocab = json.loads((path / "config.json").read_text()).get("vocab_size")
     if vocab != len(ours):
         raise ConfigError(f"teacher.path={cfg.path!r} has an output layer of {vocab} tokens; "

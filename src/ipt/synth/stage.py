@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections import Counter
@@ -36,6 +35,7 @@ from typing import Any
 
 from ipt.config import ConfigError, SynthesizeConfig
 from ipt.data import sources as src
+from ipt.engine import launcher_env
 from ipt.synth import backends
 from ipt.synth import format as fmt
 from ipt.synth.backends import Backend, Request, Result
@@ -66,11 +66,9 @@ def chosen(doc_id: str, fraction: float, seed: int) -> bool:
 
 def worker_share(cfg: SynthesizeConfig) -> tuple[int, int]:
     """(index, count) of this process among the hosts splitting the shards."""
-    env = os.environ
-    index = cfg.worker_index if cfg.worker_index is not None else \
-        int(env.get("SLURM_PROCID", env.get("RANK", 0)))
-    count = cfg.num_workers if cfg.num_workers is not None else \
-        int(env.get("SLURM_NTASKS", env.get("WORLD_SIZE", 1)))
+    env = launcher_env()  # torchrun's RANK/WORLD_SIZE, or srun's SLURM_PROCID/SLURM_NTASKS
+    index = cfg.worker_index if cfg.worker_index is not None else env["rank"]
+    count = cfg.num_workers if cfg.num_workers is not None else env["world"]
     if not 0 <= index < count:
         raise ConfigError(f"worker_index={index} must be in [0, num_workers={count})")
     return index, count
