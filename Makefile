@@ -6,6 +6,7 @@ NPROC  ?= 2
 DEMO_DATA ?= data/demo
 DEMO_RUN  ?= runs/demo
 DEMO_SYNTH ?= runs/demo-synth
+DEMO_SLM  ?= runs/demo-slm
 # CI runs the slow end-to-end tests too; `make test` locally skips them (`make test-slow` runs them).
 PYTEST_SELECT := $(if $(CI),,-m "not slow")
 
@@ -25,7 +26,9 @@ $(STAMP): pyproject.toml
 #  2. the rules miner augments 1/5 of the docstrings (2 chained rounds)
 #  3. a tiny synthesizer is trained on the mined pairs (loss on the pairs only) ...
 #  4. ... and writes pairs for held-out texts (a sample of the package descriptions)
-#  5. the mix is tokenized and pre-trained on 2 CPU ranks with ZeRO-1, then exported
+#  5. the mix is tokenized; a small LM (2 layers) is pre-trained on it and scores every sequence
+#  6. the model is pre-trained on 2 CPU ranks with ZeRO-1, its first 30 steps distilled from
+#     the small LM on the hardest-but-learnable half of the data (SALT), then exported
 SYNTH := $(PY) data_pipeline/synthesize.py
 PREP  := $(PY) data_pipeline/prepare.py tokenizer=$(DEMO_DATA)/tokenizer out=$(DEMO_DATA)/shards
 train: $(STAMP)
@@ -40,8 +43,14 @@ train: $(STAMP)
 		synth=hf synth.model=$(DEMO_SYNTH)/hf synth.context=512 synth.max_text_tokens=128 \
 		synth.max_new_tokens=128
 	$(PREP) +sources.packages_synth.path=$(DEMO_DATA)/synth/tiny
+	NPROC=$(NPROC) bash launch/torchrun.sh train/pretrain.py experiment=demo_slm data=demo_ipt \
+		data.root=$(DEMO_DATA) run_dir=$(DEMO_SLM)
+	NPROC=$(NPROC) bash launch/torchrun.sh data_pipeline/score.py model=$(DEMO_SLM)/hf \
+		tokenizer=$(DEMO_DATA)/tokenizer seq_len=256 \
+		$(foreach s,docstrings_ipt packages packages_synth,+sources.$(s)=$(DEMO_DATA)/shards/$(s))
 	NPROC=$(NPROC) bash launch/torchrun.sh train/pretrain.py experiment=demo data=demo_ipt \
-		data.root=$(DEMO_DATA) run_dir=$(DEMO_RUN)
+		data.root=$(DEMO_DATA) run_dir=$(DEMO_RUN) teacher=kd teacher.path=$(DEMO_SLM)/hf \
+		teacher.kd_steps=30 data.select.fraction=0.5
 	$(PY) train/sample.py model=$(DEMO_RUN)/hf prompt="Return the number of"
 
 test: $(STAMP)

@@ -65,7 +65,7 @@ def step_time(steps: int = 12) -> dict:
 def _peak(kind: str) -> float:
     """Runs in a child: peak RSS (MiB) of one KD loss forward and backward above the RSS
     before it (the earlier peak, from start-up, must be lower: asserted)."""
-    from ipt.slm.kd import kd_losses
+    from ipt.slm.kd import kd_losses, online_probs
 
     torch.manual_seed(0)
     n, seq, vocab = 4, 512, 32_000
@@ -82,7 +82,7 @@ def _peak(kind: str) -> float:
     assert status_kib("VmHWM") < base + 64 * 1024, "start-up peaked higher than the loss may"
     logits = head_s(h_s)  # the student's own forward: in both, as in next-token training
     if kind == "chunked":
-        loss = kd_losses(logits, h_t, labels, head_t, 1.0, 0.5, 512)[0]
+        loss = kd_losses(logits, labels, online_probs(h_t, head_t, 1.0), 1.0, 0.5, 512)[0]
     else:
         s = logits.float().flatten(0, 1)
         with torch.no_grad():

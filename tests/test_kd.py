@@ -14,7 +14,7 @@ from ipt.config import ConfigError, TeacherConfig
 from ipt.losses import IGNORE
 from ipt.observe import read_metrics
 from ipt.slm import teacher
-from ipt.slm.kd import kd_losses, kd_weight
+from ipt.slm.kd import kd_losses, kd_weight, online_probs
 
 from .conftest import run_pretrain, tiny_overrides
 
@@ -44,7 +44,8 @@ def setup(vocab: int, n: int = 2, seq: int = 64):
 def test_chunked_kd_equals_the_full_logit_computation_with_its_gradients(dtype):
     h_s, h_t, labels, head_s, head_t = setup(vocab=300)
     w, tau = 0.3, 2.0
-    mixed, ce, kd, n = kd_losses(head_s(h_s).to(dtype), h_t, labels, head_t, tau, w, 17)
+    probs = online_probs(h_t, head_t, tau)
+    mixed, ce, kd, n = kd_losses(head_s(h_s).to(dtype), labels, probs, tau, w, 17)
     mixed.backward()
     grads = h_s.grad.clone(), head_s.weight.grad.clone()
     h_s.grad = head_s.weight.grad = None
@@ -68,7 +69,7 @@ def test_kd_at_a_32k_vocabulary_keeps_only_a_logit_sized_gradient_for_backward()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        kd_losses(logits, h_t, labels, head_t, 1.0, 0.5, chunk_size=64)
+        kd_losses(logits, labels, online_probs(h_t, head_t, 1.0), 1.0, 0.5, chunk_size=64)
     chunked = sum(saved)
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -156,6 +157,7 @@ def test_a_chunk_without_targets_still_runs_the_teacher_head_like_every_rank_mus
     labels[1, 5] = 3  # one target, in the last chunk
     calls = []
     head_t.register_forward_hook(lambda *_: calls.append(1))
-    mixed, ce, kd, n = kd_losses(head_s(h_s), h_t, labels, head_t, 1.0, 0.5, chunk_size=32)
+    probs = online_probs(h_t, head_t, 1.0)
+    mixed, ce, kd, n = kd_losses(head_s(h_s), labels, probs, 1.0, 0.5, chunk_size=32)
     mixed.backward()
     assert len(calls) == 4 and n == 1 and torch.isfinite(mixed)

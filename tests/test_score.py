@@ -13,23 +13,11 @@ from ipt.losses import IGNORE
 from ipt.slm import score as sc
 
 
-class Fixed(torch.nn.Module):
-    """Logits given by hand, to check the statistics against arithmetic."""
-
-    def __init__(self, logits: torch.Tensor) -> None:
-        super().__init__()
-        self.logits = logits
-
-    def forward(self, **_):
-        return type("Out", (), {"logits": self.logits})
-
-
 def test_the_median_counts_only_targets_inside_the_top_k():
     logits = torch.tensor([[[5.0, 4.0, 0.0], [5.0, 4.0, 0.0], [5.0, 4.0, 0.0],
                             [0.0, 0.0, 0.0]]])
     labels = torch.tensor([[0, 1, 2, IGNORE]])  # ranks 1, 2 and 3 of 3; the last: no target
-    out = sc.sequence_scores(Fixed(logits), {"input_ids": labels.clamp(min=0),
-                                             "labels": labels}, k=2)
+    out = sc.sequence_scores(logits, labels, k=2)  # logits by hand, checked by arithmetic
     losses = torch.nn.functional.cross_entropy(logits[0, :3], labels[0, :3], reduction="none")
     assert out[0, 0] == pytest.approx(losses[:2].median().item())  # token 2 is not in top-2
     assert out[0, 1] == pytest.approx(losses.mean().item())
@@ -48,7 +36,7 @@ def test_scores_cover_every_packed_sequence_and_resume_by_block(data_dir, tiny_l
     src = tmp_path / "docstrings"
     shutil.copytree(data_dir / "shards" / "docstrings", src)
     cfg = config(data_dir, tiny_lm, sources={"docs": str(src)})
-    path = sc.score(cfg)["docs"]
+    path = sc.score(cfg)["docs"]["scores"]
     scores = np.load(path)
     n = len(PackedShards(ShardSet(src / "train"), 64))
     assert scores.shape == (n, 3) and np.isfinite(scores[:, 1]).all()
@@ -57,7 +45,7 @@ def test_scores_cover_every_packed_sequence_and_resume_by_block(data_dir, tiny_l
     kept = {p: p.stat().st_mtime_ns for p in parts[1:]}
     parts[0].unlink()
     (src / "scores" / path.split("/")[-1]).unlink()  # as if killed before the merge
-    again = np.load(sc.score(cfg)["docs"])
+    again = np.load(sc.score(cfg)["docs"]["scores"])
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # only block 0 redone
     np.testing.assert_array_equal(again, scores)
 
@@ -68,12 +56,15 @@ def test_ranks_split_the_blocks_and_the_last_merges(data_dir, tiny_lm, tmp_path,
     one, two = tmp_path / "one", tmp_path / "two"
     for d in (one, two):
         shutil.copytree(data_dir / "shards" / "docstrings", d)
-    single = np.load(sc.score(config(data_dir, tiny_lm, sources={"docs": str(one)}))["docs"])
+    single = np.load(sc.score(config(data_dir, tiny_lm,
+                                     sources={"docs": str(one)}))["docs"]["scores"])
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    assert sc.score(config(data_dir, tiny_lm, sources={"docs": str(two)}))["docs"] is None
+    assert sc.score(config(data_dir, tiny_lm,
+                           sources={"docs": str(two)}))["docs"]["scores"] is None
     monkeypatch.setenv("RANK", "1")
-    merged = np.load(sc.score(config(data_dir, tiny_lm, sources={"docs": str(two)}))["docs"])
+    merged = np.load(sc.score(config(data_dir, tiny_lm,
+                                     sources={"docs": str(two)}))["docs"]["scores"])
     np.testing.assert_array_equal(merged, single)
 
 

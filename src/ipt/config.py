@@ -134,6 +134,14 @@ class TeacherConfig:
     switch: str = "hard"  # hard | linear (w decays to 0 over decay_steps after kd_steps)
     decay_steps: int = 0
     chunk_size: int = 1024  # target positions per vocabulary-projection chunk
+    # Offline: read the teacher's top-K log-probabilities stored beside each source's shards
+    # by data_pipeline/score.py soft_labels=K, instead of running it (path may then be null;
+    # if set, it must be the model the labels were made with).
+    soft_labels: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None or self.soft_labels
 
 
 @dataclass
@@ -291,6 +299,10 @@ class ScoreConfig:
     packing: str = "bestfit"
     doc_masking: bool = True
     top_k: int = 10
+    scores: bool = True  # the per-sequence statistics data selection uses
+    # Also store the SLM's top-K log-probabilities per token, for offline distillation
+    # (teacher.soft_labels=true): K entries of 4 bytes (6 above 65,536 tokens) per token.
+    soft_labels: int = 0
     batch_size: int = 8
     block_size: int = 512  # sequences per resumable unit of work
     progress_bar: str = "auto"
@@ -445,7 +457,7 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
         )
     if not cfg.data.sources:
         raise ConfigError("data.sources is empty: name at least one prepared source folder")
-    if cfg.teacher.path is not None:
+    if cfg.teacher.enabled:
         k = cfg.teacher
         if k.switch not in ("hard", "linear"):
             raise ConfigError(f"teacher.switch={k.switch!r}; expected hard or linear")
@@ -460,7 +472,7 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
         if sel.mode not in ("top", "sample") or sel.column not in SCORE_COLUMNS:
             raise ConfigError(f"data.select: mode must be top or sample (got {sel.mode!r}), "
                               f"column one of {SCORE_COLUMNS} (got {sel.column!r})")
-        if sel.steps is None and cfg.teacher.path is None:
+        if sel.steps is None and not cfg.teacher.enabled:
             raise ConfigError("data.select needs data.select.steps, or a teacher whose "
                               "teacher.kd_steps it follows")
     if cfg.data.packing not in PACKINGS:

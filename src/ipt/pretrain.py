@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 from omegaconf import OmegaConf
+from torch.utils.data import Dataset
 
 from ipt import checkpoint
 from ipt.checkpoint import CheckpointError, TrainerState
@@ -159,10 +160,15 @@ def resume(engine, candidates: list[Path], fresh: TrainerState, dist: Dist,
 
 def distillation(cfg: PretrainConfig, dist: Dist, step: int,
                  base: Callable[..., LossOutput]) -> DistillationLoss:
-    """The KD loss; the teacher is loaded only if the run resumes before the KD phase ends."""
+    """The KD loss; the teacher is loaded only if the run resumes before the KD phase ends
+    (and never for offline soft labels, which the loader brings)."""
     from ipt.slm import teacher
 
     k = cfg.teacher
+    if k.soft_labels:
+        log.info("offline KD from the stored soft labels for steps < %d (%s switch)",
+                 k.kd_steps, k.switch)
+        return DistillationLoss(None, k, base)
     pending = any(kd_weight(k, s) > 0 for s in range(step, k.kd_steps + k.decay_steps))
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     zero3 = cfg.train.micro_batch_size if cfg.deepspeed.stage == 3 else None
@@ -183,13 +189,23 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
         file_log.setFormatter(logging.getLogger().handlers[0].formatter)
         logging.getLogger().addHandler(file_log)
 
-    if cfg.teacher.path is not None:
+    if cfg.teacher.path is not None and not cfg.teacher.soft_labels:
         from ipt.slm import teacher
 
         teacher.check(cfg.teacher, cfg.tokenizer)  # before any model is built
     tokenizer_fp = tok.fingerprint(cfg.tokenizer)
+    train_set: Dataset
     train_set, order, valid_sets = open_data(cfg, tokenizer_fp)
     tokenizer = tok.load(cfg.tokenizer)
+    soft_until = None  # offline KD: the loader adds soft labels to the samples before this
+    if cfg.teacher.soft_labels:
+        from ipt.slm import soft_labels
+
+        train_set = soft_labels.for_run(
+            train_set, list(cfg.data.sources), [Path(s.path) for s in cfg.data.sources.values()],
+            tokenizer_fp, len(tokenizer), cfg.teacher.path)
+        soft_until = (cfg.teacher.kd_steps + cfg.teacher.decay_steps) \
+            * cfg.train.global_batch_size
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
@@ -205,12 +221,12 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
     state.config = fresh.config
 
     loss_fn = build_loss(cfg.loss)
-    if cfg.teacher.path is not None:
+    if cfg.teacher.enabled:
         loss_fn = distillation(cfg, dist, state.step, loss_fn)
     batches = train_loader(train_set, order, state.consumed_samples,
                            cfg.train.global_batch_size, cfg.train.micro_batch_size,
                            dist.rank, dist.world_size, cfg.data.num_workers,
-                           pin_memory=dist.device.type == "cuda")
+                           pin_memory=dist.device.type == "cuda", soft_until=soft_until)
     callbacks: list = []
     if valid_sets and cfg.train.eval_every > 0:
         callbacks.append(Evaluator(valid_sets, loss_fn, cfg.train.micro_batch_size,

@@ -157,28 +157,41 @@ class RankBatches:
     """Index lists of this rank's micro-batches, from global sample `consumed` onwards."""
 
     def __init__(self, order: Order, consumed: int, global_batch: int, micro_batch: int,
-                 rank: int, world_size: int) -> None:
+                 rank: int, world_size: int, soft_until: int | None = None) -> None:
         assert global_batch % (micro_batch * world_size) == 0
-        self.order, self.consumed = order, consumed
+        self.order, self.consumed, self.soft_until = order, consumed, soft_until
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.per_rank = global_batch // world_size
         self.rank = rank
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[Any]]:
         start = self.consumed
         while True:
             base = start + self.rank * self.per_rank
             for m in range(0, self.per_rank, self.micro_batch):
-                yield [self.order[base + m + j] for j in range(self.micro_batch)]
+                ks = range(base + m, base + m + self.micro_batch)
+                if self.soft_until is None:
+                    yield [self.order[k] for k in ks]
+                else:  # (index, whether the sample needs its soft labels)
+                    yield [(self.order[k], k < self.soft_until) for k in ks]
             start += self.global_batch
 
 
 KEYS = ("input_ids", "labels", "position_ids")
 
 
-def stack(items: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """A micro-batch as one [3, batch, seq] tensor: one transfer between processes, not three."""
-    return torch.stack([torch.stack([it[k] for it in items]) for k in KEYS])
+def stack(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A micro-batch: the sequences as one [3, batch, seq] tensor (one transfer between
+    processes, not three), and any further fields (soft labels) stacked as they are."""
+    out = {"packed": torch.stack([torch.stack([it[k] for it in items]) for k in KEYS])}
+    for k in items[0].keys() - set(KEYS):
+        out[k] = torch.stack([it[k] for it in items])
+    return out
+
+
+def unstack(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    packed = batch.pop("packed")
+    return {**dict(zip(KEYS, packed.unbind(0), strict=True)), **batch}
 
 
 class Prefetcher:
@@ -237,19 +250,21 @@ class Prefetcher:
 
 def train_loader(dataset: Dataset, order: Order, consumed: int, global_batch: int,
                  micro_batch: int, rank: int, world_size: int, num_workers: int = 0,
-                 pin_memory: bool = False) -> Prefetcher:
+                 pin_memory: bool = False, soft_until: int | None = None) -> Prefetcher:
     """This rank's micro-batches, endlessly, from global sample `consumed` onwards; `close()`
     it when done.
 
     `num_workers=0` (the default) assembles batches on a background thread; more workers
-    add processes, for datasets whose items are expensive to build.
+    add processes, for datasets whose items are expensive to build. With `soft_until`, the
+    dataset takes `(index, wanted)` items and adds soft labels to samples before that one.
     """
-    batches = RankBatches(order, consumed, global_batch, micro_batch, rank, world_size)
+    batches = RankBatches(order, consumed, global_batch, micro_batch, rank, world_size,
+                          soft_until)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
                         collate_fn=stack, pin_memory=pin_memory,
                         persistent_workers=num_workers > 0,
                         prefetch_factor=4 if num_workers > 0 else None)
-    return Prefetcher(dict(zip(KEYS, b.unbind(0), strict=True)) for b in loader)
+    return Prefetcher(unstack(b) for b in loader)
 
 
 def eval_batches(dataset: Dataset, micro_batch: int, rank: int, world_size: int,

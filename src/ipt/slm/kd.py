@@ -1,4 +1,4 @@
-"""Online distillation from a small LM (SALT, stage 1), as a loss module.
+"""Distillation from a small LM (SALT, stage 1), as a loss module.
 
     L = (1 - w) * CE(student, labels) + w * KD(teacher -> student)
 
@@ -16,6 +16,10 @@ their dtype; autograd would build it anyway). Nothing is recomputed.
 `w` follows the step (`kd_weight`): KD for the first `kd_steps`, then a hard switch, or a
 linear decay to 0 over `decay_steps`. Once it is 0 for good, the teacher is released and the
 loss is plain next-token loss, at no further cost.
+
+The teacher is online (its forward runs in the step) or offline: its top-K log-probabilities
+per token, written once by the scoring stage (`ipt.slm.soft_labels`), arrive with the batch.
+Either way the loss sees the teacher as a function giving its distribution for a chunk.
 """
 
 from __future__ import annotations
@@ -43,31 +47,61 @@ def kd_weight(cfg: TeacherConfig, step: int) -> float:
     return 0.0
 
 
+TeacherProbs = Callable[[slice, torch.Tensor], torch.Tensor]
+"""The teacher's softmax at temperature tau, fp32 [targets, vocab], for the positions `keep`
+(a mask) of the flat positions `sl`."""
+
+
+def online_probs(h_t: torch.Tensor, head_t: torch.nn.Module, tau: float) -> TeacherProbs:
+    """From the teacher's last hidden states: its output layer runs one chunk at a time."""
+    flat = h_t.detach().flatten(0, 1)
+
+    def probs(sl: slice, keep: torch.Tensor) -> torch.Tensor:
+        # Every chunk runs the output layer, even one with no target: under ZeRO-3 each
+        # call gathers its weight, a collective all ranks must join.
+        return F.softmax(head_t(flat[sl][keep]).float() / tau, dim=-1)
+
+    return probs
+
+
+def offline_probs(ids: torch.Tensor, logp: torch.Tensor, vocab: int,
+                  tau: float) -> TeacherProbs:
+    """From stored top-K log-probabilities [batch, seq, K]: the teacher's distribution
+    restricted to its top K, renormalised (what truncation leaves), zero elsewhere."""
+    flat_ids, flat_logp = ids.flatten(0, 1), logp.flatten(0, 1)
+
+    def probs(sl: slice, keep: torch.Tensor) -> torch.Tensor:
+        top = F.softmax(flat_logp[sl][keep].float() / tau, dim=-1)
+        dense = torch.zeros(len(top), vocab, dtype=torch.float32, device=top.device)
+        return dense.scatter_(1, flat_ids[sl][keep], top)
+
+    return probs
+
+
 class _MixedLoss(torch.autograd.Function):
     """(1 - w) * CE + w * KD summed over target positions, with d/d(logits) computed in the
     forward, one chunk of positions at a time, and kept for the backward.
 
     The gradient is the size of the logits (autograd would make that tensor in the backward
-    anyway), in their dtype; everything else (fp32 softmaxes, the teacher's logits) exists
-    one chunk at a time, and nothing is recomputed.
+    anyway), in their dtype; everything else (fp32 softmaxes, the teacher's distribution)
+    exists one chunk at a time, and nothing is recomputed.
     """
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, h_t: torch.Tensor, labels: torch.Tensor,
-                head_t: torch.nn.Module, tau: float, w: float,
+    def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, teacher: TeacherProbs,
+                tau: float, w: float,
                 chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         flat, y_all = logits.detach().flatten(0, 1), labels.flatten()
-        keep_all, ht_all = y_all != IGNORE, h_t.flatten(0, 1)
+        keep_all = y_all != IGNORE
         grad = torch.zeros_like(flat)
         ce = torch.zeros((), dtype=torch.float64, device=flat.device)
         kd = torch.zeros_like(ce)
         for a in range(0, len(flat), chunk_size):
-            # Every chunk runs the teacher's output layer, even one with no target: under
-            # ZeRO-3 each call gathers its weight, a collective all ranks must join.
-            keep = keep_all[a:a + chunk_size]
-            y = y_all[a:a + chunk_size][keep]
-            s = flat[a:a + chunk_size][keep].float()
-            p_t = F.softmax(head_t(ht_all[a:a + chunk_size][keep]).float() / tau, dim=-1)
+            sl = slice(a, a + chunk_size)
+            keep = keep_all[sl]
+            y = y_all[sl][keep]
+            s = flat[sl][keep].float()
+            p_t = teacher(sl, keep)
             log_p = F.log_softmax(s, dim=-1)
             log_q = log_p if tau == 1.0 else F.log_softmax(s / tau, dim=-1)
             ce += -log_p.gather(1, y[:, None]).sum()
@@ -76,7 +110,7 @@ class _MixedLoss(torch.autograd.Function):
             q = p if tau == 1.0 else log_q.exp_()
             g = (1 - w) * p + (w * tau) * (q - p_t)
             g[torch.arange(len(y), device=g.device), y] -= 1 - w
-            grad[a:a + chunk_size][keep] = g.to(grad.dtype)
+            grad[sl][keep] = g.to(grad.dtype)
         ctx.save_for_backward(grad)
         ctx.shape = logits.shape
         mixed = ((1 - w) * ce + w * kd).float()
@@ -87,21 +121,24 @@ class _MixedLoss(torch.autograd.Function):
     def backward(ctx: Any, g_mixed: torch.Tensor, *_: Any) -> tuple[Any, ...]:
         (grad,) = ctx.saved_tensors
         # In place: the buffer is this backward's alone (the graph is not retained).
-        return grad.mul_(g_mixed).view(ctx.shape), None, None, None, None, None, None
+        return grad.mul_(g_mixed).view(ctx.shape), None, None, None, None, None
 
 
-def kd_losses(logits: torch.Tensor, h_t: torch.Tensor, labels: torch.Tensor,
-              head_t: torch.nn.Module, tau: float, w: float,
-              chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def kd_losses(logits: torch.Tensor, labels: torch.Tensor, teacher: TeacherProbs, tau: float,
+              w: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(mixed sum, CE sum, KD sum, target count) over the positions of `labels` that have
     a target; only the mixed sum carries a gradient (to the student's logits)."""
-    mixed, ce, kd = _MixedLoss.apply(logits, h_t.detach(), labels, head_t, tau, w, chunk_size)
+    mixed, ce, kd = _MixedLoss.apply(logits, labels, teacher, tau, w, chunk_size)
     return mixed, ce, kd, int((labels != IGNORE).sum())
 
 
 class DistillationLoss:
     """KD from a frozen teacher mixed into next-token loss, on the schedule of `cfg`; outside
-    the KD phase (and in evaluation) it is the run's configured loss, `base`."""
+    the KD phase (and in evaluation) it is the run's configured loss, `base`.
+
+    Online (`teacher` a model) the teacher runs on each batch; offline (`cfg.soft_labels`,
+    `teacher` None) its stored top-K log-probabilities come with the batch, from the loader.
+    """
 
     def __init__(self, teacher: Any, cfg: TeacherConfig,
                  base: Callable[..., LossOutput]) -> None:
@@ -115,13 +152,22 @@ class DistillationLoss:
             out = self.base(model, batch, step)
             out.metrics |= {"kd_weight": w}
             return out
-        assert self.teacher is not None, "the teacher was released before the KD phase ended"
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids")}
         logits = model(**inputs).logits  # through the engine: ZeRO sees an ordinary forward
-        with torch.no_grad():
-            h_t = self.teacher.model(**inputs).last_hidden_state
-        mixed, ce, kd, n = kd_losses(logits, h_t, batch["labels"], self.teacher.lm_head,
-                                     self.cfg.temperature, w, self.cfg.chunk_size)
+        tau = self.cfg.temperature
+        if self.cfg.soft_labels:
+            if "teacher_ids" not in batch:
+                raise RuntimeError(f"step {step} is in the KD phase but its batch has no soft "
+                                   "labels: the loader was built without them")
+            probs = offline_probs(batch["teacher_ids"], batch["teacher_logp"],
+                                  logits.shape[-1], tau)
+        else:
+            assert self.teacher is not None, "the teacher was released before the KD phase ended"
+            with torch.no_grad():
+                h_t = self.teacher.model(**inputs).last_hidden_state
+            probs = online_probs(h_t, self.teacher.lm_head, tau)
+        mixed, ce, kd, n = kd_losses(logits, batch["labels"], probs, tau, w,
+                                     self.cfg.chunk_size)
         loss, ce, kd = mixed / max(n, 1), ce / max(n, 1), kd / max(n, 1)
         return LossOutput(loss, {"ce": ce.item(), "kd": kd.item(), "kd_weight": w}, n)
 

@@ -13,6 +13,10 @@ packing and document masking, so the scores file is named by that packing's fing
 finds that it does not match. Work is cut into blocks of `block_size` sequences; block b goes
 to rank `b % world_size` (torchrun or srun set them), finished blocks are kept in
 `scores/parts/`, so a killed run goes on, and the last rank to finish merges them.
+
+With `soft_labels=K` the same pass also stores the SLM's top-K log-probabilities per token
+for offline distillation (`ipt.slm.soft_labels`), block by block, resumable the same way;
+`scores=false` writes only those.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ from ipt.config import SCORE_COLUMNS, ConfigError, ScoreConfig, TeacherConfig
 from ipt.data import tokenizer as tok
 from ipt.data.loader import PackedShards
 from ipt.data.shards import ShardSet
-from ipt.engine import launcher_env
+from ipt.engine import launcher_env, set_threads
 from ipt.losses import IGNORE
-from ipt.slm import teacher
+from ipt.slm import soft_labels, teacher
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +45,14 @@ COLUMNS = SCORE_COLUMNS
 
 
 @torch.no_grad()
-def sequence_scores(model: Any, batch: dict[str, torch.Tensor], k: int) -> np.ndarray:
+def sequence_scores(logits: torch.Tensor, labels: torch.Tensor, k: int) -> np.ndarray:
     """[batch, 3] statistics (see the module doc) of one batch of packed sequences."""
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids")}
-    logits = model(**inputs).logits.float()
-    labels = batch["labels"]
     out = np.full((len(labels), 3), np.nan, dtype=np.float32)
     for i in range(len(labels)):
         keep = labels[i] != IGNORE
         if not keep.any():
             continue
-        lg, y = logits[i][keep], labels[i][keep]
+        lg, y = logits[i][keep].float(), labels[i][keep]
         loss = torch.nn.functional.cross_entropy(lg, y, reduction="none")
         in_topk = (lg.topk(k, dim=-1).indices == y[:, None]).any(-1)
         if in_topk.any():
@@ -64,48 +65,147 @@ def scores_path(source_dir: Path, data: PackedShards) -> Path:
     return source_dir / "scores" / f"{data.fingerprint}.npy"
 
 
+def _settings(where: Path, settings: dict[str, Any]) -> None:
+    """Record what a partial output is made of; refuse to add to one made otherwise."""
+    where.mkdir(parents=True, exist_ok=True)
+    path = where / "settings.json"
+    if path.exists():
+        theirs = json.loads(path.read_text())
+        diff = {k: (theirs.get(k), v) for k, v in settings.items() if theirs.get(k) != v}
+        if diff:
+            raise ConfigError(f"{where} was started with other settings "
+                              + ", ".join(f"{k}={a!r} there, {b!r} now"
+                                          for k, (a, b) in diff.items())
+                              + "; remove it to start over")
+        return
+    tmp = path.with_name(f"settings.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(settings, indent=1))
+    tmp.replace(path)
+
+
+class _Scores:
+    """Scores: a block's rows in `parts/`, merged into one file when every block is in."""
+
+    def __init__(self, source_dir: Path, data: PackedShards, cfg: ScoreConfig) -> None:
+        self.final = scores_path(source_dir, data)
+        self.parts = self.final.parent / "parts" / data.fingerprint
+        self.cfg, self.sequences, self.fingerprint = cfg, len(data), data.fingerprint
+        if not self.final.exists():
+            _settings(self.parts, {"model": str(Path(cfg.model).resolve()), "top_k": cfg.top_k,
+                                   "block_size": cfg.block_size})
+
+    def finished(self) -> bool:
+        return self.final.exists()
+
+    def has(self, b: int) -> bool:
+        return (self.parts / f"block_{b:06d}.npy").exists()
+
+    def begin(self, b: int, sequences: int, seq_len: int) -> _ScoreRows:
+        return _ScoreRows(self.parts / f"block_{b:06d}.npy", self.cfg.top_k)
+
+    def finish(self, blocks: int) -> str | None:
+        if not self.finished():
+            done = sorted(self.parts.glob("block_*[0-9].npy"))
+            if len(done) < blocks:
+                return None  # other ranks still at work; the last one merges
+            tmp = self.final.with_name(self.final.stem + f".{os.getpid()}.tmp.npy")
+            np.save(tmp, np.concatenate([np.load(p) for p in done]))
+            tmp.replace(self.final)
+            meta = {"model": self.cfg.model, "top_k": self.cfg.top_k,
+                    "sequences": self.sequences, "columns": list(COLUMNS),
+                    "fingerprint": self.fingerprint}
+            self.final.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+        return str(self.final)
+
+
+class _ScoreRows:
+    def __init__(self, part: Path, k: int) -> None:
+        self.part, self.k = part, k
+        self.rows: list[np.ndarray] = []
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.rows.append(sequence_scores(logits, labels, self.k))
+
+    def commit(self) -> None:
+        tmp = self.part.with_name(self.part.stem + ".tmp.npy")
+        np.save(tmp, np.concatenate(self.rows))
+        tmp.replace(self.part)
+
+
+class _SoftLabels:
+    """Top-K soft labels, block files that stay as they are (see `ipt.slm.soft_labels`)."""
+
+    def __init__(self, source_dir: Path, data: PackedShards, cfg: ScoreConfig,
+                 tokenizer_fp: str, vocab: int) -> None:
+        self.out = soft_labels.directory(source_dir, data)
+        self.cfg, self.vocab = cfg, vocab
+        self.meta = {"format": soft_labels.FORMAT, "model": str(Path(cfg.model).resolve()),
+                     "top_k": cfg.soft_labels, "tokenizer": tokenizer_fp, "vocab_size": vocab,
+                     "block_size": cfg.block_size, "fingerprint": data.fingerprint}
+        _settings(self.out, self.meta)
+        self.meta |= {"sequences": len(data), "seq_len": data.seq_len,
+                      "ids_dtype": soft_labels.ids_dtype(vocab).name}
+
+    def finished(self) -> bool:
+        return (self.out / "meta.json").exists()
+
+    def has(self, b: int) -> bool:
+        return soft_labels.done(self.out, b)
+
+    def begin(self, b: int, sequences: int, seq_len: int) -> soft_labels.SoftLabelWriter:
+        return soft_labels.SoftLabelWriter(self.out, b, sequences, seq_len,
+                                           self.cfg.soft_labels, self.vocab)
+
+    def finish(self, blocks: int) -> str | None:
+        if not self.finished():
+            if not all(self.has(b) for b in range(blocks)):
+                return None
+            tmp = self.out / f"meta.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(self.meta, indent=1))
+            tmp.replace(self.out / "meta.json")
+        return str(self.out)
+
+
 def score_source(model: Any, source_dir: Path, cfg: ScoreConfig, rank: int,
-                 world: int) -> Path | None:
+                 world: int) -> dict[str, str | None]:
+    """Score one prepared source (and store its soft labels, if asked): the finished
+    outputs' paths, None for those other ranks are still writing."""
     shards = ShardSet(source_dir / "train")
-    if shards.tokenizer_fingerprint != tok.fingerprint(cfg.tokenizer):
+    tokenizer_fp = tok.fingerprint(cfg.tokenizer)
+    if shards.tokenizer_fingerprint != tokenizer_fp:
         raise ConfigError(f"{source_dir} was tokenized with another tokenizer than "
                           f"tokenizer={cfg.tokenizer!r}")
     data = PackedShards(shards, cfg.seq_len, cfg.packing, cfg.doc_masking)
-    final = scores_path(source_dir, data)
-    if final.exists():
-        return final
-    parts = final.parent / "parts" / data.fingerprint
-    parts.mkdir(parents=True, exist_ok=True)
+    outputs: dict[str, Any] = {}
+    if cfg.scores:
+        outputs["scores"] = _Scores(source_dir, data, cfg)
+    if cfg.soft_labels:
+        outputs["soft_labels"] = _SoftLabels(source_dir, data, cfg, tokenizer_fp,
+                                             int(model.config.vocab_size))
+    todo = [o for o in outputs.values() if not o.finished()]
     blocks = range(0, len(data), cfg.block_size)
-    bar = _progress(cfg, source_dir.name, len(data), rank)
+    bar = _progress(cfg, source_dir.name, len(data), rank) if todo else None
     for b, start in enumerate(blocks):
-        part = parts / f"block_{b:06d}.npy"
-        if b % world != rank or part.exists():
+        need = [o for o in todo if not o.has(b)]
+        if b % world != rank or not need:
             continue
-        rows = []
-        for a in range(start, min(start + cfg.block_size, len(data)), cfg.batch_size):
-            items = [data[i] for i in range(a, min(a + cfg.batch_size,
-                                                   start + cfg.block_size, len(data)))]
+        end = min(start + cfg.block_size, len(data))
+        writers = [o.begin(b, end - start, cfg.seq_len) for o in need]
+        for a in range(start, end, cfg.batch_size):
+            items = [data[i] for i in range(a, min(a + cfg.batch_size, end))]
             batch = {name: torch.stack([it[name] for it in items]) for name in items[0]}
-            rows.append(sequence_scores(model, batch, cfg.top_k))
+            with torch.no_grad():
+                logits = model(input_ids=batch["input_ids"].to(model.device),
+                               position_ids=batch["position_ids"].to(model.device)).logits
+            for w in writers:
+                w.add(logits, batch["labels"].to(logits.device))
             if bar is not None:
                 bar.update(len(items))
-        tmp = part.with_name(part.stem + ".tmp.npy")
-        np.save(tmp, np.concatenate(rows))
-        tmp.replace(part)
+        for w in writers:
+            w.commit()
     if bar is not None:
         bar.close()
-    done = sorted(parts.glob("block_*[0-9].npy"))
-    if len(done) < len(blocks):
-        return None  # other ranks still at work; the last one merges
-    merged = np.concatenate([np.load(p) for p in done])
-    tmp = final.with_name(final.stem + f".{os.getpid()}.tmp.npy")
-    np.save(tmp, merged)
-    tmp.replace(final)
-    meta = {"model": cfg.model, "top_k": cfg.top_k, "sequences": len(data),
-            "columns": list(COLUMNS), "fingerprint": data.fingerprint}
-    final.with_suffix(".json").write_text(json.dumps(meta, indent=1))
-    return final
+    return {what: o.finish(len(blocks)) for what, o in outputs.items()}
 
 
 def _progress(cfg: ScoreConfig, name: str, total: int, rank: int) -> Any:
@@ -117,19 +217,26 @@ def _progress(cfg: ScoreConfig, name: str, total: int, rank: int) -> Any:
     return tqdm(desc=f"score {name}", total=total, unit="seq", dynamic_ncols=True)
 
 
-def score(cfg: ScoreConfig) -> dict[str, str | None]:
+def score(cfg: ScoreConfig) -> dict[str, dict[str, str | None]]:
+    """Every source's outputs: {source: {"scores": path, "soft_labels": dir}}, a path None
+    where other ranks are still at work (the last to finish completes it)."""
     if not cfg.sources:
         raise ConfigError("sources is empty: name prepared source folders, e.g. "
                           "+sources.web=data/shards/web")
+    if not cfg.scores and not cfg.soft_labels:
+        raise ConfigError("nothing to do: scores=false and soft_labels=0")
+    if cfg.soft_labels < 0 or cfg.top_k < 1:
+        raise ConfigError(f"soft_labels={cfg.soft_labels} must be >= 0 (0: none) and "
+                          f"top_k={cfg.top_k} >= 1")
     teacher.check(TeacherConfig(path=cfg.model), cfg.tokenizer)
     env = launcher_env()  # torchrun's or srun's rank variables; one process without them
     rank, world = env["rank"], env["world"]
+    set_threads(0, env["local_world"])  # the node's cores shared among its ranks
     device = torch.device(f"cuda:{env['local_rank']}" if torch.cuda.is_available() else "cpu")
     model = teacher.load(TeacherConfig(path=cfg.model), device, torch.float32)
     out = {}
     for name, path in cfg.sources.items():
         if not (Path(path) / "train").is_dir():
             raise ConfigError(f"sources.{name}={path!r} is not a prepared source (no train/)")
-        done = score_source(model, Path(path), cfg, rank, world)
-        out[name] = str(done) if done else None
+        out[name] = score_source(model, Path(path), cfg, rank, world)
     return out
