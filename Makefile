@@ -10,7 +10,7 @@ DEMO_SLM  ?= runs/demo-slm
 # CI runs the slow end-to-end tests too; `make test` locally skips them (`make test-slow` runs them).
 PYTEST_SELECT := $(if $(CI),,-m "not slow")
 
-.PHONY: setup train test test-slow bench lint clean
+.PHONY: setup train test test-slow bench experiment-salt lint clean
 
 setup: $(STAMP)
 
@@ -62,8 +62,12 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py $(ARGS)
 
+# SALT at toy scale: a 4-layer student with and without early KD from a 2-layer SLM (docs/salt.md)
+experiment-salt: $(STAMP)
+	$(PY) experiments/salt_kd.py $(ARGS)
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src train data_pipeline tests bench
+	$(VENV)/bin/ruff check src train data_pipeline tests bench experiments
 	$(VENV)/bin/mypy
 
 clean:

@@ -15,11 +15,13 @@ from .conftest import ROOT
 @pytest.mark.slow
 def test_make_train_runs_the_demo_end_to_end(tmp_path):
     data, run, synth_run = tmp_path / "data", tmp_path / "run", tmp_path / "synth_run"
+    slm = tmp_path / "slm"
     proc = subprocess.run(["make", "-s", "train", f"DEMO_DATA={data}", f"DEMO_RUN={run}",
-                           f"DEMO_SYNTH={synth_run}"],
+                           f"DEMO_SYNTH={synth_run}", f"DEMO_SLM={slm}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "ipt: demo-synth finished at step 120" in proc.stdout
+    assert "ipt: demo-slm finished at step 100" in proc.stdout
     assert "ipt: demo finished at step 150" in proc.stdout
     mined = json.loads((data / "synth" / "rules" / "summary.json").read_text())
     assert 0.15 < 1 - mined["raw"] / mined["docs"] < 0.25 and mined["pairs_per_doc"] > 1
@@ -31,6 +33,14 @@ def test_make_train_runs_the_demo_end_to_end(tmp_path):
     assert summary["checkpoint"].endswith("step_00000150")
     rows = read_metrics(run / "metrics.jsonl")
     assert len(rows) == 150
+    # SALT: the SLM scored every source; KD from it (on the selected half) for 30 steps
+    for source in ("docstrings_ipt", "packages", "packages_synth"):
+        assert len(list((data / "shards" / source / "scores").glob("*.npy"))) == 1
+    assert all(r["kd_weight"] == 0.5 and r["kd"] > 0 and r["ce"] > 0 for r in rows[:30])
+    assert not any("kd" in r for r in rows[30:])
+    log = (run / "train.log").read_text()
+    assert "data selection: the first 30 steps draw from the top 50%" in log
+    assert "KD phase over: teacher released" in log
     assert rows[-1]["val_loss"] < rows[0]["loss"] - 2.0  # it learned
     waited = sum(r["data_wait"] * r["step_time_s"] for r in rows[1:])
     assert waited / sum(r["step_time_s"] for r in rows[1:]) < 0.02  # of step time

@@ -47,19 +47,20 @@ def kd_weight(cfg: TeacherConfig, step: int) -> float:
     return 0.0
 
 
-TeacherProbs = Callable[[slice, torch.Tensor], torch.Tensor]
-"""The teacher's softmax at temperature tau, fp32 [targets, vocab], for the positions `keep`
-(a mask) of the flat positions `sl`."""
+TeacherProbs = Callable[[slice, Any], torch.Tensor]
+"""The teacher's softmax at temperature tau, fp32 [targets, vocab], for the rows `rows` (a
+mask, or a slice) of the flat positions `sl`."""
 
 
 def online_probs(h_t: torch.Tensor, head_t: torch.nn.Module, tau: float) -> TeacherProbs:
     """From the teacher's last hidden states: its output layer runs one chunk at a time."""
     flat = h_t.detach().flatten(0, 1)
 
-    def probs(sl: slice, keep: torch.Tensor) -> torch.Tensor:
+    def probs(sl: slice, rows: Any) -> torch.Tensor:
         # Every chunk runs the output layer, even one with no target: under ZeRO-3 each
         # call gathers its weight, a collective all ranks must join.
-        return F.softmax(head_t(flat[sl][keep]).float() / tau, dim=-1)
+        logits = head_t(flat[sl][rows]).float()
+        return F.softmax(logits if tau == 1.0 else logits / tau, dim=-1)
 
     return probs
 
@@ -70,10 +71,10 @@ def offline_probs(ids: torch.Tensor, logp: torch.Tensor, vocab: int,
     restricted to its top K, renormalised (what truncation leaves), zero elsewhere."""
     flat_ids, flat_logp = ids.flatten(0, 1), logp.flatten(0, 1)
 
-    def probs(sl: slice, keep: torch.Tensor) -> torch.Tensor:
-        top = F.softmax(flat_logp[sl][keep].float() / tau, dim=-1)
+    def probs(sl: slice, rows: Any) -> torch.Tensor:
+        top = F.softmax(flat_logp[sl][rows].float() / tau, dim=-1)
         dense = torch.zeros(len(top), vocab, dtype=torch.float32, device=top.device)
-        return dense.scatter_(1, flat_ids[sl][keep], top)
+        return dense.scatter_(1, flat_ids[sl][rows], top)
 
     return probs
 
@@ -99,18 +100,22 @@ class _MixedLoss(torch.autograd.Function):
         for a in range(0, len(flat), chunk_size):
             sl = slice(a, a + chunk_size)
             keep = keep_all[sl]
-            y = y_all[sl][keep]
-            s = flat[sl][keep].float()
-            p_t = teacher(sl, keep)
+            rows = slice(None) if bool(keep.all()) else keep  # a view when nothing is masked
+            y = y_all[sl][rows]
+            s = flat[sl][rows].float()
+            p_t = teacher(sl, rows)
             log_p = F.log_softmax(s, dim=-1)
-            log_q = log_p if tau == 1.0 else F.log_softmax(s / tau, dim=-1)
-            ce += -log_p.gather(1, y[:, None]).sum()
-            kd += -(p_t * log_q).sum() * tau**2
-            p = log_p.exp()
-            q = p if tau == 1.0 else log_q.exp_()
-            g = (1 - w) * p + (w * tau) * (q - p_t)
+            ce -= log_p.gather(1, y[:, None]).sum()
+            # Fewest passes over [chunk, vocab]: dot products for the sums, in-place updates.
+            if tau == 1.0:  # q = p: the gradient is p - w * p_t
+                kd -= p_t.flatten() @ log_p.flatten()
+                g = log_p.exp_().sub_(p_t, alpha=w)
+            else:  # (1 - w) p + w tau (q - p_t)
+                log_q = F.log_softmax(s / tau, dim=-1)
+                kd -= (p_t.flatten() @ log_q.flatten()) * tau**2
+                g = log_p.exp_().mul_(1 - w).add_(log_q.exp_().sub_(p_t), alpha=w * tau)
             g[torch.arange(len(y), device=g.device), y] -= 1 - w
-            grad[sl][keep] = g.to(grad.dtype)
+            grad[sl][rows] = g.to(grad.dtype)
         ctx.save_for_backward(grad)
         ctx.shape = logits.shape
         mixed = ((1 - w) * ce + w * kd).float()
