@@ -162,3 +162,21 @@ def test_the_side_file_costs_what_the_spec_says_per_token(labelled):
     per_token = size / (meta["sequences"] * meta["seq_len"])
     assert per_token == pytest.approx(16 * (2 + 2), rel=0.02)  # uint16 id + fp16 log-prob
     assert np.dtype(meta["ids_dtype"]).itemsize == 2
+
+
+def test_offline_kd_resumes_exactly_inside_the_kd_phase_and_the_decay(labelled, tmp_path):
+    opts = {"teacher.soft_labels": "true", "teacher.kd_steps": 3, "teacher.switch": "linear",
+            "teacher.decay_steps": 2, "train.max_steps": 7, "train.checkpoint_every": 2}
+    ref, cut = tmp_path / "reference", tmp_path / "interrupted"
+    run_pretrain(tiny_overrides(labelled, ref, **opts))
+    run_pretrain(tiny_overrides(labelled, cut, **opts, **{"train.stop_after": 2}))
+    run_pretrain(tiny_overrides(labelled, cut, **opts, **{"train.stop_after": 2}))
+    run_pretrain(tiny_overrides(labelled, cut, **opts))
+
+    def per_step(run):
+        return {r["step"]: (r["loss"], r["grad_norm"], r["kd_weight"])
+                for r in read_metrics(run / "metrics.jsonl")}
+
+    assert per_step(cut) == per_step(ref)
+    assert [round(w, 3) for *_, w in per_step(ref).values()] == \
+        [0.5, 0.5, 0.5, 0.333, 0.167, 0.0, 0.0]
