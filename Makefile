@@ -45,7 +45,7 @@ train: $(STAMP)
 	$(PREP) +sources.packages_synth.path=$(DEMO_DATA)/synth/tiny
 	NPROC=$(NPROC) bash launch/torchrun.sh train/pretrain.py experiment=demo_slm data=demo_ipt \
 		data.root=$(DEMO_DATA) run_dir=$(DEMO_SLM)
-	NPROC=$(NPROC) bash launch/torchrun.sh data_pipeline/score.py model=$(DEMO_SLM)/hf \
+	NPROC=$(NPROC) bash launch/torchrun.sh data_pipeline/score.py slm=$(DEMO_SLM)/hf \
 		tokenizer=$(DEMO_DATA)/tokenizer seq_len=256 \
 		$(foreach s,docstrings_ipt packages packages_synth,+sources.$(s)=$(DEMO_DATA)/shards/$(s))
 	NPROC=$(NPROC) bash launch/torchrun.sh train/pretrain.py experiment=demo data=demo_ipt \

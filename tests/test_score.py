@@ -26,7 +26,7 @@ def test_the_median_counts_only_targets_inside_the_top_k():
 
 def config(data_dir, tiny_lm, **kw) -> ScoreConfig:
     base = {"sources": {"docs": str(data_dir / "shards" / "docstrings")}, "block_size": 64}
-    return ScoreConfig(model=str(tiny_lm), tokenizer=str(data_dir / "tokenizer"), seq_len=64,
+    return ScoreConfig(slm=str(tiny_lm), tokenizer=str(data_dir / "tokenizer"), seq_len=64,
                        batch_size=8, progress_bar="never", **{**base, **kw})
 
 
@@ -71,3 +71,20 @@ def test_ranks_split_the_blocks_and_the_last_merges(data_dir, tiny_lm, tmp_path,
 def test_a_folder_that_is_not_a_prepared_source_is_refused(data_dir, tiny_lm, tmp_path):
     with pytest.raises(ConfigError, match="not a prepared source"):
         sc.score(config(data_dir, tiny_lm, sources={"x": str(tmp_path)}))
+
+
+def test_the_entry_point_scores_from_the_command_line(data_dir, tiny_lm, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    src = tmp_path / "docstrings"
+    shutil.copytree(data_dir / "shards" / "docstrings", src)
+    proc = subprocess.run([sys.executable, "data_pipeline/score.py", f"slm={tiny_lm}",
+                           f"tokenizer={data_dir / 'tokenizer'}", f"+sources.docs={src}",
+                           "seq_len=64", "soft_labels=4", "progress_bar=never"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (src / "scores").is_dir() and list((src / "soft_labels").glob("*/meta.json"))

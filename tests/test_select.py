@@ -49,7 +49,7 @@ def scored(data_dir, tiny_lm, tmp_path_factory):
     shutil.copytree(data_dir / "tokenizer", root / "tokenizer")
     for n in ("docstrings", "packages"):
         shutil.copytree(data_dir / "shards" / n, root / "shards" / n)
-    score(ScoreConfig(model=str(tiny_lm), tokenizer=str(root / "tokenizer"), seq_len=64,
+    score(ScoreConfig(slm=str(tiny_lm), tokenizer=str(root / "tokenizer"), seq_len=64,
                       sources={n: str(root / "shards" / n) for n in ("docstrings", "packages")},
                       progress_bar="never", block_size=256))
     return root

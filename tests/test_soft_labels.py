@@ -60,7 +60,7 @@ def labelled(data_dir, tiny_lm, tmp_path_factory):
     shutil.copytree(data_dir / "tokenizer", root / "tokenizer")
     for n in SOURCES:
         shutil.copytree(data_dir / "shards" / n, root / "shards" / n)
-    out = score(ScoreConfig(model=str(tiny_lm), tokenizer=str(root / "tokenizer"), seq_len=64,
+    out = score(ScoreConfig(slm=str(tiny_lm), tokenizer=str(root / "tokenizer"), seq_len=64,
                             sources={n: str(root / "shards" / n) for n in SOURCES},
                             scores=False, soft_labels=16, block_size=128,
                             progress_bar="never"))
@@ -103,7 +103,7 @@ def test_a_killed_stage_redoes_only_its_missing_blocks(labelled, tiny_lm, tmp_pa
     mtimes = {p: p.stat().st_mtime_ns for p in blocks[1:]}
     blocks[0].unlink()
     (out / "meta.json").unlink()  # as if killed before the last block was in
-    cfg = ScoreConfig(model=str(tiny_lm), tokenizer=str(labelled / "tokenizer"), seq_len=64,
+    cfg = ScoreConfig(slm=str(tiny_lm), tokenizer=str(labelled / "tokenizer"), seq_len=64,
                       sources={"docs": str(src)}, scores=False, soft_labels=16,
                       block_size=128, progress_bar="never")
     assert score(cfg)["docs"]["soft_labels"] == str(out)
@@ -113,7 +113,7 @@ def test_a_killed_stage_redoes_only_its_missing_blocks(labelled, tiny_lm, tmp_pa
     other = tmp_path / "other_teacher"
     shutil.copytree(tiny_lm, other)
     with pytest.raises(ConfigError, match="started with other settings.*model"):
-        score(ScoreConfig(**{**cfg.__dict__, "model": str(other)}))
+        score(ScoreConfig(**{**cfg.__dict__, "slm": str(other)}))
 
 
 def test_a_run_with_another_packing_or_tokenizer_is_refused_and_told_why(labelled, tmp_path):

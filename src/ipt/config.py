@@ -291,7 +291,9 @@ class SynthesizeConfig:
 class ScoreConfig:
     """`data_pipeline/score.py`: a small LM scores the packed sequences of prepared sources."""
 
-    model: str = MISSING  # the SLM: a transformers model folder with the shards' tokenizer
+    # The SLM: a transformers model folder with the shards' tokenizer. (Not `model`: that
+    # name is the model config group on the command line.)
+    slm: str = MISSING
     tokenizer: str = MISSING  # the tokenizer the shards were prepared with
     sources: dict[str, str] = field(default_factory=dict)  # name -> prepared source folder
     # The packing of the run that will use the scores (the scores are per packed sequence).

@@ -91,7 +91,7 @@ class _Scores:
         self.parts = self.final.parent / "parts" / data.fingerprint
         self.cfg, self.sequences, self.fingerprint = cfg, len(data), data.fingerprint
         if not self.final.exists():
-            _settings(self.parts, {"model": str(Path(cfg.model).resolve()), "top_k": cfg.top_k,
+            _settings(self.parts, {"model": str(Path(cfg.slm).resolve()), "top_k": cfg.top_k,
                                    "block_size": cfg.block_size})
 
     def finished(self) -> bool:
@@ -111,7 +111,7 @@ class _Scores:
             tmp = self.final.with_name(self.final.stem + f".{os.getpid()}.tmp.npy")
             np.save(tmp, np.concatenate([np.load(p) for p in done]))
             tmp.replace(self.final)
-            meta = {"model": self.cfg.model, "top_k": self.cfg.top_k,
+            meta = {"model": self.cfg.slm, "top_k": self.cfg.top_k,
                     "sequences": self.sequences, "columns": list(COLUMNS),
                     "fingerprint": self.fingerprint}
             self.final.with_suffix(".json").write_text(json.dumps(meta, indent=1))
@@ -139,7 +139,7 @@ class _SoftLabels:
                  tokenizer_fp: str, vocab: int) -> None:
         self.out = soft_labels.directory(source_dir, data)
         self.cfg, self.vocab = cfg, vocab
-        self.meta = {"format": soft_labels.FORMAT, "model": str(Path(cfg.model).resolve()),
+        self.meta = {"format": soft_labels.FORMAT, "model": str(Path(cfg.slm).resolve()),
                      "top_k": cfg.soft_labels, "tokenizer": tokenizer_fp, "vocab_size": vocab,
                      "block_size": cfg.block_size, "fingerprint": data.fingerprint}
         _settings(self.out, self.meta)
@@ -228,12 +228,12 @@ def score(cfg: ScoreConfig) -> dict[str, dict[str, str | None]]:
     if cfg.soft_labels < 0 or cfg.top_k < 1:
         raise ConfigError(f"soft_labels={cfg.soft_labels} must be >= 0 (0: none) and "
                           f"top_k={cfg.top_k} >= 1")
-    teacher.check(TeacherConfig(path=cfg.model), cfg.tokenizer)
+    teacher.check(TeacherConfig(path=cfg.slm), cfg.tokenizer)
     env = launcher_env()  # torchrun's or srun's rank variables; one process without them
     rank, world = env["rank"], env["world"]
     set_threads(0, env["local_world"])  # the node's cores shared among its ranks
     device = torch.device(f"cuda:{env['local_rank']}" if torch.cuda.is_available() else "cpu")
-    model = teacher.load(TeacherConfig(path=cfg.model), device, torch.float32)
+    model = teacher.load(TeacherConfig(path=cfg.slm), device, torch.float32)
     out = {}
     for name, path in cfg.sources.items():
         if not (Path(path) / "train").is_dir():

@@ -26,7 +26,7 @@ def load_scores(name: str, source_dir: Path, data: PackedShards, column: str) ->
     if not path.exists():
         raise ConfigError(
             f"data.select: source {name} has no scores for its packing ({path.name}); run "
-            f"data_pipeline/score.py +sources.{name}={source_dir} seq_len={data.seq_len} "
+            f"data_pipeline/score.py slm=<small LM> +sources.{name}={source_dir} seq_len={data.seq_len} "
             f"packing={data.how} doc_masking={str(data.doc_masking).lower()}")
     scores = np.load(path)
     if scores.shape != (len(data), len(COLUMNS)):

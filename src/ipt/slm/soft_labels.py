@@ -90,7 +90,7 @@ class SourceSoftLabels:
                       if (p / "meta.json").exists())
         if not made:
             return (f"source {name} has no soft labels for its packing ({data.fingerprint}); "
-                    f"run data_pipeline/score.py model=<teacher> soft_labels=64 "
+                    f"run data_pipeline/score.py slm=<teacher> soft_labels=64 "
                     f"+sources.{name}={source_dir} seq_len={data.seq_len} packing={data.how} "
                     f"doc_masking={str(data.doc_masking).lower()}")
         ours = _describe(data.fingerprint)
