@@ -98,6 +98,12 @@ def test_a_teacher_with_another_vocabulary_is_refused_with_the_reason(tiny_lm, d
         teacher.check(TeacherConfig(path=str(other)), str(data_dir / "tokenizer"))
     with pytest.raises(ConfigError, match="not a model folder"):
         teacher.check(TeacherConfig(path=str(tmp_path / "missing")), str(data_dir / "tokenizer"))
+    run = tmp_path / "run"  # an ipt run folder stands for its export; without one: say how
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="export it first: python train/export_hf.py"):
+        teacher.check(TeacherConfig(path=str(run)), str(data_dir / "tokenizer"))
+    shutil.copytree(tiny_lm, run / "hf")
+    teacher.check(TeacherConfig(path=str(run)), str(data_dir / "tokenizer"))
 
 
 def test_training_distils_then_switches_and_logs_both_parts(tiny_lm, data_dir, tmp_path):

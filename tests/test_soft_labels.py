@@ -116,7 +116,8 @@ def test_a_killed_stage_redoes_only_its_missing_blocks(labelled, tiny_lm, tmp_pa
         score(ScoreConfig(**{**cfg.__dict__, "slm": str(other)}))
 
 
-def test_a_run_with_another_packing_or_tokenizer_is_refused_and_told_why(labelled, tmp_path):
+def test_a_run_with_another_packing_or_tokenizer_is_refused_and_told_why(labelled, tiny_lm,
+                                                                         tmp_path):
     tokenizer = tok.load(labelled / "tokenizer")
     fp = tok.fingerprint(labelled / "tokenizer")
     name, src = "docstrings", labelled / "shards" / "docstrings"
@@ -130,9 +131,11 @@ def test_a_run_with_another_packing_or_tokenizer_is_refused_and_told_why(labelle
     with pytest.raises(ConfigError, match="no soft labels.*score.py.*soft_labels=64"):
         soft_labels.SourceSoftLabels(name, bare, packed(labelled), fp, len(tokenizer))
     train = Concat([packed(labelled, n) for n in SOURCES])
+    other = tmp_path / "other_teacher"
+    shutil.copytree(tiny_lm, other)
     with pytest.raises(ConfigError, match="were made by"):
         soft_labels.for_run(train, SOURCES, [labelled / "shards" / n for n in SOURCES], fp,
-                            len(tokenizer), str(tmp_path))
+                            len(tokenizer), str(other))
 
 
 def test_offline_kd_trains_on_the_stored_labels_then_switches(labelled, tiny_lm, tmp_path):

@@ -65,6 +65,11 @@ def scores_path(source_dir: Path, data: PackedShards) -> Path:
     return source_dir / "scores" / f"{data.fingerprint}.npy"
 
 
+def slm_id(cfg: ScoreConfig) -> str:
+    """The SLM's folder, absolute: what a partial output records it was made with."""
+    return str(teacher.resolve(cfg.slm).resolve())
+
+
 def _settings(where: Path, settings: dict[str, Any]) -> None:
     """Record what a partial output is made of; refuse to add to one made otherwise."""
     where.mkdir(parents=True, exist_ok=True)
@@ -91,7 +96,7 @@ class _Scores:
         self.parts = self.final.parent / "parts" / data.fingerprint
         self.cfg, self.sequences, self.fingerprint = cfg, len(data), data.fingerprint
         if not self.final.exists():
-            _settings(self.parts, {"model": str(Path(cfg.slm).resolve()), "top_k": cfg.top_k,
+            _settings(self.parts, {"model": slm_id(cfg), "top_k": cfg.top_k,
                                    "block_size": cfg.block_size})
 
     def finished(self) -> bool:
@@ -139,7 +144,7 @@ class _SoftLabels:
                  tokenizer_fp: str, vocab: int) -> None:
         self.out = soft_labels.directory(source_dir, data)
         self.cfg, self.vocab = cfg, vocab
-        self.meta = {"format": soft_labels.FORMAT, "model": str(Path(cfg.slm).resolve()),
+        self.meta = {"format": soft_labels.FORMAT, "model": slm_id(cfg),
                      "top_k": cfg.soft_labels, "tokenizer": tokenizer_fp, "vocab_size": vocab,
                      "block_size": cfg.block_size, "fingerprint": data.fingerprint}
         _settings(self.out, self.meta)

@@ -154,8 +154,10 @@ def for_run(train: Concat, names: Sequence[str], dirs: Sequence[Path], tokenizer
     labels = [SourceSoftLabels(n, d, p, tokenizer_fp, vocab)
               for n, d, p in zip(names, dirs, parts, strict=True)]
     if teacher_path is not None:
+        from ipt.slm.teacher import resolve
+
         for name, sl in zip(names, labels, strict=True):
-            if sl.meta["model"] != str(Path(teacher_path).resolve()):
+            if sl.meta["model"] != str(resolve(teacher_path).resolve()):
                 raise ConfigError(f"teacher.path={teacher_path!r}, but the soft labels of "
                                   f"source {name} were made by {sl.meta['model']}")
     return WithSoftLabels(train, labels)

@@ -1,6 +1,7 @@
 """The teacher: a small LM loaded frozen for online distillation.
 
-Any local `transformers` causal LM folder (an ipt export is one). It must use the student's
+Any local `transformers` causal LM folder: an ipt export is one, and an ipt run folder
+stands for its export (`<run>/hf`). It must use the student's
 tokenizer, token for token: distillation compares the two distributions id by id, so a
 different vocabulary would teach nonsense. The check runs before anything is built.
 """
@@ -17,11 +18,23 @@ from ipt.config import ConfigError, TeacherConfig
 from ipt.data import tokenizer as tok
 
 
+def resolve(path: str | None) -> Path:
+    """The model folder `path` names: itself, or an ipt run's export (`<run>/hf`)."""
+    p = Path(path or "")
+    if (p / "config.json").exists():
+        return p
+    if (p / "hf" / "config.json").exists():
+        return p / "hf"
+    if (p / "trainer_state.json").exists() or (p / "checkpoints").is_dir():
+        raise ConfigError(f"teacher.path={path!r} is an ipt checkpoint or run without a "
+                          f"Hugging Face export; export it first: python train/export_hf.py "
+                          f"checkpoint={p} out={p}/hf")
+    raise ConfigError(f"teacher.path={path!r} is not a model folder (no config.json)")
+
+
 def check(cfg: TeacherConfig, tokenizer_dir: str) -> None:
     """Fail early, with the reason, on a teacher that cannot teach this student."""
-    path = Path(cfg.path or "")
-    if not (path / "config.json").exists():
-        raise ConfigError(f"teacher.path={cfg.path!r} is not a model folder (no config.json)")
+    path = resolve(cfg.path)
     try:
         theirs = tok.load(path)
     except tok.TokenizerError as e:
@@ -49,8 +62,7 @@ def load(cfg: TeacherConfig, device: torch.device, dtype: torch.dtype,
     """
     from transformers import AutoModelForCausalLM
 
-    assert cfg.path is not None, "check() runs first"
-    model: Any = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
+    model: Any = AutoModelForCausalLM.from_pretrained(resolve(cfg.path), dtype=dtype)
     model.requires_grad_(False)
     model.eval()
     if zero3_micro_batch is None:
