@@ -1,0 +1,21 @@
+"""Benchmarks are not run by the suite (they measure, they do not check), but they must keep
+running: each data-free one runs here once at a toy size, and its report is sane."""
+
+from __future__ import annotations
+
+import sys
+
+from .conftest import ROOT
+
+
+def test_the_kd_cost_benchmark_runs_and_reports_every_arm():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import kd_cost
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    report = kd_cost.step_time(hidden=64, steps=1)
+    for arm in ("ntp", "kd", "kd_offline"):
+        assert report[f"step_s_{arm}"] > 0
+    assert 0 < report["teacher_over_student_flops"] < 1
+    assert report["target_slowdown"] == 1 + 1.2 * report["teacher_over_student_flops"]
