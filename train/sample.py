@@ -1,21 +1,56 @@
 """Greedy continuation from an exported Hugging Face folder:
-`python train/sample.py model=runs/demo/hf prompt="Return the"`."""
+
+    python train/sample.py model=runs/demo/hf prompt="Return the" [max_new_tokens=40]
+                           [decode=auto|greedy|speculative|both]
+
+decode=speculative drafts with the model's MTP heads and verifies with its next-token head
+(the same text as greedy, in fewer forwards); `both` runs the two and compares them; `auto`
+(the default) is `both` for a model exported with MTP heads, else greedy.
+"""
 
 import sys
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ipt.mtp import decode
+from ipt.mtp.heads import has_heads
+
+MODES = ("auto", "greedy", "speculative", "both")
+
 
 def main(argv: list[str]) -> None:
     args = dict(a.split("=", 1) for a in argv)
-    model = AutoModelForCausalLM.from_pretrained(args["model"])
-    tokenizer = AutoTokenizer.from_pretrained(args["model"])
-    ids = tokenizer(args.get("prompt", ""), return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=int(args.get("max_new_tokens", 40)),
-                             do_sample=False)
-    print(f"[{args['model']}] {tokenizer.decode(out[0], skip_special_tokens=True)!r}")
+    unknown = set(args) - {"model", "prompt", "max_new_tokens", "decode"}
+    if unknown or "model" not in args or args.get("decode", "auto") not in MODES:
+        sys.exit(f"usage: sample.py model=<hf folder> [prompt=...] [max_new_tokens=40] "
+                 f"[decode={'|'.join(MODES)}] (unknown: {sorted(unknown)})")
+    path, mode = args["model"], args.get("decode", "auto")
+    if mode == "auto":
+        mode = "both" if has_heads(path) else "greedy"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompt = tokenizer(args.get("prompt", ""), return_tensors="pt").input_ids
+    max_new = int(args.get("max_new_tokens", 40))
+    torch.set_num_threads(1)
+    runs = {}
+    if mode in ("greedy", "both"):
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        runs["greedy"] = decode.greedy(lm, prompt, max_new, tokenizer.eos_token_id)
+    if mode in ("speculative", "both"):
+        model = decode.load(path)  # a model without heads is refused, with the reason
+        runs["speculative"] = decode.self_speculative(model, prompt, max_new,
+                                                      tokenizer.eos_token_id)
+    for name, out in runs.items():
+        text = tokenizer.decode(prompt[0].tolist() + out.tokens, skip_special_tokens=True)
+        print(f"[{path}, {name}] {text!r}")
+        extra = (f", {out.mean_accepted:.2f} tokens per verifying forward (accepted per step: "
+                 f"{out.accepted})" if name == "speculative" else "")
+        print(f"  {len(out.tokens)} tokens, {out.forwards} forwards, "
+              f"{out.tokens_per_s:.1f} tokens/s{extra}")
+    if len(runs) == 2:
+        same = runs["greedy"].tokens == runs["speculative"].tokens
+        print(f"  speculative == greedy: {same}; speed-up "
+              f"{runs['speculative'].tokens_per_s / runs['greedy'].tokens_per_s:.2f}x")
 
 
 if __name__ == "__main__":

@@ -155,9 +155,11 @@ def read_state(path: Path) -> TrainerState:
 def check_compatible(saved: TrainerState, model_config: dict[str, Any], path: Path) -> None:
     """Refuse to resume into a different architecture, naming the fields that differ."""
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
-    diff = [f"{k}: checkpoint {saved.model_config.get(k)} vs config {model_config.get(k)}"
-            for k in keys if saved.model_config.get(k) != model_config.get(k)]
+            "num_attention_heads", "num_key_value_heads", "tie_word_embeddings", "mtp_heads")
+    default = {"mtp_heads": 0}  # extra multi-token heads (loss.heads - 1); older runs had none
+    diff = [f"{k}: checkpoint {saved.model_config.get(k, default.get(k))} vs config "
+            f"{model_config.get(k, default.get(k))}" for k in keys
+            if saved.model_config.get(k, default.get(k)) != model_config.get(k, default.get(k))]
     if diff:
         raise CheckpointError(f"checkpoint {path} was made with another model config ("
                               + "; ".join(diff) + "); use a new run_dir or train.resume=never")

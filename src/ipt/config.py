@@ -120,7 +120,18 @@ class DeepSpeedConfig:
 
 @dataclass
 class LossConfig:
+    """The training loss (`configs/loss/`): ntp, or mtp (multi-token prediction)."""
+
     name: str = "ntp"
+    # mtp: n heads, head i predicting token t + i; head 1 is the model's own next-token head,
+    # heads 2..n are extra decoder layers kept beside the export (docs/mtp.md).
+    heads: int = 1
+    head_type: str = "parallel"
+    weights: list[float] | None = None  # one per head; null: all 1
+    reduction: str = "mean"  # mean | sum over heads (each head's CE a mean over its targets)
+    # false: every head's logits at once (the naive baseline, for comparison)
+    memory_efficient: bool = True
+    chunk_size: int = 1024  # positions per vocabulary-projection chunk
 
 
 @dataclass
@@ -466,6 +477,13 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
         if not 0 < k.weight <= 1 or k.temperature <= 0 or k.kd_steps < 1 or k.chunk_size < 1:
             raise ConfigError("teacher: weight must be in (0, 1], temperature > 0, "
                               "kd_steps >= 1 and chunk_size >= 1")
+    if cfg.loss.name == "mtp":
+        from ipt.mtp.loss import check
+
+        check(cfg.loss)
+    elif cfg.loss.heads != 1:
+        raise ConfigError(f"loss.heads={cfg.loss.heads} needs loss=mtp (loss={cfg.loss.name} "
+                          "has the next-token head only)")
     sel = cfg.data.select
     if sel.fraction is not None:
         if not 0 < sel.fraction <= 1:

@@ -1,5 +1,5 @@
 """Export: any checkpoint (ZeRO-3 included) to a Hugging Face folder that `transformers` loads
-with no custom code: safetensors weights, config, tokenizer files."""
+with no custom code: safetensors weights, config, tokenizer files (and MTP heads aside)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from ipt import checkpoint
 from ipt.checkpoint import CheckpointError
+from ipt.mtp import heads as mtp
 
 log = logging.getLogger(__name__)
 
@@ -43,28 +44,37 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in states["module"].items()}
 
 
-def load_checkpoint_model(ckpt: str | Path) -> PreTrainedModel:
-    """The trained model of a checkpoint, as a plain `transformers` module in fp32."""
+def load_checkpoint(ckpt: str | Path) -> tuple[PreTrainedModel, dict[str, torch.Tensor]]:
+    """The trained causal LM of a checkpoint, as a plain `transformers` module in fp32, and
+    the weights of its extra MTP heads (`mtp_heads.*`; empty without them)."""
     path = resolve_checkpoint(ckpt)
     config = AutoConfig.from_pretrained(path / "hf_config")
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = consolidated_state_dict(path)
+    heads = {k: state.pop(k) for k in [k for k in state if k.startswith(mtp.PREFIX)]}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise CheckpointError(f"{path} does not fit its model config: missing {missing}, "
                               f"unexpected {unexpected}")
     model.tie_weights()
-    return model.eval()
+    return model.eval(), heads
+
+
+def load_checkpoint_model(ckpt: str | Path) -> PreTrainedModel:
+    return load_checkpoint(ckpt)[0]
 
 
 def export_hf(ckpt: str | Path, out: str | Path, tokenizer_dir: str | Path) -> Path:
+    """A Hugging Face folder `transformers` loads as it is; MTP heads, if the model has any,
+    go beside it (`mtp_heads.safetensors`, `mtp_config.json`)."""
     out = Path(out)
-    model = load_checkpoint_model(ckpt)
+    model, heads = load_checkpoint(ckpt)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.config.use_cache = True
     model.save_pretrained(tmp, safe_serialization=True)
+    mtp.save_heads(heads, model.config, tmp)
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -3,8 +3,8 @@
 The trainer calls `loss_fn(model, batch, step)` and back-propagates the returned loss through
 the DeepSpeed engine; it knows nothing else about losses. A loss honours the per-token side
 channels of a batch: `labels == IGNORE` positions (loss masks, document ends) never count.
-New losses (multi-token prediction, distillation) register here under the name their
-`configs/loss/*.yaml` gives.
+Losses register here under the name their `configs/loss/*.yaml` gives (multi-token
+prediction lives in `ipt.mtp`); distillation wraps whichever is configured (`ipt.slm.kd`).
 """
 
 from __future__ import annotations
@@ -43,12 +43,21 @@ class NextTokenLoss:
         return LossOutput(loss, {"ce": loss.item()}, tokens)
 
 
-LOSSES: dict[str, Callable[[LossConfig], Callable]] = {
-    "ntp": lambda cfg: NextTokenLoss(),
+def _mtp(cfg: LossConfig, eos_id: int | None) -> Callable[..., LossOutput]:
+    from ipt.mtp.loss import MTPLoss
+
+    return MTPLoss(cfg, eos_id)
+
+
+LOSSES: dict[str, Callable[[LossConfig, int | None], Callable]] = {
+    "ntp": lambda cfg, eos_id: NextTokenLoss(),
+    "mtp": _mtp,
 }
 
 
-def build_loss(cfg: LossConfig) -> Callable[..., LossOutput]:
+def build_loss(cfg: LossConfig, eos_id: int | None = None) -> Callable[..., LossOutput]:
+    """The loss `cfg` names; `eos_id` ends documents in packed sequences (multi-token
+    targets must not cross them)."""
     if cfg.name not in LOSSES:
         raise ConfigError(f"loss.name={cfg.name!r}; known losses: {sorted(LOSSES)}")
-    return LOSSES[cfg.name](cfg)
+    return LOSSES[cfg.name](cfg, eos_id)

@@ -158,8 +158,8 @@ def resume(engine, candidates: list[Path], fresh: TrainerState, dist: Dist,
     return fresh
 
 
-def distillation(cfg: PretrainConfig, dist: Dist, step: int,
-                 base: Callable[..., LossOutput]) -> DistillationLoss:
+def distillation(cfg: PretrainConfig, dist: Dist, step: int, base: Callable[..., LossOutput],
+                 vocab_size: int) -> DistillationLoss:
     """The KD loss; the teacher is loaded only if the run resumes before the KD phase ends
     (and never for offline soft labels, which the loader brings)."""
     from ipt.slm import teacher
@@ -168,7 +168,7 @@ def distillation(cfg: PretrainConfig, dist: Dist, step: int,
     if k.soft_labels:
         log.info("offline KD from the stored soft labels for steps < %d (%s switch)",
                  k.kd_steps, k.switch)
-        return DistillationLoss(None, k, base)
+        return DistillationLoss(None, k, base, vocab_size)
     pending = any(kd_weight(k, s) > 0 for s in range(step, k.kd_steps + k.decay_steps))
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     zero3 = cfg.train.micro_batch_size if cfg.deepspeed.stage == 3 else None
@@ -176,7 +176,7 @@ def distillation(cfg: PretrainConfig, dist: Dist, step: int,
     if model is not None:
         log.info("teacher %s%s: KD for steps < %d (%s switch)", k.path,
                  ", sharded with ZeRO-3" if zero3 else "", k.kd_steps, k.switch)
-    return DistillationLoss(model, k, base)
+    return DistillationLoss(model, k, base, vocab_size)
 
 
 def pretrain(cfg: PretrainConfig) -> TrainerState:
@@ -208,10 +208,16 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
             * cfg.train.global_batch_size
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    lm = build_model(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    model: torch.nn.Module = lm
+    extra_heads = cfg.loss.heads - 1 if cfg.loss.name == "mtp" else 0
+    if cfg.loss.name == "mtp":
+        from ipt.mtp.heads import attach
+
+        model = attach(lm, extra_heads, cfg.model.init_from)
     fresh = TrainerState(data_fingerprint=f"{order.key:016x}",
                          tokenizer_fingerprint=tokenizer_fp, world_size=dist.world_size,
-                         model_config=model.config.to_dict(),
+                         model_config={**lm.config.to_dict(), "mtp_heads": extra_heads},
                          config=as_dict(cfg))
     candidates = find_resume_point(cfg, run_dir / "checkpoints")
     universal = needs_universal(candidates, dist)
@@ -220,9 +226,9 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
     state = resume(engine, candidates, fresh, dist, universal)
     state.config = fresh.config
 
-    loss_fn = build_loss(cfg.loss)
+    loss_fn = build_loss(cfg.loss, tokenizer.eos_token_id)
     if cfg.teacher.enabled:
-        loss_fn = distillation(cfg, dist, state.step, loss_fn)
+        loss_fn = distillation(cfg, dist, state.step, loss_fn, len(tokenizer))
     batches = train_loader(train_set, order, state.consumed_samples,
                            cfg.train.global_batch_size, cfg.train.micro_batch_size,
                            dist.rank, dist.world_size, cfg.data.num_workers,
@@ -241,7 +247,7 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
 
     trainer = Trainer(engine, loss_fn, batches, state, dist, grad_accum,
                       cfg.train.global_batch_size, cfg.data.seq_len, cfg.train.max_steps,
-                      callbacks, flops_per_token(model, cfg.data.seq_len),
+                      callbacks, flops_per_token(lm, cfg.data.seq_len, extra_heads),
                       peak_flops(cfg.logger.peak_flops), cfg.train.stop_after)
     if dist.is_main:
         log.info("training %s: %s params, %d ranks, grad accumulation %d, from step %d",

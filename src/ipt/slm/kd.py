@@ -79,6 +79,35 @@ def offline_probs(ids: torch.Tensor, logp: torch.Tensor, vocab: int,
     return probs
 
 
+def chunk_grad(s: torch.Tensor, y: torch.Tensor, p_t: torch.Tensor | None, tau: float,
+               w: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For one chunk of fp32 logits `s` [rows, vocab] with targets `y`: the CE sum, the KD sum
+    against the teacher's distribution `p_t` (None: no teacher, w must be 0) and the gradient
+    of (1 - w) * CE + w * KD with respect to `s` (which it overwrites).
+
+    Fewest passes over [rows, vocab]: dot products for the sums, in-place updates.
+    """
+    log_p = F.log_softmax(s, dim=-1)
+    ce = -log_p.gather(1, y[:, None]).sum(dtype=torch.float64)
+    kd = torch.zeros((), dtype=torch.float64, device=s.device)
+    if p_t is None:  # plain CE: p - onehot
+        g = log_p.exp_()
+    elif tau == 1.0:  # q = p: the gradient is p - w * p_t
+        kd = -(p_t.flatten() @ log_p.flatten()).double()
+        g = log_p.exp_().sub_(p_t, alpha=w)
+    else:  # (1 - w) p + w tau (q - p_t)
+        log_q = F.log_softmax(s / tau, dim=-1)
+        kd = -(p_t.flatten() @ log_q.flatten()).double() * tau**2
+        g = log_p.exp_().mul_(1 - w).add_(log_q.exp_().sub_(p_t), alpha=w * tau)
+    g[torch.arange(len(y), device=g.device), y] -= 1 - w
+    return ce, kd, g
+
+
+def target_rows(keep: torch.Tensor) -> Any:
+    """Index of the rows of a chunk that have a target: a slice (a view) when all do."""
+    return slice(None) if bool(keep.all()) else keep
+
+
 class _MixedLoss(torch.autograd.Function):
     """(1 - w) * CE + w * KD summed over target positions, with d/d(logits) computed in the
     forward, one chunk of positions at a time, and kept for the backward.
@@ -99,22 +128,11 @@ class _MixedLoss(torch.autograd.Function):
         kd = torch.zeros_like(ce)
         for a in range(0, len(flat), chunk_size):
             sl = slice(a, a + chunk_size)
-            keep = keep_all[sl]
-            rows = slice(None) if bool(keep.all()) else keep  # a view when nothing is masked
-            y = y_all[sl][rows]
-            s = flat[sl][rows].float()
-            p_t = teacher(sl, rows)
-            log_p = F.log_softmax(s, dim=-1)
-            ce -= log_p.gather(1, y[:, None]).sum()
-            # Fewest passes over [chunk, vocab]: dot products for the sums, in-place updates.
-            if tau == 1.0:  # q = p: the gradient is p - w * p_t
-                kd -= p_t.flatten() @ log_p.flatten()
-                g = log_p.exp_().sub_(p_t, alpha=w)
-            else:  # (1 - w) p + w tau (q - p_t)
-                log_q = F.log_softmax(s / tau, dim=-1)
-                kd -= (p_t.flatten() @ log_q.flatten()) * tau**2
-                g = log_p.exp_().mul_(1 - w).add_(log_q.exp_().sub_(p_t), alpha=w * tau)
-            g[torch.arange(len(y), device=g.device), y] -= 1 - w
+            rows = target_rows(keep_all[sl])
+            c_ce, c_kd, g = chunk_grad(flat[sl][rows].float(), y_all[sl][rows],
+                                       teacher(sl, rows), tau, w)
+            ce += c_ce
+            kd += c_kd
             grad[sl][rows] = g.to(grad.dtype)
         ctx.save_for_backward(grad)
         ctx.shape = logits.shape
@@ -145,9 +163,9 @@ class DistillationLoss:
     `teacher` None) its stored top-K log-probabilities come with the batch, from the loader.
     """
 
-    def __init__(self, teacher: Any, cfg: TeacherConfig,
-                 base: Callable[..., LossOutput]) -> None:
-        self.teacher, self.cfg, self.base = teacher, cfg, base
+    def __init__(self, teacher: Any, cfg: TeacherConfig, base: Callable[..., LossOutput],
+                 vocab_size: int | None = None) -> None:
+        self.teacher, self.cfg, self.base, self.vocab_size = teacher, cfg, base, vocab_size
 
     def __call__(self, model: Any, batch: dict[str, torch.Tensor], step: int) -> LossOutput:
         w = kd_weight(self.cfg, step)
@@ -158,19 +176,29 @@ class DistillationLoss:
             out.metrics |= {"kd_weight": w}
             return out
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids")}
-        logits = model(**inputs).logits  # through the engine: ZeRO sees an ordinary forward
+        # A loss that takes the teacher (multi-token prediction) runs the model itself and
+        # applies KD to its next-token head; otherwise the student's logits come from here.
+        fused = getattr(self.base, "takes_kd", False)
+        logits = None if fused else model(**inputs).logits  # ZeRO sees an ordinary forward
+        vocab = logits.shape[-1] if logits is not None else self.vocab_size
         tau = self.cfg.temperature
         if self.cfg.soft_labels:
             if "teacher_ids" not in batch:
                 raise RuntimeError(f"step {step} is in the KD phase but its batch has no soft "
                                    "labels: the loader was built without them")
-            probs = offline_probs(batch["teacher_ids"], batch["teacher_logp"],
-                                  logits.shape[-1], tau)
+            assert vocab is not None, "DistillationLoss needs vocab_size for this loss"
+            probs = offline_probs(batch["teacher_ids"], batch["teacher_logp"], vocab, tau)
         else:
             assert self.teacher is not None, "the teacher was released before the KD phase ended"
             with torch.no_grad():
                 h_t = self.teacher.model(**inputs).last_hidden_state
             probs = online_probs(h_t, self.teacher.lm_head, tau)
+        if logits is None:
+            from ipt.mtp.loss import KDTerm
+
+            out = self.base(model, batch, step, kd=KDTerm(probs, tau, w))
+            out.metrics["kd_weight"] = w
+            return out
         mixed, ce, kd, n = kd_losses(logits, batch["labels"], probs, tau, w,
                                      self.cfg.chunk_size)
         loss, ce, kd = mixed / max(n, 1), ce / max(n, 1), kd / max(n, 1)

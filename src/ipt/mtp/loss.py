@@ -1,0 +1,205 @@
+"""The multi-token prediction loss (`loss=mtp`):
+
+    L = sum_i w_i * CE_i          (loss.reduction=sum)   or   the same / n   (mean)
+
+CE_i is head i's mean cross-entropy over its own targets (token t + i), each head normalised
+by its own count. A position has no target for head i when token t + i lies in another
+document of the packed sequence, past the sequence, or under a loss mask.
+
+Memory. The naive loss keeps every head's logits ([batch, seq, vocab] each, plus their fp32
+softmax) until the backward: n times the largest tensor of a step. Gloeckle et al. avoid that
+by running each head's forward and backward in turn into a detached trunk output. Under
+DeepSpeed a micro-batch must be one forward and one backward (ZeRO's gradient hooks fire once
+per parameter, ZeRO-3 gathers parameters around module calls), so this module gets the same
+effect inside one graph: the shared unembedding and the loss are one autograd function that
+runs over chunks of positions and computes, in its forward, the loss and its gradients with
+respect to the heads' hidden states and the unembedding weight. Logits exist one chunk at a
+time for every head; what is kept for the backward is hidden-sized. Nothing is recomputed.
+See docs/design-notes.md.
+
+With a teacher (SALT), head 1's term is (1 - w) * CE + w * KD, computed the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ipt.config import ConfigError, LossConfig
+from ipt.losses import IGNORE, LossOutput
+from ipt.slm.kd import TeacherProbs, chunk_grad, kd_losses, target_rows
+
+
+@dataclass
+class KDTerm:
+    """Distillation on head 1: the teacher's distribution per chunk, temperature, weight."""
+
+    probs: TeacherProbs
+    tau: float
+    w: float
+
+
+def head_targets(input_ids: torch.Tensor, labels: torch.Tensor, n: int,
+                 eos_id: int | None) -> torch.Tensor:
+    """[n, batch, seq]: row i - 1 holds the target of head i at each position (IGNORE where
+    it has none). `labels` are the next-token targets the loader made (IGNORE at document
+    ends, under loss masks, in padding); token t + i is `labels[t + i - 1]`, and it counts
+    only if no document ends at positions t .. t + i - 2. A document ends at its EOS (every
+    prepared document has one); without an EOS id every IGNORE counts as an end, which may
+    drop a few targets next to loss masks but never crosses a document."""
+    out = labels.new_full((n, *labels.shape), IGNORE)
+    out[0] = labels
+    seq = labels.shape[-1]
+    ends = labels == IGNORE
+    if eos_id is not None:
+        ends &= input_ids == eos_id
+    same_doc = torch.ones_like(ends)
+    for k in range(1, min(n, seq)):
+        same_doc[:, :seq - k] &= ~ends[:, k - 1:seq - 1]
+        same_doc[:, seq - k:] = False
+        out[k, :, :seq - k] = labels[:, k:]
+        out[k][~same_doc] = IGNORE
+    return out
+
+
+class _UnembedLoss(torch.autograd.Function):
+    """sum_i scales[i] * (CE sum of head i), heads' hidden states [n, positions, hidden] and
+    the unembedding [vocab, hidden] in; the gradients for both are computed in the forward,
+    chunk by chunk, and kept for the backward (the logits never exist whole)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                scales: list[float], kd: KDTerm | None,
+                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h_all, w_mat = hidden.detach(), weight.detach()
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(h_all) if need_grad else None
+        grad_w = torch.zeros(w_mat.shape, dtype=torch.float32, device=w_mat.device) \
+            if need_grad else None
+        n, positions = targets.shape[0], targets.shape[1]
+        ce = torch.zeros(n, dtype=torch.float64, device=h_all.device)
+        kd_sum = torch.zeros((), dtype=torch.float64, device=h_all.device)
+        for i in range(n):
+            teacher = kd if i == 0 else None
+            keep_all = targets[i] != IGNORE
+            for a in range(0, positions, chunk_size):
+                sl = slice(a, a + chunk_size)
+                keep = keep_all[sl]
+                # A teacher's chunk may be a collective (ZeRO-3): every rank runs every chunk.
+                if teacher is None and not bool(keep.any()):
+                    continue
+                rows = target_rows(keep)
+                h = h_all[i, sl][rows]
+                p_t = teacher.probs(sl, rows) if teacher else None
+                c_ce, c_kd, g = chunk_grad((h @ w_mat.T).float(), targets[i, sl][rows], p_t,
+                                           teacher.tau if teacher else 1.0,
+                                           teacher.w if teacher else 0.0)
+                ce[i] += c_ce
+                kd_sum += c_kd
+                if grad_h is not None and grad_w is not None:
+                    g = g.mul_(scales[i]).to(w_mat.dtype)
+                    grad_h[i, sl][rows] = g @ w_mat
+                    if w_mat.dtype == torch.float32:
+                        grad_w.addmm_(g.T, h)
+                    else:  # bf16 matmul, fp32 accumulation over chunks and heads
+                        grad_w += (g.T @ h).float()
+        w0 = kd.w if kd else 0.0
+        total = scales[0] * ((1 - w0) * ce[0] + w0 * kd_sum)
+        total = total + sum(scales[i] * ce[i] for i in range(1, n))
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = w_mat.dtype
+        ce_f, kd_f = ce.float(), kd_sum.float()
+        ctx.mark_non_differentiable(ce_f, kd_f)
+        return total.float(), ce_f, kd_f
+
+    @staticmethod
+    def backward(ctx: Any, g_total: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        # In place: the buffers are this backward's alone (the graph is not retained).
+        return (grad_h.mul_(g_total), grad_w.mul_(g_total).to(ctx.weight_dtype),
+                None, None, None, None)
+
+
+def _naive(hs: list[torch.Tensor], lm_head: torch.nn.Module, targets: torch.Tensor,
+           scales: list[float], kd: KDTerm | None,
+           chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every head's logits at once, through autograd: the baseline the fused loss replaces."""
+    total = torch.zeros((), device=hs[0].device)
+    ce = torch.zeros(len(hs), device=hs[0].device)
+    kd_sum = torch.zeros((), device=hs[0].device)
+    for i, h in enumerate(hs):
+        logits = lm_head(h)
+        if i == 0 and kd is not None:
+            mixed, c, k, _ = kd_losses(logits, targets[0], kd.probs, kd.tau, kd.w, chunk_size)
+            kd_sum = k
+        else:
+            c = mixed = F.cross_entropy(logits.float().flatten(0, 1), targets[i].flatten(),
+                                        ignore_index=IGNORE, reduction="sum")
+        total = total + scales[i] * mixed
+        ce[i] = c.detach()
+    return total, ce, kd_sum.detach()
+
+
+def heads_loss(hs: list[torch.Tensor], lm_head: torch.nn.Module, targets: torch.Tensor,
+               scales: list[float], kd: KDTerm | None, memory_efficient: bool,
+               chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weighted loss with its graph, CE sum per head, KD sum) of the heads' hidden states."""
+    if not memory_efficient:
+        return _naive(hs, lm_head, targets, scales, kd, chunk_size)
+    hidden = torch.stack([h.flatten(0, 1) for h in hs])
+    return _UnembedLoss.apply(hidden, lm_head.weight, targets.flatten(1), scales, kd,
+                              chunk_size)
+
+
+class MTPLoss:
+    """n-head loss through the engine's MTP model. In evaluation the loss is head 1's CE
+    alone, so `val_loss` means the same with and without extra heads."""
+
+    takes_kd = True  # DistillationLoss hands it the teacher for head 1
+
+    def __init__(self, cfg: LossConfig, eos_id: int | None) -> None:
+        n = cfg.heads
+        self.cfg, self.eos_id = cfg, eos_id
+        self.weights = list(cfg.weights) if cfg.weights is not None else [1.0] * n
+        self.divisor = n if cfg.reduction == "mean" else 1
+
+    def __call__(self, model: Any, batch: dict[str, torch.Tensor], step: int,
+                 kd: KDTerm | None = None) -> LossOutput:
+        n = self.cfg.heads
+        targets = head_targets(batch["input_ids"], batch["labels"], n, self.eos_id)
+        counts = [max(int(c), 1) for c in (targets != IGNORE).sum((1, 2)).tolist()]
+        scales = [w / c / self.divisor for w, c in zip(self.weights, counts, strict=True)]
+        loss, ce, kd_sum = model(input_ids=batch["input_ids"], targets=targets, scales=scales,
+                                 position_ids=batch.get("position_ids"), kd=kd,
+                                 memory_efficient=self.cfg.memory_efficient,
+                                 chunk_size=self.cfg.chunk_size)
+        per_head = (ce.double() / torch.tensor(counts, dtype=torch.float64)).tolist()
+        metrics = {"ce": per_head[0], **{f"ce_{i + 1}": v for i, v in enumerate(per_head)
+                                         if i > 0}}
+        if kd is not None:
+            metrics["kd"] = float(kd_sum) / counts[0]
+        if not torch.is_grad_enabled():
+            loss = ce[0] / counts[0]
+        tokens = int((targets[0] != IGNORE).sum())
+        return LossOutput(loss, metrics, tokens)
+
+
+def check(cfg: LossConfig) -> None:
+    """What the schema cannot say about an MTP loss config."""
+    from ipt.mtp.heads import HEAD_TYPES
+
+    if cfg.heads < 1:
+        raise ConfigError(f"loss.heads={cfg.heads}: there must be at least one head (head 1 "
+                          "is the next-token head)")
+    if cfg.head_type not in HEAD_TYPES:
+        raise ConfigError(f"loss.head_type={cfg.head_type!r}; built: {HEAD_TYPES}")
+    if cfg.weights is not None and (len(cfg.weights) != cfg.heads
+                                    or any(w < 0 for w in cfg.weights)):
+        raise ConfigError(f"loss.weights={list(cfg.weights)} must give one weight >= 0 per "
+                          f"head (loss.heads={cfg.heads})")
+    if cfg.reduction not in ("sum", "mean") or cfg.chunk_size < 1:
+        raise ConfigError(f"loss.reduction={cfg.reduction!r} must be sum or mean, "
+                          f"loss.chunk_size={cfg.chunk_size} >= 1")
