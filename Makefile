@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml
 #  3. a tiny synthesizer is trained on the mined pairs (loss on the pairs only) ...
 #  4. ... and writes pairs for held-out texts (a sample of the package descriptions)
 #  5. the mix is tokenized; a small LM (2 layers) is pre-trained on it and scores every sequence
-#  6. the model is pre-trained on 2 CPU ranks with ZeRO-1, its first 30 steps distilled from
-#     the small LM on the hardest-but-learnable half of the data (SALT), then exported
+#  6. the model is pre-trained on 2 CPU ranks with ZeRO-1 and 2 multi-token heads, its first
+#     30 steps distilled from the small LM on the hardest-but-learnable half of the data
+#     (SALT), then exported; it continues a prompt greedily, then self-speculatively
 SYNTH := $(PY) data_pipeline/synthesize.py
 PREP  := $(PY) data_pipeline/prepare.py tokenizer=$(DEMO_DATA)/tokenizer out=$(DEMO_DATA)/shards
 train: $(STAMP)
@@ -50,7 +51,7 @@ train: $(STAMP)
 		$(foreach s,docstrings_ipt packages packages_synth,+sources.$(s)=$(DEMO_DATA)/shards/$(s))
 	NPROC=$(NPROC) bash launch/torchrun.sh train/pretrain.py experiment=demo data=demo_ipt \
 		data.root=$(DEMO_DATA) run_dir=$(DEMO_RUN) teacher=kd teacher.path=$(DEMO_SLM)/hf \
-		teacher.kd_steps=30 data.select.fraction=0.5
+		teacher.kd_steps=30 data.select.fraction=0.5 loss=mtp loss.heads=2
 	$(PY) train/sample.py model=$(DEMO_RUN)/hf prompt="Return the number of"
 
 test: $(STAMP)

@@ -60,6 +60,10 @@ def main(argv: list[str]) -> None:
         import kd_cost
 
         results.extend(kd_cost.run())
+    if not only or "mtp" in only:
+        import mtp_cost
+
+        results.extend(mtp_cost.run())
     machine = {"cpu_count": os.cpu_count(), "torch": torch.__version__,
                "platform": platform.platform(), "gpu": torch.cuda.is_available()}
     out = HERE / "results"

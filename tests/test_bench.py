@@ -19,3 +19,17 @@ def test_the_kd_cost_benchmark_runs_and_reports_every_arm():
         assert report[f"step_s_{arm}"] > 0
     assert 0 < report["teacher_over_student_flops"] < 1
     assert report["target_slowdown"] == 1 + 1.2 * report["teacher_over_student_flops"]
+
+
+def test_the_mtp_cost_benchmark_runs_and_reports_every_arm(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import mtp_cost
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    report = mtp_cost.step_time(vocab=512, hidden=32, batch=2, seq=32, steps=1)
+    assert report["step_s_ntp"] > 0 and report["step_s_mtp4"] > 0
+    assert report["flops_ratio"] > 1
+    memory = mtp_cost.memory(vocab=2048, hidden=32, batch=2, seq=64)
+    assert memory["peak_mib_mtp4-naive"] > memory["peak_mib_mtp4"] > 0
+    assert "skipped" in mtp_cost.decoding(tmp_path)

@@ -41,7 +41,10 @@ def test_make_train_runs_the_demo_end_to_end(tmp_path):
     log = (run / "train.log").read_text()
     assert "data selection: the first 30 steps draw from the top 50%" in log
     assert "KD phase over: teacher released" in log
-    assert rows[-1]["val_loss"] < rows[0]["loss"] - 2.0  # it learned
+    assert rows[-1]["val_loss"] < rows[0]["loss"] - 1.5  # it learned (2.1 measured)
     waited = sum(r["data_wait"] * r["step_time_s"] for r in rows[1:])
     assert waited / sum(r["step_time_s"] for r in rows[1:]) < 0.02  # of step time
-    assert f"[{run}/hf]" in proc.stdout  # the sample generation from the export
+    # MTP: a second head trained alongside; its export drafts for self-speculative decoding
+    assert all(r["ce_2"] > 0 for r in rows) and (run / "hf" / "mtp_heads.safetensors").exists()
+    assert f"[{run}/hf, greedy]" in proc.stdout and f"[{run}/hf, speculative]" in proc.stdout
+    assert "speculative == greedy: True" in proc.stdout

@@ -244,6 +244,10 @@ def test_a_bad_heads_config_is_refused_with_the_reason(data_dir, overrides, mess
 def test_decoding_a_model_without_heads_is_refused(tiny_lm):
     with pytest.raises(HeadsError, match="has no MTP heads"):
         decode.load(tiny_lm)
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "sample.py"),
+                           f"model={tiny_lm}", "decode=speculative"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "has no MTP heads" in proc.stderr.splitlines()[-1]
 
 
 def test_heads_of_another_model_shape_are_refused(mtp_run, tmp_path):

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ipt.mtp import decode
-from ipt.mtp.heads import has_heads
+from ipt.mtp.heads import HeadsError, has_heads
 
 MODES = ("auto", "greedy", "speculative", "both")
 
@@ -37,7 +37,10 @@ def main(argv: list[str]) -> None:
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         runs["greedy"] = decode.greedy(lm, prompt, max_new, tokenizer.eos_token_id)
     if mode in ("speculative", "both"):
-        model = decode.load(path)  # a model without heads is refused, with the reason
+        try:
+            model = decode.load(path)
+        except HeadsError as e:  # a model without heads, or heads that do not fit it
+            sys.exit(f"error: {e}")
         runs["speculative"] = decode.self_speculative(model, prompt, max_new,
                                                       tokenizer.eos_token_id)
     for name, out in runs.items():
