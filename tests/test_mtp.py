@@ -18,7 +18,7 @@ from ipt.checkpoint import CheckpointError, TrainerState, check_compatible
 from ipt.config import ConfigError, LossConfig, ModelConfig, register, to_object, validate
 from ipt.data.packing import assemble, pack_concat
 from ipt.export import load_checkpoint
-from ipt.losses import IGNORE
+from ipt.losses import IGNORE, NextTokenLoss
 from ipt.model import build_model
 from ipt.mtp import decode
 from ipt.mtp.heads import HEADS_FILE, HeadsError, MTPModel, attach, load_heads, new_heads
@@ -85,10 +85,16 @@ def batch_of(vocab: int = 300):
 
 @pytest.mark.parametrize("cfg", [
     {"reduction": "mean"}, {"reduction": "sum", "weights": [1.0, 0.5, 0.25, 0.0]},
-    {"kd": True}], ids=["mean", "weighted-sum", "with-kd-on-head-1"])
+    {"kd": True}, {"masked_chunk": True}, {"bf16": True, "kd": True}],
+    ids=["mean", "weighted-sum", "with-kd-on-head-1", "a-chunk-without-targets", "bf16"])
 def test_the_fused_loss_equals_all_heads_at_once_with_its_gradients(cfg):
     model, batch = tiny_mtp(3), batch_of()
     teacher, h_t = torch.nn.Linear(48, 300, bias=False), torch.randn(2, 48, 48)
+    if cfg.get("masked_chunk"):
+        batch["labels"][0, :44] = IGNORE  # positions 0-39: the first 2 chunks of 20, every head
+    if cfg.get("bf16"):
+        model, teacher, h_t = model.bfloat16(), teacher.bfloat16(), h_t.bfloat16()
+    rel = 2e-2 if cfg.get("bf16") else 1e-5
     results = []
     for efficient in (True, False):
         model.zero_grad()
@@ -103,11 +109,14 @@ def test_the_fused_loss_equals_all_heads_at_once_with_its_gradients(cfg):
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         results.append((out, grads))
     (fused, g_fused), (naive, g_naive) = results
-    assert fused.loss.item() == pytest.approx(naive.loss.item(), rel=1e-5)
-    assert fused.metrics == pytest.approx(naive.metrics, rel=1e-5)
+    assert fused.loss.item() == pytest.approx(naive.loss.item(), rel=rel)
+    assert fused.metrics == pytest.approx(naive.metrics, rel=rel)
     assert set(fused.metrics) >= {"ce", "ce_2", "ce_3", "ce_4"} | ({"kd"} if kd else set())
     for name, g in g_naive.items():
-        torch.testing.assert_close(g_fused[name], g, rtol=1e-4, atol=1e-6, msg=name)
+        if cfg.get("bf16"):  # bf16 rounding differs between the two: compare the whole tensor
+            assert (g_fused[name].float() - g.float()).norm() <= rel * g.float().norm(), name
+        else:
+            torch.testing.assert_close(g_fused[name], g, rtol=1e-4, atol=1e-6, msg=name)
     assert g_naive["mtp_heads.1.mlp.down_proj.weight"].abs().sum() > 0
 
 
@@ -125,12 +134,13 @@ def test_the_fused_loss_keeps_no_logits_for_the_backward():
     assert max(saved) < logits_size  # the largest is the unembedding's own gradient buffer
 
 
-def test_eval_loss_is_the_next_token_head_alone():
+def test_eval_loss_is_the_next_token_loss_of_head_1_alone():
     model, batch = tiny_mtp(2), batch_of()
     with torch.no_grad():
         out = MTPLoss(LossConfig(name="mtp", heads=3), EOS)(model, batch, 0)
-    assert out.loss.item() == pytest.approx(out.metrics["ce"], rel=1e-6)
-    assert out.tokens == int((batch["labels"] != IGNORE).sum())
+        plain = NextTokenLoss()(model.lm, batch, 0)
+    assert out.loss.item() == pytest.approx(plain.loss.item(), rel=1e-5)
+    assert out.tokens == plain.tokens and "ce_2" not in out.metrics  # the heads stay idle
 
 
 @pytest.mark.parametrize(("nproc", "stage"), [
@@ -178,6 +188,7 @@ def test_heads_are_exported_beside_a_plain_causal_lm(mtp_run):
         assert torch.equal(p, saved[f"mtp_heads.{name}"])
 
 
+@pytest.mark.slow
 def test_resume_with_heads_is_exact(data_dir, tmp_path):
     opts = {"loss": "mtp", "loss.heads": 2, "train.max_steps": 6, "train.checkpoint_every": 2}
     ref, cut = tmp_path / "reference", tmp_path / "interrupted"
@@ -192,18 +203,39 @@ def test_resume_with_heads_is_exact(data_dir, tmp_path):
     assert per_step(cut) == per_step(ref)
 
 
+def check_speculative(model, prompt, max_new, eos):
+    ids = torch.tensor([prompt])
+    spec = decode.self_speculative(model, ids, max_new, eos)
+    plain = decode.greedy(model.lm, ids, max_new, eos)
+    reference = model.lm.generate(ids, max_new_tokens=max_new, do_sample=False,
+                                  eos_token_id=eos, pad_token_id=eos)[0, len(prompt):]
+    assert spec.tokens == plain.tokens == reference.tolist()
+    assert len(spec.tokens) - sum(spec.accepted) in (0, 1)  # the last may need no verifying
+    assert all(1 <= a <= model.n for a in spec.accepted)
+    assert spec.forwards == len(spec.accepted) + 1 <= plain.forwards
+    return spec
+
+
 def test_self_speculative_decoding_is_greedy_decoding_in_fewer_forwards(mtp_run):
     model = decode.load(mtp_run / "hf")
     for prompt in ([BOS, 40, 41, 42], [BOS, 7], [BOS, 100, 3, 250, 17, 9]):
-        ids = torch.tensor([prompt])
-        spec = decode.self_speculative(model, ids, 30, EOS)
-        plain = decode.greedy(model.lm, ids, 30, EOS)
-        reference = model.lm.generate(ids, max_new_tokens=30, do_sample=False,
-                                      eos_token_id=EOS, pad_token_id=EOS)[0, len(prompt):]
-        assert spec.tokens == plain.tokens == reference.tolist()
-        assert sum(spec.accepted) >= len(spec.tokens)  # the last step may overshoot the end
-        assert all(1 <= a <= 3 for a in spec.accepted)
-        assert spec.forwards == len(spec.accepted) + 1 <= plain.forwards
+        check_speculative(model, prompt, 30, EOS)
+
+
+def test_rejected_drafts_are_cropped_and_the_output_stays_greedy(mtp_run):
+    """Untrained heads draft badly: most steps reject, and the caches must be cut back."""
+    model = decode.load(mtp_run / "hf")
+    torch.manual_seed(3)
+    model.mtp_heads = new_heads(model.lm, 2)
+    rejected = 0
+    for max_new in (1, 2, 3, 4, 17):
+        spec = check_speculative(model, [BOS, 40, 41, 42], max_new, EOS)
+        rejected += sum(a < model.n for a in spec.accepted)
+    assert rejected >= 3  # the crop path ran
+    # an EOS mid-way ends both at the same token (a token greedy produces stands in for it)
+    eos = decode.greedy(model.lm, torch.tensor([[BOS, 7]]), 12, None).tokens[6]
+    spec = check_speculative(model, [BOS, 7], 30, eos)
+    assert spec.tokens[-1] == eos and len(spec.tokens) <= 7
 
 
 def test_the_sample_cli_compares_speculative_with_greedy(mtp_run):
@@ -212,6 +244,24 @@ def test_the_sample_cli_compares_speculative_with_greedy(mtp_run):
                           capture_output=True, text=True, timeout=300, check=True)
     assert "speculative == greedy: True" in proc.stdout
     assert "tokens per verifying forward" in proc.stdout
+
+
+@pytest.mark.slow
+def test_under_zero3_kd_on_head_1_trains_like_the_naive_loss(tiny_lm, data_dir, tmp_path):
+    """The teacher sharded by ZeRO-3 runs inside the student's fused loss: every rank still
+    joins every gather, and the result is the naive loss's."""
+    opts = {"loss": "mtp", "loss.heads": 2, "loss.chunk_size": 40, "deepspeed.stage": 3,
+            "train.max_steps": 3, "teacher.path": str(tiny_lm), "teacher.kd_steps": 3}
+    runs = {}
+    for efficient in (True, False):
+        run = tmp_path / f"efficient-{efficient}"
+        proc = run_pretrain(tiny_overrides(data_dir, run, **opts,
+                                           **{"loss.memory_efficient": efficient}), nproc=2)
+        assert "sharded with ZeRO-3" in proc.stderr
+        runs[efficient] = read_metrics(run / "metrics.jsonl")
+    for a, b in zip(runs[True], runs[False], strict=True):
+        for key in ("loss", "ce", "ce_2", "kd", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=2e-5), (a["step"], key)
 
 
 def test_mtp_composes_with_kd_on_the_next_token_head(tiny_lm, data_dir, tmp_path):

@@ -25,7 +25,9 @@ class Decoded:
     tokens: list[int]  # the new tokens (the prompt excluded)
     seconds: float
     forwards: int  # model forwards, the prompt's included
-    accepted: list[int] = field(default_factory=list)  # tokens gained per speculative step
+    # tokens each verifying forward committed (the first certain, the rest verified drafts);
+    # the text's last token may need no verifying forward
+    accepted: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -88,18 +90,23 @@ def self_speculative(model: MTPModel, prompt: torch.Tensor, max_new: int,
     accepted: list[int] = []
     forwards = 1
     while True:
-        candidate = candidate[:max(1, max_new - len(tokens))]
+        # candidate[0] is certain: if it ends the text, no forward is needed to verify
+        done = _stop(tokens + candidate[:1], max_new, eos_id)
+        if done is not None:
+            return Decoded(done, time.perf_counter() - start, forwards, accepted)
+        candidate = candidate[:max_new - len(tokens)]
         hs = model.hidden(torch.tensor([candidate]), past=past, head_past=head_past)
         forwards += 1
         verified = model.lm_head(hs[0][0]).argmax(-1).tolist()  # head 1 after each prefix
-        a = 1  # candidate[0] was certain
+        a = 1
         while a < len(candidate) and candidate[a] == verified[a - 1]:
             a += 1
+        done = _stop(tokens + candidate[:a], max_new, eos_id)
+        if done is not None:
+            accepted.append(len(done) - len(tokens))  # what the text kept of this step
+            return Decoded(done, time.perf_counter() - start, forwards, accepted)
         tokens += candidate[:a]
         accepted.append(a)
-        done = _stop(tokens, max_new, eos_id)
-        if done is not None:
-            return Decoded(done, time.perf_counter() - start, forwards, accepted)
         if a < len(candidate):
             past.crop(a - len(candidate))
             head_past.crop(a - len(candidate))

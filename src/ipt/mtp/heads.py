@@ -38,6 +38,10 @@ class HeadsError(ValueError):
 def new_heads(lm: PreTrainedModel, count: int) -> nn.ModuleList:
     """`count` freshly initialised decoder layers of the model's own type (seeded by the
     caller); head k keeps its own KV cache slot k when decoding."""
+    kinds = set(getattr(lm.config, "layer_types", None) or ())
+    if len(kinds) > 1:  # a head gets the last layer's mask, so all layers must share one kind
+        raise HeadsError(f"MTP heads need one attention type in every layer; this model mixes "
+                         f"{sorted(kinds)}")
     block = type(lm.model.layers[-1])
     heads = nn.ModuleList(block(lm.config, layer_idx=k) for k in range(count))
     heads.apply(lm._init_weights)
@@ -71,13 +75,15 @@ class MTPModel(nn.Module):
         self._seen = (z, {k: v for k, v in kwargs.items() if k != "hidden_states"})
 
     def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-               past: Any = None, head_past: Any = None) -> list[torch.Tensor]:
-        """The normed hidden states of every head, [batch, seq, hidden] each, head 1 first.
-        `past` / `head_past`: KV caches of the model and of the heads, when decoding."""
+               past: Any = None, head_past: Any = None,
+               heads: bool = True) -> list[torch.Tensor]:
+        """The normed hidden states of every head, [batch, seq, hidden] each, head 1 first
+        (head 1's alone when not `heads`). `past` / `head_past`: KV caches of the model and
+        of the heads, when decoding."""
         out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=past,
                          use_cache=past is not None)
         hs = [out.last_hidden_state]
-        if len(self.mtp_heads):
+        if heads and len(self.mtp_heads):
             assert self._seen is not None, "the last layer's pre-hook did not run"
             z, kwargs = self._seen
             self._seen = None
@@ -89,12 +95,14 @@ class MTPModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, scales: list[float],
                 position_ids: torch.Tensor | None = None, kd: Any = None,
-                memory_efficient: bool = True, chunk_size: int = 1024) -> Any:
-        """The weighted loss of every head (see `ipt.mtp.loss`): run inside the engine's
-        forward, so ZeRO-3 gathers what it uses and sees one forward and one backward."""
+                memory_efficient: bool = True, chunk_size: int = 1024,
+                heads: bool = True) -> Any:
+        """The weighted loss of every head (see `ipt.mtp.loss`), or of head 1 alone when not
+        `heads`: run inside the engine's forward, so ZeRO-3 gathers what it uses and sees one
+        forward and one backward."""
         from ipt.mtp.loss import heads_loss
 
-        hs = self.hidden(input_ids, position_ids)
+        hs = self.hidden(input_ids, position_ids, heads=heads)
         return heads_loss(hs, self.lm_head, targets, scales, kd, memory_efficient, chunk_size)
 
 
@@ -129,7 +137,7 @@ def save_heads(state: dict[str, torch.Tensor], config: Any, out: Path) -> int:
 
 
 def has_heads(path: str | Path) -> bool:
-    return (Path(path) / HEADS_FILE).is_file()
+    return (Path(path) / HEADS_FILE).is_file() or (Path(path) / HEADS_CONFIG).is_file()
 
 
 def load_heads(path: str | Path, lm: PreTrainedModel) -> nn.ModuleList:
@@ -139,14 +147,22 @@ def load_heads(path: str | Path, lm: PreTrainedModel) -> nn.ModuleList:
         raise HeadsError(f"{path} has no MTP heads ({HEADS_FILE} is missing): it was trained "
                          "without loss=mtp, or exported before heads were kept; decode it "
                          "with plain greedy decoding")
-    meta = json.loads((path / HEADS_CONFIG).read_text())
+    try:
+        meta = json.loads((path / HEADS_CONFIG).read_text())
+        extra = int(meta["extra_heads"])
+        state = load_file(str(path / HEADS_FILE))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise HeadsError(f"the MTP heads in {path} are unreadable ({type(e).__name__}: {e}); "
+                         f"re-export the checkpoint (train/export_hf.py)") from e
+    if meta.get("head_type") not in HEAD_TYPES:
+        raise HeadsError(f"the MTP heads in {path} are of type {meta.get('head_type')!r}; "
+                         f"this version decodes {HEAD_TYPES}")
     c = lm.config
     for key in ("hidden_size", "vocab_size"):
         if meta.get(key) != getattr(c, key):
             raise HeadsError(f"the MTP heads in {path} were made for {key}={meta.get(key)}, "
                              f"the model has {getattr(c, key)}")
-    state = load_file(str(path / HEADS_FILE))
-    heads = new_heads(lm, int(meta["extra_heads"]))
+    heads = new_heads(lm, extra)
     expected = heads.state_dict()
     wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
              for k, v in expected.items() if k in state and state[k].shape != v.shape]

@@ -14,7 +14,8 @@ per parameter, ZeRO-3 gathers parameters around module calls), so this module ge
 effect inside one graph: the shared unembedding and the loss are one autograd function that
 runs over chunks of positions and computes, in its forward, the loss and its gradients with
 respect to the heads' hidden states and the unembedding weight. Logits exist one chunk at a
-time for every head; what is kept for the backward is hidden-sized. Nothing is recomputed.
+time for every head; what is kept for the backward is the hidden states' gradient and the
+unembedding's (an fp32 [vocab, hidden] buffer). Nothing is recomputed.
 See docs/design-notes.md.
 
 With a teacher (SALT), head 1's term is (1 - w) * CE + w * KD, computed the same way.
@@ -72,10 +73,11 @@ class _UnembedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                scales: list[float], kd: KDTerm | None,
-                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                scales: list[float], kd: KDTerm | None, chunk_size: int,
+                need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # `need_grad` comes from the caller: inside forward, grad mode is always off, and
+        # ctx.needs_input_grad says True even under torch.no_grad().
         h_all, w_mat = hidden.detach(), weight.detach()
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(h_all) if need_grad else None
         grad_w = torch.zeros(w_mat.shape, dtype=torch.float32, device=w_mat.device) \
             if need_grad else None
@@ -120,7 +122,7 @@ class _UnembedLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         # In place: the buffers are this backward's alone (the graph is not retained).
         return (grad_h.mul_(g_total), grad_w.mul_(g_total).to(ctx.weight_dtype),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def _naive(hs: list[torch.Tensor], lm_head: torch.nn.Module, targets: torch.Tensor,
@@ -151,12 +153,12 @@ def heads_loss(hs: list[torch.Tensor], lm_head: torch.nn.Module, targets: torch.
         return _naive(hs, lm_head, targets, scales, kd, chunk_size)
     hidden = torch.stack([h.flatten(0, 1) for h in hs])
     return _UnembedLoss.apply(hidden, lm_head.weight, targets.flatten(1), scales, kd,
-                              chunk_size)
+                              chunk_size, torch.is_grad_enabled())
 
 
 class MTPLoss:
-    """n-head loss through the engine's MTP model. In evaluation the loss is head 1's CE
-    alone, so `val_loss` means the same with and without extra heads."""
+    """n-head loss through the engine's MTP model. In evaluation only head 1 runs and the
+    loss is its CE, so `val_loss` means the same with and without extra heads."""
 
     takes_kd = True  # DistillationLoss hands it the teacher for head 1
 
@@ -168,20 +170,21 @@ class MTPLoss:
 
     def __call__(self, model: Any, batch: dict[str, torch.Tensor], step: int,
                  kd: KDTerm | None = None) -> LossOutput:
-        n = self.cfg.heads
+        training = torch.is_grad_enabled()
+        n = self.cfg.heads if training else 1  # evaluation: head 1 alone, the extra heads idle
         targets = head_targets(batch["input_ids"], batch["labels"], n, self.eos_id)
         counts = [max(int(c), 1) for c in (targets != IGNORE).sum((1, 2)).tolist()]
-        scales = [w / c / self.divisor for w, c in zip(self.weights, counts, strict=True)]
+        scales = [w / c / self.divisor for w, c in zip(self.weights, counts, strict=False)]
         loss, ce, kd_sum = model(input_ids=batch["input_ids"], targets=targets, scales=scales,
                                  position_ids=batch.get("position_ids"), kd=kd,
                                  memory_efficient=self.cfg.memory_efficient,
-                                 chunk_size=self.cfg.chunk_size)
+                                 chunk_size=self.cfg.chunk_size, heads=training)
         per_head = (ce.double() / torch.tensor(counts, dtype=torch.float64)).tolist()
         metrics = {"ce": per_head[0], **{f"ce_{i + 1}": v for i, v in enumerate(per_head)
                                          if i > 0}}
         if kd is not None:
             metrics["kd"] = float(kd_sum) / counts[0]
-        if not torch.is_grad_enabled():
+        if not training:
             loss = ce[0] / counts[0]
         tokens = int((targets[0] != IGNORE).sum())
         return LossOutput(loss, metrics, tokens)

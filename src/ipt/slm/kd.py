@@ -186,7 +186,9 @@ class DistillationLoss:
             if "teacher_ids" not in batch:
                 raise RuntimeError(f"step {step} is in the KD phase but its batch has no soft "
                                    "labels: the loader was built without them")
-            assert vocab is not None, "DistillationLoss needs vocab_size for this loss"
+            if vocab is None:
+                raise ValueError("DistillationLoss needs vocab_size with a loss that runs "
+                                 "the model itself (loss=mtp)")
             probs = offline_probs(batch["teacher_ids"], batch["teacher_logp"], vocab, tau)
         else:
             assert self.teacher is not None, "the teacher was released before the KD phase ended"
