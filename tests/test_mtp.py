@@ -61,12 +61,13 @@ def test_head_i_targets_token_t_plus_i_of_the_same_document_outside_loss_masks()
     assert targets[2, 0, 10] == tokens[13] != IGNORE
 
 
-def tiny_mtp(extra: int, vocab: int = 300, layers: int = 3) -> MTPModel:
+def tiny_mtp(extra: int, vocab: int = 300, layers: int = 3,
+             head_type: str = "parallel") -> MTPModel:
     torch.manual_seed(0)
     lm = build_model(ModelConfig(name="t", hidden_size=48, intermediate_size=96,
                                  num_layers=layers, num_heads=4, num_kv_heads=2,
                                  max_seq_len=128), vocab)
-    return attach(lm, extra, None)
+    return attach(lm, extra, None, head_type)
 
 
 def batch_of(vocab: int = 300):
@@ -85,10 +86,12 @@ def batch_of(vocab: int = 300):
 
 @pytest.mark.parametrize("cfg", [
     {"reduction": "mean"}, {"reduction": "sum", "weights": [1.0, 0.5, 0.25, 0.0]},
-    {"kd": True}, {"masked_chunk": True}, {"bf16": True, "kd": True}],
-    ids=["mean", "weighted-sum", "with-kd-on-head-1", "a-chunk-without-targets", "bf16"])
+    {"kd": True}, {"masked_chunk": True}, {"bf16": True, "kd": True},
+    {"head_type": "sequential", "kd": True}],
+    ids=["mean", "weighted-sum", "with-kd-on-head-1", "a-chunk-without-targets", "bf16",
+         "sequential"])
 def test_the_fused_loss_equals_all_heads_at_once_with_its_gradients(cfg):
-    model, batch = tiny_mtp(3), batch_of()
+    model, batch = tiny_mtp(3, head_type=cfg.get("head_type", "parallel")), batch_of()
     teacher, h_t = torch.nn.Linear(48, 300, bias=False), torch.randn(2, 48, 48)
     if cfg.get("masked_chunk"):
         batch["labels"][0, :44] = IGNORE  # positions 0-39: the first 2 chunks of 20, every head
@@ -117,7 +120,30 @@ def test_the_fused_loss_equals_all_heads_at_once_with_its_gradients(cfg):
             assert (g_fused[name].float() - g.float()).norm() <= rel * g.float().norm(), name
         else:
             torch.testing.assert_close(g_fused[name], g, rtol=1e-4, atol=1e-6, msg=name)
-    assert g_naive["mtp_heads.1.mlp.down_proj.weight"].abs().sum() > 0
+    assert all(g.abs().sum() > 0 for k, g in g_naive.items() if "mtp_heads.1." in k)
+
+
+def test_a_sequential_module_at_depth_k_sees_the_true_tokens_up_to_t_plus_k():
+    model = tiny_mtp(2, head_type="sequential").eval()
+    ids = torch.randint(3, 300, (1, 24))
+    t = 10
+    with torch.no_grad():
+        base = model.hidden(ids)
+        for k in (1, 2):  # depth k predicts t + k + 1 from tokens up to t + k
+            for j, changes in ((t + k, True), (t + k + 1, False)):
+                other = ids.clone()
+                other[0, j] = (other[0, j] + 1) % 300
+                moved = not torch.allclose(model.hidden(other)[k][0, t], base[k][0, t])
+                assert moved == changes, (k, j)
+        assert torch.equal(model.hidden(ids)[0], base[0])  # head 1 is the plain model
+
+
+def test_the_head_weights_switch_at_later_from_step():
+    cfg = LossConfig(name="mtp", heads=2, weights=[1.0, 0.3], later_weights=[1.0, 0.1],
+                     later_from_step=100, head_type="sequential", reduction="sum")
+    loss = MTPLoss(cfg, EOS)
+    assert loss.weights_at(0) == loss.weights_at(99) == [1.0, 0.3]
+    assert loss.weights_at(100) == [1.0, 0.1]
 
 
 def test_the_fused_loss_keeps_no_logits_for_the_backward():
@@ -264,6 +290,28 @@ def test_under_zero3_kd_on_head_1_trains_like_the_naive_loss(tiny_lm, data_dir, 
             assert a[key] == pytest.approx(b[key], rel=2e-5), (a["step"], key)
 
 
+def test_sequential_modules_train_export_and_decode_greedily(data_dir, tmp_path):
+    run = tmp_path / "run"
+    run_pretrain(tiny_overrides(data_dir, run, **{
+        "loss": "mtp_sequential", "train.max_steps": 4, "train.export_at_end": True,
+        "loss.later_weights": "[1.0,0.1]", "loss.later_from_step": 2}))
+    rows = read_metrics(run / "metrics.jsonl")
+    assert all(r["loss"] == pytest.approx(r["ce"] + (0.3 if r["step"] <= 2 else 0.1)
+                                          * r["ce_2"], rel=1e-4) for r in rows)
+    hf = run / "hf"
+    assert json.loads((hf / "mtp_config.json").read_text())["head_type"] == "sequential"
+    lm = AutoModelForCausalLM.from_pretrained(hf)
+    heads = load_heads(hf, lm)
+    _, saved = load_checkpoint(run / "checkpoints")
+    assert all(torch.equal(p, saved[f"mtp_heads.{n}"]) for n, p in heads.state_dict().items())
+    with pytest.raises(HeadsError, match="built for parallel heads only"):
+        decode.load(hf)
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "sample.py"), f"model={hf}",
+                           "max_new_tokens=5"], capture_output=True, text=True, timeout=300,
+                          check=True)
+    assert f"[{hf}, greedy]" in proc.stdout and "speculative" not in proc.stdout
+
+
 def test_mtp_composes_with_kd_on_the_next_token_head(tiny_lm, data_dir, tmp_path):
     run = tmp_path / "run"
     run_pretrain(tiny_overrides(data_dir, run, **{
@@ -283,7 +331,8 @@ def load_cfg(overrides: list[str]):
     (["loss=mtp", "loss.heads=0"], "loss.heads=0: there must be at least one head"),
     (["loss.heads=2"], "loss.heads=2 needs loss=mtp"),
     (["loss=mtp", "loss.heads=2", "loss.weights=[1.0]"], "one weight >= 0 per head"),
-    (["loss=mtp", "loss.head_type=sequential"], "loss.head_type='sequential'"),
+    (["loss=mtp", "loss.head_type=serial"], "loss.head_type='serial'"),
+    (["loss=mtp_sequential", "loss.later_weights=[1.0,0.1]"], "go together"),
 ])
 def test_a_bad_heads_config_is_refused_with_the_reason(data_dir, overrides, message):
     cfg = load_cfg([f"data.root={data_dir}", *overrides])

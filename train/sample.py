@@ -5,7 +5,7 @@
 
 decode=speculative drafts with the model's MTP heads and verifies with its next-token head
 (the same text as greedy, in fewer forwards); `both` runs the two and compares them; `auto`
-(the default) is `both` for a model exported with MTP heads, else greedy.
+(the default) is `both` for a model exported with parallel MTP heads, else greedy.
 """
 
 import sys
@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ipt.mtp import decode
-from ipt.mtp.heads import HeadsError, has_heads
+from ipt.mtp.heads import HeadsError, stored_head_type
 
 MODES = ("auto", "greedy", "speculative", "both")
 
@@ -26,8 +26,8 @@ def main(argv: list[str]) -> None:
         sys.exit(f"usage: sample.py model=<hf folder> [prompt=...] [max_new_tokens=40] "
                  f"[decode={'|'.join(MODES)}] (unknown: {sorted(unknown)})")
     path, mode = args["model"], args.get("decode", "auto")
-    if mode == "auto":
-        mode = "both" if has_heads(path) else "greedy"
+    if mode == "auto":  # speculative decoding is built for parallel heads
+        mode = "both" if stored_head_type(path) == "parallel" else "greedy"
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompt = tokenizer(args.get("prompt", ""), return_tensors="pt").input_ids
     max_new = int(args.get("max_new_tokens", 40))

@@ -126,8 +126,12 @@ class LossConfig:
     # mtp: n heads, head i predicting token t + i; head 1 is the model's own next-token head,
     # heads 2..n are extra decoder layers kept beside the export (docs/mtp.md).
     heads: int = 1
-    head_type: str = "parallel"
+    head_type: str = "parallel"  # parallel (Gloeckle et al.) | sequential (DeepSeek-V3)
     weights: list[float] | None = None  # one per head; null: all 1
+    # Other weights from optimizer step `later_from_step` on (DeepSeek-V3 lowers its MTP
+    # weight from 0.3 to 0.1 late in training); null: the same weights throughout.
+    later_weights: list[float] | None = None
+    later_from_step: int | None = None
     reduction: str = "mean"  # mean | sum over heads (each head's CE a mean over its targets)
     # false: every head's logits at once (the naive baseline, for comparison)
     memory_efficient: bool = True

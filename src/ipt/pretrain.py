@@ -214,7 +214,7 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
     if cfg.loss.name == "mtp":
         from ipt.mtp.heads import attach
 
-        model = attach(lm, extra_heads, cfg.model.init_from)
+        model = attach(lm, extra_heads, cfg.model.init_from, cfg.loss.head_type)
     fresh = TrainerState(data_fingerprint=f"{order.key:016x}",
                          tokenizer_fingerprint=tokenizer_fp, world_size=dist.world_size,
                          model_config={**lm.config.to_dict(), "mtp_heads": extra_heads},

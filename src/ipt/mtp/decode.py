@@ -1,4 +1,4 @@
-"""Greedy decoding, plain and self-speculative with a model's own MTP heads.
+"""Greedy decoding, plain and self-speculative with a model's own (parallel) MTP heads.
 
 Self-speculation (one sequence at a time): after each forward, head 1 gives the next token
 for certain and heads 2..n draft the n - 1 after it. The next forward runs the model on all
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from ipt.mtp.heads import MTPModel, load_heads
+from ipt.mtp.heads import HeadsError, MTPModel, load_heads
 
 
 @dataclass
@@ -42,7 +42,12 @@ class Decoded:
 def load(path: str | Path) -> MTPModel:
     """An exported model with its MTP heads, for decoding (fp32, eval mode)."""
     lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    return MTPModel(lm, load_heads(path, lm)).eval()
+    model = MTPModel(lm, load_heads(path, lm)).eval()
+    if model.head_type != "parallel":
+        raise HeadsError(f"{path} has {model.head_type} MTP heads: self-speculative decoding "
+                         "is built for parallel heads only; decode it with plain greedy "
+                         "decoding (decode=greedy)")
+    return model
 
 
 def _stop(tokens: list[int], max_new: int, eos_id: int | None) -> list[int] | None:

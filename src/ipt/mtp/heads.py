@@ -1,17 +1,25 @@
-"""A causal LM with n - 1 extra prediction heads (the parallel heads of Gloeckle et al.).
+"""A causal LM with n - 1 extra prediction heads, of one of two types.
 
-Head 1 is the model itself: its last decoder layer, final norm and unembedding. Heads 2..n
-are further decoder layers of the model's own block type; they read what the last layer
-reads (the output z of layer L - 1) and share the final norm and the unembedding. Head i
-predicts token t + i. Dropping the extra heads leaves the ordinary `transformers` model, so
-the export is a plain causal LM with the heads in a file beside it:
+`parallel` (Gloeckle et al.): head 1 is the model itself, its last decoder layer, final norm
+and unembedding. Heads 2..n are further decoder layers of the model's own block type; they
+read what the last layer reads (the output z of layer L - 1) and share the final norm and
+the unembedding. Head i predicts token t + i.
+
+`sequential` (DeepSeek-V3's MTP modules): module k (k = 1..n-1) predicts token t + k + 1 from
+the previous depth's hidden state h_{k-1} (h_0: the last layer's output) and the embedding of
+token t + k: h_k = block_k(W_k [RMSNorm(h_{k-1}); RMSNorm(Emb(x_{t+k}))]), then the shared
+final norm and unembedding. The causal chain is kept: depth k sees the true tokens up to
+t + k.
+
+Dropping the extra heads leaves the ordinary `transformers` model, so the export is a plain
+causal LM with the heads in a file beside it:
 
     mtp_heads.safetensors   the extra heads' weights (`<k>.<parameter>`, k = 0 for head 2)
-    mtp_config.json         how many, of which block type, for which model shape
+    mtp_config.json         how many, of which type and block, for which model shape
 
-The heads see exactly what the last layer sees: a forward pre-hook on it captures z and the
-keyword arguments it got (attention mask, rotary embeddings, positions), whatever attention
-kernel or document masking the model uses.
+The heads see exactly what the last layer sees: a forward hook on it captures its input,
+its output and the keyword arguments it got (attention mask, rotary embeddings, positions),
+whatever attention kernel or document masking the model uses.
 """
 
 from __future__ import annotations
@@ -28,24 +36,51 @@ from transformers import PreTrainedModel
 HEADS_FILE = "mtp_heads.safetensors"
 HEADS_CONFIG = "mtp_config.json"
 PREFIX = "mtp_heads."
-HEAD_TYPES = ("parallel",)  # DeepSeek-V3's sequential modules would be the second
+HEAD_TYPES = ("parallel", "sequential")
 
 
 class HeadsError(ValueError):
     """Heads that do not fit the model, or a model without heads where they are needed."""
 
 
-def new_heads(lm: PreTrainedModel, count: int) -> nn.ModuleList:
-    """`count` freshly initialised decoder layers of the model's own type (seeded by the
-    caller); head k keeps its own KV cache slot k when decoding."""
+class SequentialModule(nn.Module):
+    """DeepSeek-V3's MTP module: the projection of [RMSNorm(h_{k-1}); RMSNorm(Emb(x_{t+k}))]
+    to the model's width, then one decoder layer of the model's own type."""
+
+    def __init__(self, lm: PreTrainedModel, k: int) -> None:
+        super().__init__()
+        c, norm = lm.config, type(lm.model.norm)
+        self.hidden_norm = norm(c.hidden_size, eps=c.rms_norm_eps)
+        self.embed_norm = norm(c.hidden_size, eps=c.rms_norm_eps)
+        self.proj = nn.Linear(2 * c.hidden_size, c.hidden_size, bias=False)
+        self.block = type(lm.model.layers[-1])(c, layer_idx=k)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        x = self.proj(torch.cat([self.hidden_norm(h), self.embed_norm(emb)], dim=-1))
+        out = self.block(x, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def new_heads(lm: PreTrainedModel, count: int, head_type: str = "parallel") -> nn.ModuleList:
+    """`count` freshly initialised heads (seeded by the caller); head k keeps its own KV
+    cache slot k when decoding."""
     kinds = set(getattr(lm.config, "layer_types", None) or ())
     if len(kinds) > 1:  # a head gets the last layer's mask, so all layers must share one kind
         raise HeadsError(f"MTP heads need one attention type in every layer; this model mixes "
                          f"{sorted(kinds)}")
-    block = type(lm.model.layers[-1])
-    heads = nn.ModuleList(block(lm.config, layer_idx=k) for k in range(count))
+    if head_type not in HEAD_TYPES:
+        raise HeadsError(f"MTP head type {head_type!r}; known: {HEAD_TYPES}")
+    if head_type == "sequential":
+        heads = nn.ModuleList(SequentialModule(lm, k) for k in range(count))
+    else:
+        block = type(lm.model.layers[-1])
+        heads = nn.ModuleList(block(lm.config, layer_idx=k) for k in range(count))
     heads.apply(lm._init_weights)
     return heads.to(dtype=lm.dtype)
+
+
+def head_type_of(heads: nn.ModuleList) -> str:
+    return "sequential" if len(heads) and isinstance(heads[0], SequentialModule) else "parallel"
 
 
 class MTPModel(nn.Module):
@@ -57,9 +92,10 @@ class MTPModel(nn.Module):
         self.model, self.lm_head, self.mtp_heads = lm.model, lm.lm_head, heads
         self.config = lm.config
         object.__setattr__(self, "lm", lm)  # the whole causal LM, not registered twice
-        self._seen: tuple[torch.Tensor, dict[str, Any]] | None = None
+        self.head_type = head_type_of(heads)
+        self._seen: tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None = None
         if len(heads):
-            lm.model.layers[-1].register_forward_pre_hook(self._capture, with_kwargs=True)
+            lm.model.layers[-1].register_forward_hook(self._capture, with_kwargs=True)
         # The fused loss reads the unembedding directly rather than calling its module: under
         # ZeRO-3 this keeps it gathered for the whole forward (elsewhere it is a no-op).
         from deepspeed.runtime.zero.partition_parameters import register_external_parameter
@@ -70,9 +106,11 @@ class MTPModel(nn.Module):
     def n(self) -> int:
         return len(self.mtp_heads) + 1
 
-    def _capture(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    def _capture(self, module: nn.Module, args: tuple, kwargs: dict[str, Any],
+                 output: Any) -> None:
         z = args[0] if args else kwargs["hidden_states"]
-        self._seen = (z, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+        out = output[0] if isinstance(output, tuple) else output
+        self._seen = (z, out, {k: v for k, v in kwargs.items() if k != "hidden_states"})
 
     def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                past: Any = None, head_past: Any = None,
@@ -84,13 +122,22 @@ class MTPModel(nn.Module):
                          use_cache=past is not None)
         hs = [out.last_hidden_state]
         if heads and len(self.mtp_heads):
-            assert self._seen is not None, "the last layer's pre-hook did not run"
-            z, kwargs = self._seen
+            assert self._seen is not None, "the last layer's hook did not run"
+            z, h, kwargs = self._seen
             self._seen = None
             kwargs = {**kwargs, "past_key_values": head_past}
-            for head in self.mtp_heads:
-                h = head(z, **kwargs)
-                hs.append(self.model.norm(h[0] if isinstance(h, tuple) else h))
+            if self.head_type == "sequential":
+                emb = self.model.embed_tokens(input_ids)
+                for k, module in enumerate(self.mtp_heads, start=1):
+                    # Emb(x_{t+k}); past the sequence's end zeros (those positions have no
+                    # target at this depth, and causal attention keeps them from the rest)
+                    shifted = torch.cat([emb[:, k:], emb.new_zeros(emb[:, :k].shape)], dim=1)
+                    h = module(h, shifted, **kwargs)
+                    hs.append(self.model.norm(h))
+            else:
+                for head in self.mtp_heads:
+                    out = head(z, **kwargs)
+                    hs.append(self.model.norm(out[0] if isinstance(out, tuple) else out))
         return hs
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, scales: list[float],
@@ -106,21 +153,24 @@ class MTPModel(nn.Module):
         return heads_loss(hs, self.lm_head, targets, scales, kd, memory_efficient, chunk_size)
 
 
-def attach(lm: PreTrainedModel, extra: int, init_from: str | None) -> MTPModel:
+def attach(lm: PreTrainedModel, extra: int, init_from: str | None,
+           head_type: str = "parallel") -> MTPModel:
     """`lm` with `extra` heads: those saved beside `init_from` when it has them (continual
     pre-training of an MTP model), else new ones."""
     if init_from is not None and has_heads(init_from):
         heads = load_heads(init_from, lm)
-        if len(heads) != extra:
-            raise HeadsError(f"model.init_from={init_from} has {len(heads)} extra MTP heads, "
-                             f"loss.heads={extra + 1} asks for {extra}")
+        found = (len(heads), head_type_of(heads))
+        if found != (extra, head_type):
+            raise HeadsError(f"model.init_from={init_from} has {found[0]} extra MTP heads of "
+                             f"type {found[1]}; loss.heads={extra + 1}, loss.head_type="
+                             f"{head_type} asks for {extra} of type {head_type}")
     else:
-        heads = new_heads(lm, extra)
+        heads = new_heads(lm, extra, head_type)
     return MTPModel(lm, heads)
 
 
-def heads_config(config: Any, count: int) -> dict[str, Any]:
-    return {"heads": count + 1, "extra_heads": count, "head_type": "parallel",
+def heads_config(config: Any, count: int, head_type: str) -> dict[str, Any]:
+    return {"heads": count + 1, "extra_heads": count, "head_type": head_type,
             "block": f"{config.model_type} decoder layer", "hidden_size": config.hidden_size,
             "vocab_size": config.vocab_size, "num_hidden_layers": config.num_hidden_layers}
 
@@ -131,13 +181,23 @@ def save_heads(state: dict[str, torch.Tensor], config: Any, out: Path) -> int:
     tensors = {k[len(PREFIX):]: v.contiguous() for k, v in state.items() if k.startswith(PREFIX)}
     count = len({k.split(".", 1)[0] for k in tensors})
     if count:
+        head_type = "sequential" if "0.proj.weight" in tensors else "parallel"
         save_file(tensors, str(out / HEADS_FILE), metadata={"format": "pt"})
-        (out / HEADS_CONFIG).write_text(json.dumps(heads_config(config, count), indent=1))
+        (out / HEADS_CONFIG).write_text(json.dumps(heads_config(config, count, head_type),
+                                                   indent=1))
     return count
 
 
 def has_heads(path: str | Path) -> bool:
     return (Path(path) / HEADS_FILE).is_file() or (Path(path) / HEADS_CONFIG).is_file()
+
+
+def stored_head_type(path: str | Path) -> str | None:
+    """The type of the heads beside a model folder (None: none, or unreadable)."""
+    try:
+        return str(json.loads((Path(path) / HEADS_CONFIG).read_text())["head_type"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def load_heads(path: str | Path, lm: PreTrainedModel) -> nn.ModuleList:
@@ -156,13 +216,13 @@ def load_heads(path: str | Path, lm: PreTrainedModel) -> nn.ModuleList:
                          f"re-export the checkpoint (train/export_hf.py)") from e
     if meta.get("head_type") not in HEAD_TYPES:
         raise HeadsError(f"the MTP heads in {path} are of type {meta.get('head_type')!r}; "
-                         f"this version decodes {HEAD_TYPES}")
+                         f"this version knows {HEAD_TYPES}")
     c = lm.config
     for key in ("hidden_size", "vocab_size"):
         if meta.get(key) != getattr(c, key):
             raise HeadsError(f"the MTP heads in {path} were made for {key}={meta.get(key)}, "
                              f"the model has {getattr(c, key)}")
-    heads = new_heads(lm, extra)
+    heads = new_heads(lm, extra, meta["head_type"])
     expected = heads.state_dict()
     wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
              for k, v in expected.items() if k in state and state[k].shape != v.shape]

@@ -3,7 +3,8 @@
     L = sum_i w_i * CE_i          (loss.reduction=sum)   or   the same / n   (mean)
 
 CE_i is head i's mean cross-entropy over its own targets (token t + i), each head normalised
-by its own count. A position has no target for head i when token t + i lies in another
+by its own count. DeepSeek-V3's L_main + (lambda / D) * sum_k CE_k is `reduction=sum` with
+weights [1, lambda / D, ...] (`configs/loss/mtp_sequential.yaml`). A position has no target for head i when token t + i lies in another
 document of the packed sequence, past the sequence, or under a loss mask.
 
 Memory. The naive loss keeps every head's logits ([batch, seq, vocab] each, plus their fp32
@@ -166,7 +167,13 @@ class MTPLoss:
         n = cfg.heads
         self.cfg, self.eos_id = cfg, eos_id
         self.weights = list(cfg.weights) if cfg.weights is not None else [1.0] * n
+        self.later = list(cfg.later_weights) if cfg.later_weights is not None else None
         self.divisor = n if cfg.reduction == "mean" else 1
+
+    def weights_at(self, step: int) -> list[float]:
+        """The head weights at optimizer step `step` (a pure function: resume is exact)."""
+        later = self.later is not None and step >= (self.cfg.later_from_step or 0)
+        return self.later if later and self.later is not None else self.weights
 
     def __call__(self, model: Any, batch: dict[str, torch.Tensor], step: int,
                  kd: KDTerm | None = None) -> LossOutput:
@@ -174,7 +181,8 @@ class MTPLoss:
         n = self.cfg.heads if training else 1  # evaluation: head 1 alone, the extra heads idle
         targets = head_targets(batch["input_ids"], batch["labels"], n, self.eos_id)
         counts = [max(int(c), 1) for c in (targets != IGNORE).sum((1, 2)).tolist()]
-        scales = [w / c / self.divisor for w, c in zip(self.weights, counts, strict=False)]
+        scales = [w / c / self.divisor for w, c in zip(self.weights_at(step), counts,
+                                                       strict=False)]
         loss, ce, kd_sum = model(input_ids=batch["input_ids"], targets=targets, scales=scales,
                                  position_ids=batch.get("position_ids"), kd=kd,
                                  memory_efficient=self.cfg.memory_efficient,
@@ -199,10 +207,14 @@ def check(cfg: LossConfig) -> None:
                           "is the next-token head)")
     if cfg.head_type not in HEAD_TYPES:
         raise ConfigError(f"loss.head_type={cfg.head_type!r}; built: {HEAD_TYPES}")
-    if cfg.weights is not None and (len(cfg.weights) != cfg.heads
-                                    or any(w < 0 for w in cfg.weights)):
-        raise ConfigError(f"loss.weights={list(cfg.weights)} must give one weight >= 0 per "
-                          f"head (loss.heads={cfg.heads})")
+    for key in ("weights", "later_weights"):
+        w = getattr(cfg, key)
+        if w is not None and (len(w) != cfg.heads or any(x < 0 for x in w)):
+            raise ConfigError(f"loss.{key}={list(w)} must give one weight >= 0 per head "
+                              f"(loss.heads={cfg.heads})")
+    if (cfg.later_weights is None) != (cfg.later_from_step is None):
+        raise ConfigError("loss.later_weights and loss.later_from_step go together: set both "
+                          "(or neither)")
     if cfg.reduction not in ("sum", "mean") or cfg.chunk_size < 1:
         raise ConfigError(f"loss.reduction={cfg.reduction!r} must be sum or mean, "
                           f"loss.chunk_size={cfg.chunk_size} >= 1")
