@@ -126,11 +126,12 @@ def decoding(model_dir: Path = ROOT / "runs" / "demo" / "hf", max_new: int = 64,
     from transformers import AutoTokenizer
 
     from ipt.mtp import decode
-    from ipt.mtp.heads import has_heads
+    from ipt.mtp.heads import stored_head_type
 
-    if not has_heads(model_dir):
+    if stored_head_type(model_dir) != "parallel":
         return {"benchmark": "mtp_self_speculative_decoding",
-                "skipped": f"no MTP model at {model_dir}: run `make train` first"}
+                "skipped": f"no model with parallel MTP heads at {model_dir}: run "
+                           "`make train` first"}
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = decode.load(model_dir)

@@ -333,6 +333,8 @@ def load_cfg(overrides: list[str]):
     (["loss=mtp", "loss.heads=2", "loss.weights=[1.0]"], "one weight >= 0 per head"),
     (["loss=mtp", "loss.head_type=serial"], "loss.head_type='serial'"),
     (["loss=mtp_sequential", "loss.later_weights=[1.0,0.1]"], "go together"),
+    (["loss=mtp_sequential", "loss.later_weights=[1.0,0.1]", "loss.later_from_step=-1"],
+     "loss.later_from_step=-1 must be >= 0"),
 ])
 def test_a_bad_heads_config_is_refused_with_the_reason(data_dir, overrides, message):
     cfg = load_cfg([f"data.root={data_dir}", *overrides])
@@ -359,10 +361,15 @@ def test_heads_of_another_model_shape_are_refused(mtp_run, tmp_path):
             load_heads(mtp_run / "hf", other)
 
 
-def test_resuming_a_run_with_another_head_count_is_refused():
+def test_resuming_a_run_with_another_head_count_or_type_is_refused():
     saved = TrainerState(model_config={"hidden_size": 64})  # made before heads existed: none
     with pytest.raises(CheckpointError, match="mtp_heads: checkpoint 0 vs config 2"):
         check_compatible(saved, {"hidden_size": 64, "mtp_heads": 2}, ROOT)
+    saved.model_config |= {"mtp_heads": 1, "mtp_head_type": "parallel"}
+    with pytest.raises(CheckpointError, match="mtp_head_type: checkpoint parallel vs config "
+                                              "sequential"):
+        check_compatible(saved, {"hidden_size": 64, "mtp_heads": 1,
+                                 "mtp_head_type": "sequential"}, ROOT)
 
 
 def test_new_heads_are_the_models_own_block_type_and_init():

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ipt.mtp import decode
-from ipt.mtp.heads import HeadsError, stored_head_type
+from ipt.mtp.heads import HeadsError, has_heads, stored_head_type
 
 MODES = ("auto", "greedy", "speculative", "both")
 
@@ -27,7 +27,8 @@ def main(argv: list[str]) -> None:
                  f"[decode={'|'.join(MODES)}] (unknown: {sorted(unknown)})")
     path, mode = args["model"], args.get("decode", "auto")
     if mode == "auto":  # speculative decoding is built for parallel heads
-        mode = "both" if stored_head_type(path) == "parallel" else "greedy"
+        unreadable = has_heads(path) and stored_head_type(path) is None
+        mode = "both" if stored_head_type(path) == "parallel" or unreadable else "greedy"
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompt = tokenizer(args.get("prompt", ""), return_tensors="pt").input_ids
     max_new = int(args.get("max_new_tokens", 40))

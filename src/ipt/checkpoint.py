@@ -155,8 +155,10 @@ def read_state(path: Path) -> TrainerState:
 def check_compatible(saved: TrainerState, model_config: dict[str, Any], path: Path) -> None:
     """Refuse to resume into a different architecture, naming the fields that differ."""
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "tie_word_embeddings", "mtp_heads")
-    default = {"mtp_heads": 0}  # extra multi-token heads (loss.heads - 1); older runs had none
+            "num_attention_heads", "num_key_value_heads", "tie_word_embeddings", "mtp_heads",
+            "mtp_head_type")
+    # extra multi-token heads (loss.heads - 1) and their type; older runs had none
+    default = {"mtp_heads": 0, "mtp_head_type": None}
     diff = [f"{k}: checkpoint {saved.model_config.get(k, default.get(k))} vs config "
             f"{model_config.get(k, default.get(k))}" for k in keys
             if saved.model_config.get(k, default.get(k)) != model_config.get(k, default.get(k))]

@@ -128,8 +128,9 @@ class LossConfig:
     heads: int = 1
     head_type: str = "parallel"  # parallel (Gloeckle et al.) | sequential (DeepSeek-V3)
     weights: list[float] | None = None  # one per head; null: all 1
-    # Other weights from optimizer step `later_from_step` on (DeepSeek-V3 lowers its MTP
-    # weight from 0.3 to 0.1 late in training); null: the same weights throughout.
+    # Other weights once `later_from_step` optimizer steps are done, i.e. from logged step
+    # later_from_step + 1 on (DeepSeek-V3 lowers its MTP weight from 0.3 to 0.1 late in
+    # training); null: the same weights throughout.
     later_weights: list[float] | None = None
     later_from_step: int | None = None
     reduction: str = "mean"  # mean | sum over heads (each head's CE a mean over its targets)

@@ -47,7 +47,16 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(ckpt: str | Path) -> tuple[PreTrainedModel, dict[str, torch.Tensor]]:
     """The trained causal LM of a checkpoint, as a plain `transformers` module in fp32, and
     the weights of its extra MTP heads (`mtp_heads.*`; empty without them)."""
-    path = resolve_checkpoint(ckpt)
+    return _load(resolve_checkpoint(ckpt))
+
+
+def head_type(ckpt: Path) -> str:
+    """The MTP head type a checkpoint was trained with (its resolved config)."""
+    loss = checkpoint.read_state(ckpt).config.get("loss") or {}
+    return str(loss.get("head_type", "parallel"))
+
+
+def _load(path: Path) -> tuple[PreTrainedModel, dict[str, torch.Tensor]]:
     config = AutoConfig.from_pretrained(path / "hf_config")
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = consolidated_state_dict(path)
@@ -69,12 +78,13 @@ def export_hf(ckpt: str | Path, out: str | Path, tokenizer_dir: str | Path) -> P
     """A Hugging Face folder `transformers` loads as it is; MTP heads, if the model has any,
     go beside it (`mtp_heads.safetensors`, `mtp_config.json`)."""
     out = Path(out)
-    model, heads = load_checkpoint(ckpt)
+    path = resolve_checkpoint(ckpt)
+    model, heads = _load(path)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.config.use_cache = True
     model.save_pretrained(tmp, safe_serialization=True)
-    mtp.save_heads(heads, model.config, tmp)
+    mtp.save_heads(heads, model.config, tmp, head_type(path))
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

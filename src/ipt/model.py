@@ -66,13 +66,16 @@ def count_params(model: torch.nn.Module, exclude_embeddings: bool = True) -> int
     return n
 
 
-def flops_per_token(model: PreTrainedModel, seq_len: int, extra_heads: int = 0) -> float:
+def flops_per_token(model: PreTrainedModel, seq_len: int, extra_heads: int = 0,
+                    head_params: int | None = None) -> float:
     """Training FLOPs per token: 6N for the matmuls plus attention scores (PaLM's estimate);
-    each extra MTP head adds a decoder layer and another pass through the unembedding."""
+    each extra MTP head adds its own matmuls (`head_params`; default one decoder layer's) and
+    another pass through the unembedding."""
     c = model.config
     n = count_params(model, exclude_embeddings=True)
     if c.tie_word_embeddings:
         n += _embedding_numel(model)  # the unembedding matmul still runs
-    layer = sum(p.numel() for p in model.model.layers[-1].parameters())
-    per_head = 6 * (layer + c.vocab_size * c.hidden_size) + 12 * c.hidden_size * seq_len
+    if head_params is None:
+        head_params = sum(p.numel() for p in model.model.layers[-1].parameters())
+    per_head = 6 * (head_params + c.vocab_size * c.hidden_size) + 12 * c.hidden_size * seq_len
     return 6 * n + 12 * c.num_hidden_layers * c.hidden_size * seq_len + extra_heads * per_head

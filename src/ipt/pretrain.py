@@ -211,13 +211,18 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
     lm = build_model(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     model: torch.nn.Module = lm
     extra_heads = cfg.loss.heads - 1 if cfg.loss.name == "mtp" else 0
+    head_params = None
     if cfg.loss.name == "mtp":
         from ipt.mtp.heads import attach
 
         model = attach(lm, extra_heads, cfg.model.init_from, cfg.loss.head_type)
+        if extra_heads:
+            head_params = sum(p.numel() for p in model.mtp_heads[0].parameters())
     fresh = TrainerState(data_fingerprint=f"{order.key:016x}",
                          tokenizer_fingerprint=tokenizer_fp, world_size=dist.world_size,
-                         model_config={**lm.config.to_dict(), "mtp_heads": extra_heads},
+                         model_config={**lm.config.to_dict(), "mtp_heads": extra_heads,
+                                       "mtp_head_type": cfg.loss.head_type if extra_heads
+                                       else None},
                          config=as_dict(cfg))
     candidates = find_resume_point(cfg, run_dir / "checkpoints")
     universal = needs_universal(candidates, dist)
@@ -247,7 +252,7 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
 
     trainer = Trainer(engine, loss_fn, batches, state, dist, grad_accum,
                       cfg.train.global_batch_size, cfg.data.seq_len, cfg.train.max_steps,
-                      callbacks, flops_per_token(lm, cfg.data.seq_len, extra_heads),
+                      callbacks, flops_per_token(lm, cfg.data.seq_len, extra_heads, head_params),
                       peak_flops(cfg.logger.peak_flops), cfg.train.stop_after)
     if dist.is_main:
         log.info("training %s: %s params, %d ranks, grad accumulation %d, from step %d",

@@ -175,13 +175,13 @@ def heads_config(config: Any, count: int, head_type: str) -> dict[str, Any]:
             "vocab_size": config.vocab_size, "num_hidden_layers": config.num_hidden_layers}
 
 
-def save_heads(state: dict[str, torch.Tensor], config: Any, out: Path) -> int:
+def save_heads(state: dict[str, torch.Tensor], config: Any, out: Path,
+               head_type: str = "parallel") -> int:
     """Write the extra heads found in a full state dict (keys `mtp_heads.*`) beside an export;
     returns how many there were (0: nothing written)."""
     tensors = {k[len(PREFIX):]: v.contiguous() for k, v in state.items() if k.startswith(PREFIX)}
     count = len({k.split(".", 1)[0] for k in tensors})
     if count:
-        head_type = "sequential" if "0.proj.weight" in tensors else "parallel"
         save_file(tensors, str(out / HEADS_FILE), metadata={"format": "pt"})
         (out / HEADS_CONFIG).write_text(json.dumps(heads_config(config, count, head_type),
                                                    indent=1))

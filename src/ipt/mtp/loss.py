@@ -215,6 +215,9 @@ def check(cfg: LossConfig) -> None:
     if (cfg.later_weights is None) != (cfg.later_from_step is None):
         raise ConfigError("loss.later_weights and loss.later_from_step go together: set both "
                           "(or neither)")
+    if cfg.later_from_step is not None and cfg.later_from_step < 0:
+        raise ConfigError(f"loss.later_from_step={cfg.later_from_step} must be >= 0 (optimizer "
+                          "steps done before the later weights apply)")
     if cfg.reduction not in ("sum", "mean") or cfg.chunk_size < 1:
         raise ConfigError(f"loss.reduction={cfg.reduction!r} must be sum or mean, "
                           f"loss.chunk_size={cfg.chunk_size} >= 1")
