@@ -10,7 +10,7 @@ DEMO_SLM  ?= runs/demo-slm
 # CI runs the slow end-to-end tests too; `make test` locally skips them (`make test-slow` runs them).
 PYTEST_SELECT := $(if $(CI),,-m "not slow")
 
-.PHONY: setup train test test-slow bench experiment-salt lint clean
+.PHONY: setup train test test-slow bench experiment-salt lint clean slurm
 
 setup: $(STAMP)
 
@@ -66,6 +66,10 @@ bench: $(STAMP)
 # SALT at toy scale: a 4-layer student with and without early KD from a 2-layer SLM (docs/salt.md)
 experiment-salt: $(STAMP)
 	$(PY) experiments/salt_kd.py $(ARGS)
+
+# A one-node SLURM cluster on this machine (root; installs Debian's slurm + munge if missing)
+slurm:
+	bash launch/local_slurm.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src train data_pipeline tests bench experiments

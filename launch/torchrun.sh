@@ -4,25 +4,38 @@
 #   NPROC=2 bash launch/torchrun.sh train/pretrain.py experiment=demo
 #   NNODES=4 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 NPROC=8 bash launch/torchrun.sh ...
 #
-# NPROC        ranks per node (default: GPUs on the node, else 2)
-# NNODES       nodes (default 1: a standalone rendezvous on this node)
-# NODE_RANK    this node's index (multi-node)
-# MASTER_ADDR  MASTER_PORT   the rendezvous endpoint (multi-node)
+# NPROC         ranks per node (default: SLURM's GPUs on the node, else the GPUs torch sees,
+#               else 2 on CPU)
+# NNODES        nodes (default 1: a standalone rendezvous on this node)
+# NODE_RANK     this node's index (multi-node)
+# MASTER_ADDR   MASTER_PORT   the rendezvous endpoint (multi-node; port default 29500)
+# RDZV_ID       rendezvous id shared by the nodes of one job (default ipt)
+# STOP_TIMEOUT  seconds the ranks get to checkpoint after torchrun is sent SIGTERM (default 120)
+# PYTHON        interpreter (default .venv/bin/python)
+#
+# Exit status: the ranks' status; 75 when they stopped on SIGTERM/SIGUSR1 after checkpointing
+# (launch/slurm.sbatch requeues the job then).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 py="${PYTHON:-$here/.venv/bin/python}"
 [ -x "$py" ] || py=python3
+fail() { echo "launch/torchrun.sh: $*" >&2; exit 2; }
+[ $# -ge 1 ] || fail "usage: [NPROC=n] bash launch/torchrun.sh <script.py> [overrides...]"
 gpus=$("$py" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
-nproc="${NPROC:-$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 2)}"
+default_nproc=${SLURM_GPUS_ON_NODE:-$gpus}
+[ "$default_nproc" -gt 0 ] || default_nproc=2
+nproc="${NPROC:-$default_nproc}"
 nnodes="${NNODES:-1}"
+[[ "$nproc" =~ ^[1-9][0-9]*$ ]] || fail "NPROC=$nproc is not a positive number of ranks"
 if [ "$gpus" -gt 0 ] && [ "$nproc" -gt "$gpus" ]; then
-  echo "launch/torchrun.sh: NPROC=$nproc ranks but this node has $gpus GPUs; set NPROC<=$gpus" >&2
-  exit 2
+  fail "NPROC=$nproc ranks but this node has $gpus GPUs; set NPROC<=$gpus (one rank per GPU)" \
+       "or ask SLURM for more GPUs per node (--gpus-per-node)"
 fi
+common=(--nproc_per_node "$nproc" --shutdown_timeout "${STOP_TIMEOUT:-120}")
 if [ "$nnodes" -eq 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
-  exec "$py" -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$@"
+  exec "$py" -m ipt.launch --standalone "${common[@]}" "$@"
 fi
 : "${MASTER_ADDR:?multi-node needs MASTER_ADDR}" "${NODE_RANK:=0}"
-exec "$py" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$NODE_RANK" \
-  --nproc_per_node "$nproc" --rdzv_backend c10d \
-  --rdzv_endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv_id "${RDZV_ID:-ipt}" "$@"
+exec "$py" -m ipt.launch --nnodes "$nnodes" --node_rank "$NODE_RANK" "${common[@]}" \
+  --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" \
+  --rdzv_id "${RDZV_ID:-ipt}" "$@"

@@ -1,7 +1,10 @@
-"""What every entry point shares: a known failure is one clear line and exit code 2."""
+"""What every entry point shares: a known failure is one clear line and exit code 2; a run
+stopped by a signal (after its checkpoint) exits with `EXIT_REQUEUE`, which
+`launch/slurm.sbatch` turns into `scontrol requeue`."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +13,10 @@ from ipt.checkpoint import CheckpointError
 from ipt.config import ConfigError
 from ipt.data.shards import ShardError
 from ipt.data.tokenizer import TokenizerError
+from ipt.trainer import Stopped
+
+# EX_TEMPFAIL in sysexits.h: a temporary failure, worth retrying
+EXIT_REQUEUE = 75
 
 KNOWN = (ConfigError, CheckpointError, ShardError, TokenizerError, FileNotFoundError)
 
@@ -20,3 +27,7 @@ def run(job: Callable[[], Any]) -> Any:
     except KNOWN as e:
         print(f"ipt: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"ipt: {e} (exit {EXIT_REQUEUE}: requeue)", file=sys.stderr)
+        sys.exit(EXIT_REQUEUE)

@@ -53,6 +53,18 @@ def launcher_env() -> dict[str, int]:
     return {"rank": 0, "world": 1, "local_rank": 0, "local_world": 1}
 
 
+def slurm_rendezvous() -> dict[str, str]:
+    """MASTER_ADDR/PORT for ranks started by `srun` itself (no torchrun): the allocation's first
+    node, and the port launch/slurm.sbatch would derive from the job id."""
+    import subprocess
+
+    env = os.environ
+    nodes = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
+                           capture_output=True, text=True, check=True).stdout.split()
+    return {"MASTER_ADDR": nodes[0],
+            "MASTER_PORT": env.get("MASTER_PORT", str(20000 + int(env["SLURM_JOB_ID"]) % 20000))}
+
+
 def set_threads(threads_per_rank: int, local_world_size: int) -> int:
     """Pin intra-op threads per rank: on CPU, oversubscription costs more than it gives."""
     n = threads_per_rank or max(1, (os.cpu_count() or 1) // local_world_size)
@@ -65,6 +77,8 @@ def init_distributed(threads_per_rank: int = 0) -> Dist:
     import deepspeed
 
     e = launcher_env()
+    if e["world"] > 1 and "MASTER_ADDR" not in os.environ and "SLURM_JOB_NODELIST" in os.environ:
+        os.environ.update(slurm_rendezvous())
     if e["world"] == 1 and "MASTER_ADDR" not in os.environ:
         # A plain process: give torch.distributed a private single-rank rendezvous.
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))

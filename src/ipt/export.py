@@ -104,6 +104,8 @@ class ExportAtEnd:
         pass
 
     def on_end(self, trainer: Any) -> None:
+        if not trainer.finished:
+            return  # stopped early: the run is not over
         if trainer.dist.is_main:
             path = self.ckpt_root / checkpoint.tag_for(trainer.state.step)
             export_hf(path, self.out, self.tokenizer_dir)

@@ -104,6 +104,8 @@ class MetricsLogger:
         if self.cfg.plot:
             plot_losses(self.path, self.run_dir / "loss.png")
         if self.wandb is not None:
+            if trainer.stopped:
+                self.wandb.mark_preempting()  # shown as preempted; the requeued job resumes it
             self.wandb.finish()
         if self.tb is not None:
             self.tb.close()

@@ -31,7 +31,7 @@ from ipt.observe import MetricsLogger, peak_flops
 from ipt.schedule import lr_multiplier
 from ipt.slm.kd import DistillationLoss, kd_weight
 from ipt.slm.select import SelectedOrder, selected_order
-from ipt.trainer import Checkpointer, Evaluator, Trainer
+from ipt.trainer import Checkpointer, Evaluator, Stopped, StopRequests, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,15 @@ def distillation(cfg: PretrainConfig, dist: Dist, step: int, base: Callable[...,
 
 
 def pretrain(cfg: PretrainConfig) -> TrainerState:
+    """Train; raises `Stopped` (after checkpointing) when a rank got SIGTERM or SIGUSR1."""
+    stop_requests = StopRequests().install()  # first: a signal during set-up is not lost
+    try:
+        return _pretrain(cfg, stop_requests)
+    finally:
+        stop_requests.uninstall()
+
+
+def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests) -> TrainerState:
     dist = init_distributed(cfg.train.threads_per_rank)
     setup_logging(dist)
     grad_accum = validate(cfg, dist.world_size)
@@ -253,7 +262,7 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
     trainer = Trainer(engine, loss_fn, batches, state, dist, grad_accum,
                       cfg.train.global_batch_size, cfg.data.seq_len, cfg.train.max_steps,
                       callbacks, flops_per_token(lm, cfg.data.seq_len, extra_heads, head_params),
-                      peak_flops(cfg.logger.peak_flops), cfg.train.stop_after)
+                      peak_flops(cfg.logger.peak_flops), cfg.train.stop_after, stop_requests)
     if dist.is_main:
         log.info("training %s: %s params, %d ranks, grad accumulation %d, from step %d",
                  cfg.name, f"{sum(p.numel() for p in model.parameters()):,}", dist.world_size,
@@ -262,6 +271,8 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
         state = trainer.fit()
     finally:
         batches.close()
+    if trainer.stopped is not None:
+        raise Stopped(state.step, trainer.stopped)
     if dist.is_main and trainer.finished:
         summary = {"run_dir": str(run_dir), "step": state.step,
                    "checkpoint": str(run_dir / "checkpoints" / checkpoint.tag_for(state.step))}

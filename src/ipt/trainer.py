@@ -4,11 +4,19 @@ The loop knows nothing about specific losses, checkpoints or logging sinks: each
 callback with `on_start`, `on_step` and `on_end`, called in order on every rank (a callback
 that only rank 0 needs checks the rank itself). Callbacks may add entries to a step's metrics
 (validation adds `val_loss`) before later ones log them.
+
+A run stops early, cleanly, when any rank gets SIGTERM or SIGUSR1 (`StopRequests`): the ranks
+agree on it at the end of a step (inside the all-reduce they already do for the metrics), the
+callbacks' `on_end` runs (the checkpointer saves that step), and `fit` returns with
+`trainer.stopped` set; `Trainer.finished` says the run reached `max_steps`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -25,6 +33,47 @@ from ipt.engine import Dist
 from ipt.losses import LossOutput
 from ipt.observe import peak_memory_gb
 
+log = logging.getLogger(__name__)
+
+
+class StopRequests:
+    """Records SIGTERM and SIGUSR1 instead of dying: the trainer stops at the next step boundary.
+
+    SLURM sends one of them before a time limit (`--signal=USR1@<seconds>`) or a preemption;
+    torchrun forwards SIGTERM. The handler only notes the signal; everything else happens in
+    the training loop, between steps.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class Stopped(Exception):  # noqa: N818 - not an error: the run was asked to stop
+    """The run stopped at a step boundary on a signal, after checkpointing that step."""
+
+    def __init__(self, step: int, reason: str) -> None:
+        super().__init__(f"stopped at step {step} ({reason}); the checkpoint of step {step} is "
+                         "written, and running the same command again resumes from it")
+        self.step, self.reason = step, reason
+
 
 class Callback(Protocol):
     def on_start(self, trainer: Trainer) -> None: ...
@@ -37,27 +86,33 @@ class Trainer:
                  batches: Iterator[dict[str, torch.Tensor]], state: TrainerState, dist: Dist,
                  grad_accum: int, global_batch: int, seq_len: int, max_steps: int,
                  callbacks: list[Any], flops_per_token: float = 0.0,
-                 peak_flops: float | None = None, stop_after: int | None = None) -> None:
+                 peak_flops: float | None = None, stop_after: int | None = None,
+                 stop_requests: StopRequests | None = None) -> None:
         self.engine, self.loss_fn, self.batches = engine, loss_fn, batches
         self.state, self.dist = state, dist
         self.grad_accum, self.global_batch, self.seq_len = grad_accum, global_batch, seq_len
         self.max_steps, self.callbacks = max_steps, callbacks
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.stop_after = stop_after
-        self.finished = False  # reached max_steps (not stopped early)
+        self.stop_requests = stop_requests or StopRequests()
+        self.finished = False  # reached max_steps
+        self.stopped: str | None = None  # why the run stopped early (every rank agrees)
 
     def fit(self) -> TrainerState:
         for cb in self.callbacks:
             cb.on_start(self)
         steps_here = 0
-        while self.state.step < self.max_steps:
+        while self.state.step < self.max_steps and self.stopped is None:
             metrics = self.train_step()
             for cb in self.callbacks:
                 cb.on_step(self, metrics)
             steps_here += 1
             if self.stop_after is not None and steps_here >= self.stop_after:
                 return self.state  # as if the process died here: no final checkpoint
-        self.finished = True
+        self.finished = self.stopped is None
+        if self.stopped is not None and self.dist.is_main:
+            log.warning("stopping at step %d: %s; checkpointing it", self.state.step,
+                        self.stopped)
         for cb in self.callbacks:
             cb.on_end(self)
         return self.state
@@ -83,7 +138,12 @@ class Trainer:
             totals["loss"] = totals.get("loss", 0.0) + out.loss.item()
             for k, v in out.metrics.items():
                 totals[k] = totals.get(k, 0.0) + v
+        # the stop request rides along with the metrics' all-reduce: no extra collective
+        totals["_stop"] = self.grad_accum * float(self.stop_requests.received is not None)
         means = self._mean_over_ranks({k: v / self.grad_accum for k, v in totals.items()})
+        if means.pop("_stop") > 0:
+            self.stopped = (f"{self.stop_requests.received} received" if
+                            self.stop_requests.received else "a signal reached another rank")
         elapsed = time.perf_counter() - start
         self.state.step += 1
         self.state.consumed_samples += self.global_batch

@@ -1,0 +1,98 @@
+"""Preemption: SIGUSR1 to every process of the job (what SLURM's `--signal` does) or SIGTERM to
+the launcher stops a 2-rank run at a step boundary, with a checkpoint of that step and exit
+status 75; the same command then resumes and logs exactly the losses of a run that was never
+interrupted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from ipt import checkpoint
+from ipt.cli import EXIT_REQUEUE
+from ipt.observe import read_metrics
+
+from .conftest import ROOT, run_pretrain, tiny_overrides
+from .test_resume import losses
+
+STEPS = 40
+
+
+def launch(overrides: list[str], nproc: int) -> subprocess.Popen:
+    env = {**os.environ, "NPROC": str(nproc), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(["bash", "launch/torchrun.sh", "train/pretrain.py", *overrides],
+                            cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(proc: subprocess.Popen, metrics, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the run ended before step {step}:\n{proc.stderr.read()}"
+        if metrics.exists() and any(r["step"] >= step for r in read_metrics(metrics)):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["usr1-to-all", "term-to-launcher"])
+def test_signal_checkpoints_exits_75_and_resumes_identically(data_dir, tmp_path, how):
+    opts = {"train.max_steps": STEPS, "train.checkpoint_every": 1000, "train.eval_every": 1000}
+    ref_dir, cut_dir = tmp_path / "reference", tmp_path / "stopped"
+    run_pretrain(tiny_overrides(data_dir, ref_dir, **opts), nproc=2)
+
+    proc = launch(tiny_overrides(data_dir, cut_dir, **opts), nproc=2)
+    try:
+        wait_for_step(proc, cut_dir / "metrics.jsonl", 3)
+        if how == "usr1-to-all":
+            # as SLURM does: every process of the step (torchrun starts each rank in its own
+            # session, so not a process group); the launcher ignores it, the ranks act on it
+            for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(True)]:
+                p.send_signal(signal.SIGUSR1)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)  # torchrun passes it on to the ranks
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == EXIT_REQUEUE, err[-4000:]
+    stopped_at = max(losses(cut_dir))
+    assert 3 <= stopped_at < STEPS
+    assert "stopped at step" in err
+    # the checkpoint of the last step is complete, and it is the only one
+    assert checkpoint.usable_checkpoints(cut_dir / "checkpoints") == \
+        [cut_dir / "checkpoints" / checkpoint.tag_for(stopped_at)]
+
+    run_pretrain(tiny_overrides(data_dir, cut_dir, **opts), nproc=2)
+    assert f"resumed from {cut_dir / 'checkpoints' / checkpoint.tag_for(stopped_at)}" in \
+        (cut_dir / "train.log").read_text()
+    assert losses(cut_dir) == losses(ref_dir)  # every step, bitwise
+
+
+def test_signal_to_a_plain_process(data_dir, tmp_path):
+    """No launcher: the one process checkpoints and exits 75 itself."""
+    run_dir = tmp_path / "one"
+    from .conftest import pretrain_cmd
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(pretrain_cmd(tiny_overrides(data_dir, run_dir,
+                                                        **{"train.max_steps": STEPS})),
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(proc, run_dir / "metrics.jsonl", 2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_REQUEUE, err[-4000:]
+    step = max(losses(run_dir))
+    assert (run_dir / "checkpoints" / checkpoint.tag_for(step)).is_dir()
+    assert not (run_dir / "summary.json").exists()  # the run is not over
