@@ -76,3 +76,29 @@ def tiny_lm(data_dir, tmp_path_factory) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def wandb_records(run_file: Path):
+    """The records of an offline wandb run file (`run-<id>.wandb`): LevelDB-log framing
+    (32 KiB blocks, 7-byte chunk headers) around protobuf `Record`s."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, header = Path(run_file).read_bytes(), 32768, 7
+    assert data[:4] == b":W&B", f"{run_file} is not a wandb run file"
+    pos, chunks = header, []
+    while pos + header <= len(data):
+        if block - pos % block < header:
+            pos += block - pos % block  # a block's tail too short for a header is padding
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + header])
+        if kind == 0 and length == 0:
+            break
+        chunks.append(data[pos + header:pos + header + length])
+        pos += header + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(chunks))
+            chunks = []
+            yield record

@@ -1,7 +1,9 @@
 """The real `launch/slurm.sbatch` on a real one-node SLURM cluster (`launch/local_slurm.sh`
 installs and starts it): a 2-rank DeepSpeed job runs to the end and checkpoints; a job sent
-SIGUSR1 mid-run checkpoints, requeues itself, resumes, and logs exactly the losses of the job
-that was never interrupted.
+SIGUSR1 mid-run checkpoints, requeues itself, resumes (its wandb run too), and logs exactly
+the losses of the job that was never interrupted. A Hydra sweep through the submitit launcher
+runs one SLURM job per point; one of them is preempted (SIGUSR2, submitit's signal) and
+requeued by submitit, and still logs the same losses.
 
 Without root or without a way to install SLURM these tests skip, saying why; under CI they
 fail instead."""
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +21,7 @@ import pytest
 from ipt import checkpoint
 from ipt.observe import read_metrics
 
-from .conftest import ROOT, tiny_overrides
+from .conftest import ROOT, tiny_overrides, wandb_records
 from .test_resume import losses
 
 pytestmark = pytest.mark.slow
@@ -45,7 +48,8 @@ def slurm() -> None:
 
 
 def submit(overrides: list[str], log: Path) -> str:
-    env = {**os.environ, "NPROC": "2", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "NPROC": "2", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "WANDB_MODE": "offline"}
     out = subprocess.run(["sbatch", "--parsable", f"--output={log}", "--chdir", str(ROOT),
                           "launch/slurm.sbatch", "train/pretrain.py", *overrides],
                          cwd=ROOT, env=env, capture_output=True, text=True, check=True)
@@ -88,16 +92,20 @@ def test_sbatch_runs_two_deepspeed_ranks_and_checkpoints(reference):
     assert "ipt: job" in log and "restart 0" in log
 
 
+def wait_for_step(job_id: str, metrics: Path, log: Path, step: int = 3) -> None:
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and any(r["step"] >= step for r in read_metrics(metrics))):
+        text = log.read_text() if log.exists() else ""
+        assert time.monotonic() < deadline, text[-4000:]
+        assert job(job_id)["JobState"] not in DONE, text[-4000:]
+        time.sleep(0.05)
+
+
 def test_preempted_job_requeues_itself_and_resumes_exactly(reference, data_dir, tmp_path):
     run_dir = tmp_path / "preempted"
     log = tmp_path / "preempted.out"
-    job_id = submit(tiny_overrides(data_dir, run_dir, **OPTS), log)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and any(r["step"] >= 3 for r in read_metrics(metrics))):
-        assert time.monotonic() < deadline, log.read_text()[-4000:]
-        assert job(job_id)["JobState"] not in DONE, log.read_text()[-4000:]
-        time.sleep(0.05)
+    job_id = submit(tiny_overrides(data_dir, run_dir, **OPTS, **{"logger.wandb": True}), log)
+    wait_for_step(job_id, run_dir / "metrics.jsonl", log)
     # what `--signal=USR1@<seconds>` sends before a time limit: SIGUSR1 to the job's steps
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
 
@@ -110,6 +118,46 @@ def test_preempted_job_requeues_itself_and_resumes_exactly(reference, data_dir, 
                if "resumed from" in line]
     assert len(resumed) == 1
     assert losses(run_dir) == losses(reference)  # every step, bitwise
+    # wandb (offline): the requeued job continued the same run, from the step it stopped at
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and {r.name.rsplit("-", 1)[1] for r in runs} == \
+        {(run_dir / "wandb_id").read_text()}
+    stopped_at = int(resumed[0].split(" at step ")[1].split()[0])
+    steps = [int(item.value_json) for r in wandb_records(next(runs[1].glob("*.wandb")))
+             if r.HasField("history") for item in r.history.item
+             if (item.key or ".".join(item.nested_key)) == "step"]
+    assert steps and min(steps) == stopped_at + 1 and max(steps) == STEPS
+
+
+def test_sweep_on_slurm_with_a_preempted_job(reference, data_dir, tmp_path):
+    """`-m hydra/launcher=slurm`: one SLURM job of 2 srun ranks per point; job 0 has the
+    reference's config, is preempted, requeued by submitit, and still matches it."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "sweep.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "train/pretrain.py", "-m", "hydra/launcher=slurm",
+             *tiny_overrides(data_dir, sweep, **OPTS), "schedule=cosine,constant"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(sweep.glob(".submitit/*_0")):
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-4000:]
+            time.sleep(0.2)
+        job_id = next(sweep.glob(".submitit/*_0")).name
+        wait_for_step(job_id, sweep / "0" / "metrics.jsonl", log)
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        assert proc.wait(timeout=600) == 0, log.read_text()[-6000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for job_dir in (sweep / "0", sweep / "1"):
+        assert "2 ranks" in (job_dir / "train.log").read_text()
+    assert "resumed from" in (sweep / "0" / "train.log").read_text()
+    assert losses(sweep / "0") == losses(reference)
+    summary = (sweep / "sweep_summary.md").read_text()
+    assert summary.count("| finished | 40 |") == 2 and "schedule=constant" in summary
 
 
 def test_sbatch_script_outside_slurm_says_how_to_run():

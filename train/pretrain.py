@@ -6,13 +6,14 @@ from omegaconf import DictConfig
 from ipt.cli import run
 from ipt.config import register, to_object
 from ipt.pretrain import pretrain
+from ipt.sweep import for_job
 
 register()
 
 
 @hydra.main(config_path="../configs", config_name="pretrain", version_base=None)
 def main(cfg: DictConfig) -> None:
-    run(lambda: pretrain(to_object(cfg)))
+    run(lambda: pretrain(to_object(for_job(cfg))))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ stopped by a signal (after its checkpoint) exits with `EXIT_REQUEUE`, which
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -30,4 +31,7 @@ def run(job: Callable[[], Any]) -> Any:
     except Stopped as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"ipt: {e} (exit {EXIT_REQUEUE}: requeue)", file=sys.stderr)
+        previous = signal.getsignal(e.signum) if e.signum else None
+        if callable(previous):  # the launcher's own handler, e.g. submitit's: it requeues
+            previous(e.signum, None)
         sys.exit(EXIT_REQUEUE)

@@ -272,7 +272,7 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests) -> TrainerState:
     finally:
         batches.close()
     if trainer.stopped is not None:
-        raise Stopped(state.step, trainer.stopped)
+        raise Stopped(state.step, trainer.stopped, stop_requests.signum)
     if dist.is_main and trainer.finished:
         summary = {"run_dir": str(run_dir), "step": state.step,
                    "checkpoint": str(run_dir / "checkpoints" / checkpoint.tag_for(state.step))}

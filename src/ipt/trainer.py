@@ -37,17 +37,21 @@ log = logging.getLogger(__name__)
 
 
 class StopRequests:
-    """Records SIGTERM and SIGUSR1 instead of dying: the trainer stops at the next step boundary.
+    """Records SIGTERM, SIGUSR1 and SIGUSR2 instead of dying: the trainer stops at the next step
+    boundary.
 
-    SLURM sends one of them before a time limit (`--signal=USR1@<seconds>`) or a preemption;
-    torchrun forwards SIGTERM. The handler only notes the signal; everything else happens in
-    the training loop, between steps.
+    SLURM sends one of them before a time limit (`--signal=USR1@<seconds>`; submitit uses
+    USR2) or a preemption; torchrun forwards SIGTERM. The handler only notes the signal;
+    everything else happens in the training loop, between steps. A handler that was there
+    before (submitit's, which requeues the job) is put back afterwards and called once the
+    checkpoint is written (`ipt.cli.run`).
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self) -> None:
         self.received: str | None = None
+        self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
     def install(self) -> StopRequests:
@@ -58,7 +62,7 @@ class StopRequests:
 
     def _note(self, signum: int, frame: Any) -> None:
         if self.received is None:
-            self.received = signal.Signals(signum).name
+            self.received, self.signum = signal.Signals(signum).name, signum
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
@@ -69,10 +73,10 @@ class StopRequests:
 class Stopped(Exception):  # noqa: N818 - not an error: the run was asked to stop
     """The run stopped at a step boundary on a signal, after checkpointing that step."""
 
-    def __init__(self, step: int, reason: str) -> None:
+    def __init__(self, step: int, reason: str, signum: int | None) -> None:
         super().__init__(f"stopped at step {step} ({reason}); the checkpoint of step {step} is "
                          "written, and running the same command again resumes from it")
-        self.step, self.reason = step, reason
+        self.step, self.reason, self.signum = step, reason, signum
 
 
 class Callback(Protocol):
