@@ -31,7 +31,8 @@ def run(job: Callable[[], Any]) -> Any:
     except Stopped as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"ipt: {e} (exit {EXIT_REQUEUE}: requeue)", file=sys.stderr)
-        previous = signal.getsignal(e.signum) if e.signum else None
-        if callable(previous):  # the launcher's own handler, e.g. submitit's: it requeues
-            previous(e.signum, None)
+        if e.signum is not None:
+            previous = signal.getsignal(e.signum)
+            if callable(previous):  # the launcher's own handler, e.g. submitit's: it requeues
+                previous(e.signum, None)
         sys.exit(EXIT_REQUEUE)

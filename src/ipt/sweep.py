@@ -56,7 +56,7 @@ def _status(job: Path, rows: list[dict[str, Any]]) -> str:
 def job_row(job: Path) -> dict[str, Any]:
     """One job's overrides and final metrics (the last logged value of each)."""
     overrides_file = job / "hydra" / "overrides.yaml"
-    overrides = OmegaConf.load(overrides_file) if overrides_file.exists() else []
+    overrides: Any = OmegaConf.load(overrides_file) if overrides_file.exists() else []
     metrics = job / "metrics.jsonl"
     rows = read_metrics(metrics) if metrics.exists() else []
     last: dict[str, Any] = {}
