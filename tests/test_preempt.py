@@ -1,7 +1,8 @@
-"""Preemption: SIGUSR1 to every process of the job (what SLURM's `--signal` does) or SIGTERM to
-the launcher stops a 2-rank run at a step boundary, with a checkpoint of that step and exit
-status 75; the same command then resumes and logs exactly the losses of a run that was never
-interrupted."""
+"""Preemption and hangs. SIGUSR1 to every process of the job (what SLURM's `--signal` does)
+or SIGTERM to the launcher stops a 2-rank run at a step boundary, with a checkpoint of that
+step and exit status 75; the same command then resumes and logs exactly the losses of a run
+that was never interrupted. A frozen rank ends the job within the configured timeout, with a
+message."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from .test_resume import losses
 STEPS = 40
 
 
-def launch(overrides: list[str], nproc: int) -> subprocess.Popen:
-    env = {**os.environ, "NPROC": str(nproc), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def launch(overrides: list[str], nproc: int, **env_extra: str) -> subprocess.Popen:
+    env = {**os.environ, "NPROC": str(nproc), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           **env_extra}
     return subprocess.Popen(["bash", "launch/torchrun.sh", "train/pretrain.py", *overrides],
                             cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -96,3 +98,27 @@ def test_signal_to_a_plain_process(data_dir, tmp_path):
     step = max(losses(run_dir))
     assert (run_dir / "checkpoints" / checkpoint.tag_for(step)).is_dir()
     assert not (run_dir / "summary.json").exists()  # the run is not over
+
+
+def test_a_hung_rank_ends_the_job_with_a_message(data_dir, tmp_path):
+    """Rank 1 is frozen (SIGSTOP) mid-run: rank 0 waits for it in the next all-reduce, and
+    its watchdog ends the job within train.hang_timeout_s, saying why."""
+    run_dir = tmp_path / "hung"
+    timeout = 8
+    opts = {"train.max_steps": 10_000, "train.hang_timeout_s": timeout}
+    env_extra = {"STOP_TIMEOUT": "5"}
+    proc = launch(tiny_overrides(data_dir, run_dir, **opts), nproc=2, **env_extra)
+    try:
+        wait_for_step(proc, run_dir / "metrics.jsonl", 3)
+        ranks = psutil.Process(proc.pid).children()
+        rank1 = next(p for p in ranks if p.environ().get("RANK") == "1")
+        rank1.send_signal(signal.SIGSTOP)
+        frozen = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode not in (0, EXIT_REQUEUE)
+    assert time.monotonic() - frozen < timeout + 5 + 30  # the limit, the check, the teardown
+    assert "rank 0: no progress for" in err and "train.hang_timeout_s" in err
+    assert "Thread" in err  # the stacks of where rank 0 was waiting

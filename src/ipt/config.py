@@ -187,6 +187,10 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_last: int = 3
     resume: str = "auto"  # auto | never | <path of a checkpoint>
+    # A rank that finishes no step (with its evaluation and checkpoint) for this long ends the
+    # job with a message and its threads' stacks: a dead or hung peer blocks every collective.
+    # Also the collectives' own timeout. 0: wait forever.
+    hang_timeout_s: float = 1800.0
     export_at_end: bool = True
     # Stop after this many steps of *this* process (tests use it to simulate a crash).
     stop_after: int | None = None
@@ -463,6 +467,8 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
         )
     if t.max_steps < 1:
         raise ConfigError(f"train.max_steps={t.max_steps} must be >= 1")
+    if t.hang_timeout_s < 0:
+        raise ConfigError(f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0: no limit)")
     if cfg.schedule.name not in SCHEDULES:
         raise ConfigError(f"schedule.name={cfg.schedule.name!r}; expected one of {SCHEDULES}")
     if t.precision not in PRECISIONS:

@@ -73,7 +73,10 @@ def set_threads(threads_per_rank: int, local_world_size: int) -> int:
     return n
 
 
-def init_distributed(threads_per_rank: int = 0) -> Dist:
+def init_distributed(threads_per_rank: int = 0, timeout_s: float = 0.0) -> Dist:
+    """Start torch.distributed; `timeout_s` (if > 0) bounds how long a collective may wait."""
+    from datetime import timedelta
+
     import deepspeed
 
     e = launcher_env()
@@ -95,7 +98,8 @@ def init_distributed(threads_per_rank: int = 0) -> Dist:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s > 0 else {}
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kwargs)
     return Dist(e["rank"], e["world"], e["local_rank"], e["local_world"], device)
 
 

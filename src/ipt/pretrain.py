@@ -189,7 +189,10 @@ def pretrain(cfg: PretrainConfig) -> TrainerState:
 
 
 def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests) -> TrainerState:
-    dist = init_distributed(cfg.train.threads_per_rank)
+    # collectives time out a minute after the watchdog would have fired: a backstop for the
+    # set-up, before the watchdog runs
+    hang = cfg.train.hang_timeout_s
+    dist = init_distributed(cfg.train.threads_per_rank, hang + 60 if hang > 0 else 0)
     setup_logging(dist)
     grad_accum = validate(cfg, dist.world_size)
     run_dir = prepare_run_dir(cfg, dist)
@@ -262,7 +265,8 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests) -> TrainerState:
     trainer = Trainer(engine, loss_fn, batches, state, dist, grad_accum,
                       cfg.train.global_batch_size, cfg.data.seq_len, cfg.train.max_steps,
                       callbacks, flops_per_token(lm, cfg.data.seq_len, extra_heads, head_params),
-                      peak_flops(cfg.logger.peak_flops), cfg.train.stop_after, stop_requests)
+                      peak_flops(cfg.logger.peak_flops), cfg.train.stop_after, stop_requests,
+                      cfg.train.hang_timeout_s)
     if dist.is_main:
         log.info("training %s: %s params, %d ranks, grad accumulation %d, from step %d",
                  cfg.name, f"{sum(p.numel() for p in model.parameters()):,}", dist.world_size,

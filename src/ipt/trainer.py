@@ -70,6 +70,61 @@ class StopRequests:
         self._previous.clear()
 
 
+# A hung job ends with this status (torchrun then stops the other ranks).
+EXIT_HUNG = 3
+
+
+class HangWatchdog:
+    """Ends the process when no step finishes for `timeout` seconds.
+
+    A peer that died or hangs blocks every collective of the others, and gloo/NCCL may wait
+    far longer (or forever) before noticing. A background thread checks the time since the
+    last `beat()`; past the limit it logs what happened, dumps every thread's stack (where
+    this rank was waiting) and exits with `EXIT_HUNG`, so the job ends instead of hanging.
+    """
+
+    def __init__(self, timeout: float, rank: int) -> None:
+        self.timeout, self.rank = timeout, rank
+        self.step = 0
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, step: int) -> None:
+        if self.timeout > 0:
+            self.beat(step)
+            self._thread = threading.Thread(target=self._watch, name="hang-watchdog",
+                                            daemon=True)
+            self._thread.start()
+
+    def beat(self, step: int) -> None:
+        self.step, self._last = step, time.monotonic()
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(self.timeout / 4, 10.0)):
+            idle = time.monotonic() - self._last
+            if idle > self.timeout:
+                self._expire(idle)
+
+    def _expire(self, idle: float) -> None:
+        import faulthandler
+        import os
+        import sys
+
+        print(f"ipt: rank {self.rank}: no progress for {idle:.0f} s after step {self.step} "
+              f"(train.hang_timeout_s={self.timeout:g}). Another rank has most likely died or "
+              "hung, and this one waits for it in a collective; its stacks follow. Ending the "
+              "job: the same command resumes from the last checkpoint. If steps (with evaluation and "
+              "checkpointing) can take this long, raise train.hang_timeout_s.",
+              file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(EXIT_HUNG)
+
+
 class Stopped(Exception):  # noqa: N818 - not an error: the run was asked to stop
     """The run stopped at a step boundary on a signal, after checkpointing that step."""
 
@@ -91,7 +146,7 @@ class Trainer:
                  grad_accum: int, global_batch: int, seq_len: int, max_steps: int,
                  callbacks: list[Any], flops_per_token: float = 0.0,
                  peak_flops: float | None = None, stop_after: int | None = None,
-                 stop_requests: StopRequests | None = None) -> None:
+                 stop_requests: StopRequests | None = None, hang_timeout: float = 0.0) -> None:
         self.engine, self.loss_fn, self.batches = engine, loss_fn, batches
         self.state, self.dist = state, dist
         self.grad_accum, self.global_batch, self.seq_len = grad_accum, global_batch, seq_len
@@ -99,10 +154,18 @@ class Trainer:
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.stop_after = stop_after
         self.stop_requests = stop_requests or StopRequests()
+        self.watchdog = HangWatchdog(hang_timeout, dist.rank)
         self.finished = False  # reached max_steps
         self.stopped: str | None = None  # why the run stopped early (every rank agrees)
 
     def fit(self) -> TrainerState:
+        self.watchdog.start(self.state.step)
+        try:
+            return self._fit()
+        finally:
+            self.watchdog.stop()
+
+    def _fit(self) -> TrainerState:
         for cb in self.callbacks:
             cb.on_start(self)
         steps_here = 0
@@ -110,6 +173,7 @@ class Trainer:
             metrics = self.train_step()
             for cb in self.callbacks:
                 cb.on_step(self, metrics)
+            self.watchdog.beat(self.state.step)
             steps_here += 1
             if self.stop_after is not None and steps_here >= self.stop_after:
                 return self.state  # as if the process died here: no final checkpoint
