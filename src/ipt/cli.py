@@ -14,12 +14,14 @@ from ipt.checkpoint import CheckpointError
 from ipt.config import ConfigError
 from ipt.data.shards import ShardError
 from ipt.data.tokenizer import TokenizerError
+from ipt.health import AnomalyError
 from ipt.trainer import Stopped
 
 # EX_TEMPFAIL in sysexits.h: a temporary failure, worth retrying
 EXIT_REQUEUE = 75
 
-KNOWN = (ConfigError, CheckpointError, ShardError, TokenizerError, FileNotFoundError)
+KNOWN = (ConfigError, CheckpointError, ShardError, TokenizerError, FileNotFoundError,
+         AnomalyError)
 
 
 def run(job: Callable[[], Any]) -> Any:

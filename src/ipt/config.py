@@ -191,6 +191,14 @@ class TrainConfig:
     # job with a message and its threads' stacks: a dead or hung peer blocks every collective.
     # Also the collectives' own timeout. 0: wait forever.
     hang_timeout_s: float = 1800.0
+    # A step whose loss is not finite, or spikes (more than spike_sigma standard deviations
+    # above the mean of the last spike_window steps; 0: non-finite only), gets no update and:
+    # skip: training goes on | stop: the run ends with an error | rollback: the weights go
+    # back to the last checkpoint, the data since is skipped (ipt.health).
+    on_anomaly: str = "skip"
+    spike_sigma: float = 6.0
+    spike_window: int = 100
+    max_anomalies_in_row: int = 5  # more in a row end the run: it has diverged
     export_at_end: bool = True
     # Stop after this many steps of *this* process (tests use it to simulate a crash).
     stop_after: int | None = None
@@ -467,6 +475,14 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
         )
     if t.max_steps < 1:
         raise ConfigError(f"train.max_steps={t.max_steps} must be >= 1")
+    from ipt.health import ANOMALY_ACTIONS
+
+    if t.on_anomaly not in ANOMALY_ACTIONS:
+        raise ConfigError(f"train.on_anomaly={t.on_anomaly!r}; expected one of {ANOMALY_ACTIONS}")
+    if t.spike_sigma < 0 or t.spike_window < 1 or t.max_anomalies_in_row < 0:
+        raise ConfigError(f"train.spike_sigma={t.spike_sigma} (>= 0), train.spike_window="
+                          f"{t.spike_window} (>= 1) and train.max_anomalies_in_row="
+                          f"{t.max_anomalies_in_row} (>= 0) are out of range")
     if t.hang_timeout_s < 0:
         raise ConfigError(f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0: no limit)")
     if cfg.schedule.name not in SCHEDULES:

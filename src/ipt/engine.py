@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ipt.config import PretrainConfig
+from ipt.health import SkippableAdamW
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def build_engine(model: torch.nn.Module, cfg: PretrainConfig, grad_accum: int,
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+    optimizer = SkippableAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                   fused=False, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,

@@ -25,6 +25,7 @@ from ipt.data.loader import Concat, MixtureOrder, PackedShards, train_loader
 from ipt.data.shards import ShardSet
 from ipt.engine import Dist, build_engine, init_distributed
 from ipt.export import ExportAtEnd
+from ipt.health import AnomalyPolicy, LossAnomalies
 from ipt.losses import LossOutput, build_loss
 from ipt.model import build_model, flops_per_token
 from ipt.observe import MetricsLogger, peak_flops
@@ -262,11 +263,24 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests) -> TrainerState:
     if cfg.train.export_at_end:
         callbacks.append(ExportAtEnd(run_dir / "checkpoints", run_dir / "hf", cfg.tokenizer))
 
+    t = cfg.train
+
+    def rollback(current: TrainerState) -> TrainerState | None:
+        found = [p for p in checkpoint.usable_checkpoints(run_dir / "checkpoints")
+                 if checkpoint.read_state(p).world_size == dist.world_size]
+        if not found:
+            return None
+        restored = checkpoint.load(engine, found[0], universal=False)
+        restored.world_size, restored.config = dist.world_size, current.config
+        return restored
+
+    anomalies = AnomalyPolicy(LossAnomalies(t.spike_sigma, t.spike_window,
+                                            t.max_anomalies_in_row), t.on_anomaly, rollback)
     trainer = Trainer(engine, loss_fn, batches, state, dist, grad_accum,
                       cfg.train.global_batch_size, cfg.data.seq_len, cfg.train.max_steps,
                       callbacks, flops_per_token(lm, cfg.data.seq_len, extra_heads, head_params),
                       peak_flops(cfg.logger.peak_flops), cfg.train.stop_after, stop_requests,
-                      cfg.train.hang_timeout_s)
+                      cfg.train.hang_timeout_s, anomalies)
     if dist.is_main:
         log.info("training %s: %s params, %d ranks, grad accumulation %d, from step %d",
                  cfg.name, f"{sum(p.numel() for p in model.parameters()):,}", dist.world_size,

@@ -30,6 +30,7 @@ from ipt import checkpoint
 from ipt.checkpoint import TrainerState
 from ipt.data.loader import eval_batches
 from ipt.engine import Dist
+from ipt.health import AnomalyError, AnomalyPolicy, HangWatchdog, SkippableAdamW
 from ipt.losses import LossOutput
 from ipt.observe import peak_memory_gb
 
@@ -70,61 +71,6 @@ class StopRequests:
         self._previous.clear()
 
 
-# A hung job ends with this status (torchrun then stops the other ranks).
-EXIT_HUNG = 3
-
-
-class HangWatchdog:
-    """Ends the process when no step finishes for `timeout` seconds.
-
-    A peer that died or hangs blocks every collective of the others, and gloo/NCCL may wait
-    far longer (or forever) before noticing. A background thread checks the time since the
-    last `beat()`; past the limit it logs what happened, dumps every thread's stack (where
-    this rank was waiting) and exits with `EXIT_HUNG`, so the job ends instead of hanging.
-    """
-
-    def __init__(self, timeout: float, rank: int) -> None:
-        self.timeout, self.rank = timeout, rank
-        self.step = 0
-        self._last = time.monotonic()
-        self._done = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self, step: int) -> None:
-        if self.timeout > 0:
-            self.beat(step)
-            self._thread = threading.Thread(target=self._watch, name="hang-watchdog",
-                                            daemon=True)
-            self._thread.start()
-
-    def beat(self, step: int) -> None:
-        self.step, self._last = step, time.monotonic()
-
-    def stop(self) -> None:
-        self._done.set()
-
-    def _watch(self) -> None:
-        while not self._done.wait(min(self.timeout / 4, 10.0)):
-            idle = time.monotonic() - self._last
-            if idle > self.timeout:
-                self._expire(idle)
-
-    def _expire(self, idle: float) -> None:
-        import faulthandler
-        import os
-        import sys
-
-        print(f"ipt: rank {self.rank}: no progress for {idle:.0f} s after step {self.step} "
-              f"(train.hang_timeout_s={self.timeout:g}). Another rank has most likely died or "
-              "hung, and this one waits for it in a collective; its stacks follow. Ending the "
-              "job: the same command resumes from the last checkpoint. If steps (with evaluation and "
-              "checkpointing) can take this long, raise train.hang_timeout_s.",
-              file=sys.stderr, flush=True)
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        sys.stderr.flush()
-        os._exit(EXIT_HUNG)
-
-
 class Stopped(Exception):  # noqa: N818 - not an error: the run was asked to stop
     """The run stopped at a step boundary on a signal, after checkpointing that step."""
 
@@ -146,7 +92,8 @@ class Trainer:
                  grad_accum: int, global_batch: int, seq_len: int, max_steps: int,
                  callbacks: list[Any], flops_per_token: float = 0.0,
                  peak_flops: float | None = None, stop_after: int | None = None,
-                 stop_requests: StopRequests | None = None, hang_timeout: float = 0.0) -> None:
+                 stop_requests: StopRequests | None = None, hang_timeout: float = 0.0,
+                 anomalies: AnomalyPolicy | None = None) -> None:
         self.engine, self.loss_fn, self.batches = engine, loss_fn, batches
         self.state, self.dist = state, dist
         self.grad_accum, self.global_batch, self.seq_len = grad_accum, global_batch, seq_len
@@ -155,8 +102,13 @@ class Trainer:
         self.stop_after = stop_after
         self.stop_requests = stop_requests or StopRequests()
         self.watchdog = HangWatchdog(hang_timeout, dist.rank)
+        self.anomalies = anomalies
+        self.optimizer = engine.basic_optimizer
+        if anomalies is not None and not isinstance(self.optimizer, SkippableAdamW):
+            raise TypeError("loss anomaly handling needs the engine built with SkippableAdamW")
         self.finished = False  # reached max_steps
         self.stopped: str | None = None  # why the run stopped early (every rank agrees)
+        self.failed: Exception | None = None  # raised after the step's callbacks
 
     def fit(self) -> TrainerState:
         self.watchdog.start(self.state.step)
@@ -173,6 +125,8 @@ class Trainer:
             metrics = self.train_step()
             for cb in self.callbacks:
                 cb.on_step(self, metrics)
+            if self.failed is not None:
+                raise self.failed
             self.watchdog.beat(self.state.step)
             steps_here += 1
             if self.stop_after is not None and steps_here >= self.stop_after:
@@ -196,22 +150,23 @@ class Trainer:
         start = time.perf_counter()
         waited = 0.0
         totals: dict[str, float] = {}
-        for _ in range(self.grad_accum):
+        anomaly = None
+        for micro in range(self.grad_accum):
             t = time.perf_counter()
             batch = self._next_batch()
             waited += time.perf_counter() - t
             out = self.loss_fn(self.engine, batch, self.state.step)
-            self.engine.backward(out.loss)
-            self.engine.step()
             totals["loss"] = totals.get("loss", 0.0) + out.loss.item()
             for k, v in out.metrics.items():
                 totals[k] = totals.get(k, 0.0) + v
-        # the stop request rides along with the metrics' all-reduce: no extra collective
-        totals["_stop"] = self.grad_accum * float(self.stop_requests.received is not None)
-        means = self._mean_over_ranks({k: v / self.grad_accum for k, v in totals.items()})
-        if means.pop("_stop") > 0:
-            self.stopped = (f"{self.stop_requests.received} received" if
-                            self.stop_requests.received else "a signal reached another rank")
+            if micro == self.grad_accum - 1:
+                # the step's loss is known before its last backward, on every rank alike:
+                # an anomalous step can still be kept from updating the weights
+                means = self._step_means(totals)
+                anomaly = self._check(means)
+            self.engine.backward(out.loss)
+            self.engine.step()
+        self.optimizer.skip = False
         elapsed = time.perf_counter() - start
         self.state.step += 1
         self.state.consumed_samples += self.global_batch
@@ -234,9 +189,62 @@ class Trainer:
         if self.peak_flops:
             metrics["mfu"] = (self.flops_per_token * tokens_per_s
                               / (self.peak_flops * self.dist.world_size))
-        if not math.isfinite(means["loss"]):
-            raise FloatingPointError(f"loss is {means['loss']} at step {self.state.step}")
+        if anomaly is None and self.anomalies is not None and grad_norm is not None \
+                and not math.isfinite(grad_norm):
+            # DeepSpeed has already skipped this update (an overflow); the action still applies
+            anomaly = self.anomalies.detector.flag(f"the gradient norm is {float(grad_norm)}")
+        if anomaly is not None:
+            metrics["anomaly"] = anomaly
+            self._handle(anomaly)
+        elif self.anomalies is not None:
+            self.anomalies.detector.clear()
         return metrics
+
+    def _step_means(self, totals: dict[str, float]) -> dict[str, float]:
+        """The step's metrics averaged over micro-batches and ranks; notes a stop request."""
+        # the stop request rides along with the metrics' all-reduce: no extra collective
+        values = {k: v / self.grad_accum for k, v in totals.items()}
+        values["_stop"] = float(self.stop_requests.received is not None)
+        means = self._mean_over_ranks(values)
+        if means.pop("_stop") > 0:
+            self.stopped = (f"{self.stop_requests.received} received" if
+                            self.stop_requests.received else "a signal reached another rank")
+        return means
+
+    def _check(self, means: dict[str, float]) -> str | None:
+        if self.anomalies is None:
+            return None
+        why = self.anomalies.detector.check(means["loss"], means.get("ce", means["loss"]))
+        if why is not None:
+            self.optimizer.skip = True  # whatever the action: no update from this batch
+        return why
+
+    def _handle(self, why: str) -> None:
+        """After an anomalous step (its update skipped): go on, stop, or roll back."""
+        policy = self.anomalies
+        assert policy is not None
+        step = self.state.step
+        self.failed = policy.detector.diverged(why)  # raised once the step is logged
+        if self.failed is not None:
+            return
+        if policy.action == "stop":
+            self.failed = AnomalyError(f"step {step}: {why}; stopping (train.on_anomaly=stop) without "
+                               "applying it. The last checkpoint is intact: resume from it, "
+                               "perhaps with train.on_anomaly=skip or rollback")
+            return
+        if policy.action == "rollback" and policy.rollback is not None:
+            restored = policy.rollback(self.state)
+            if restored is not None:
+                if self.dist.is_main:
+                    log.warning("step %d: %s; rolled back to the checkpoint of step %d, "
+                                "skipping the %d samples since", step, why, restored.step,
+                                self.state.consumed_samples - restored.consumed_samples)
+                restored.consumed_samples = self.state.consumed_samples  # the data moves on
+                restored.tokens_seen = self.state.tokens_seen
+                self.state = restored
+                return
+        if self.dist.is_main:
+            log.warning("step %d: %s; its update is skipped", step, why)
 
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         if self.dist.world_size == 1:

@@ -1,0 +1,82 @@
+"""Loss anomalies on real training runs: spikes (a tight `train.spike_sigma` over a short
+window, so that the ordinary step-to-step noise of a tiny model counts as one) and a diverged
+run (an absurd learning rate makes the gradient norm infinite). Each action is checked by
+what it leaves behind: skipped updates leave the weights bitwise unchanged; stop ends the run
+with a message; rollback restores the last checkpoint and moves on through the data."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ipt import checkpoint
+from ipt.observe import read_metrics
+
+from .conftest import run_pretrain, tiny_overrides
+
+TIGHT = {"train.spike_sigma": 1.5, "train.spike_window": 5, "train.max_anomalies_in_row": 40,
+         "train.eval_every": 1000, "train.max_steps": 30}
+
+
+def weights(run_dir, step: int) -> dict[str, torch.Tensor]:
+    path = run_dir / "checkpoints" / checkpoint.tag_for(step) / "mp_rank_00_model_states.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+
+def anomalous_steps(run_dir) -> list[int]:
+    return [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "anomaly" in r]
+
+
+def test_a_spike_is_skipped_leaving_the_weights_as_they_were(data_dir, tmp_path):
+    run = tmp_path / "skip"
+    run_pretrain(tiny_overrides(data_dir, run, **TIGHT, **{
+        "train.checkpoint_every": 1, "train.keep_last": 1000, "train.on_anomaly": "skip"}))
+    spikes = anomalous_steps(run)
+    assert spikes and spikes[0] > 5, spikes  # none before the window has 5 steps
+    s = next(s for s in spikes if s - 1 not in spikes and s - 2 not in spikes)
+    before, at, earlier = weights(run, s - 1), weights(run, s), weights(run, s - 2)
+    assert all(torch.equal(before[k], at[k]) for k in before)  # no update at step s
+    assert not all(torch.equal(before[k], earlier[k]) for k in before)  # but at step s - 1
+    assert "its update is skipped" in (run / "train.log").read_text()
+    assert json.loads((run / "summary.json").read_text())["step"] == 30
+
+
+def test_stop_ends_the_run_at_the_first_spike(data_dir, tmp_path):
+    run = tmp_path / "stop"
+    proc = run_pretrain(tiny_overrides(data_dir, run, **TIGHT, **{"train.on_anomaly": "stop"}),
+                        check=False)
+    assert proc.returncode == 2
+    (spike,) = anomalous_steps(run)
+    assert f"step {spike}: loss spike" in proc.stderr and "train.on_anomaly=stop" in proc.stderr
+    assert max(r["step"] for r in read_metrics(run / "metrics.jsonl")) == spike
+
+
+def test_rollback_restores_the_checkpoint_and_skips_the_data_since(data_dir, tmp_path):
+    run = tmp_path / "rollback"
+    run_pretrain(tiny_overrides(data_dir, run, **{**TIGHT, "train.spike_sigma": 5.0,
+                                                  "train.max_anomalies_in_row": 3},
+                                **{"train.checkpoint_every": 5, "train.on_anomaly": "rollback"}))
+    log = (run / "train.log").read_text()
+    assert "rolled back to the checkpoint of step" in log
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first = next(i for i, r in enumerate(rows) if "anomaly" in r)
+    spike, back_to = rows[first]["step"], (rows[first]["step"] - 1) // 5 * 5
+    assert f"step {spike}: " in log and f"checkpoint of step {back_to}," in log
+    # the next step is back_to + 1 again, on the samples after the spike's batch
+    after = rows[first + 1]
+    assert after["step"] == back_to + 1
+    assert after["consumed_samples"] == rows[first]["consumed_samples"] + 8
+    final = read_metrics(run / "metrics.jsonl")[-1]
+    assert final["step"] == 30 and final["consumed_samples"] > 30 * 8
+
+
+def test_a_diverged_run_stops_after_too_many_anomalies_in_a_row(data_dir, tmp_path):
+    run = tmp_path / "diverged"
+    proc = run_pretrain(tiny_overrides(data_dir, run, **{
+        "optim.lr": 1e30, "optim.grad_clip": 0.0, "schedule.warmup_steps": 0,
+        "train.max_anomalies_in_row": 3, "train.max_steps": 20}), check=False)
+    assert proc.returncode == 2
+    assert "the gradient norm is inf" in proc.stderr and "4th anomalous step in a row" \
+        in proc.stderr
+    assert len(anomalous_steps(run)) == 4
