@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from ipt import checkpoint
@@ -42,6 +43,7 @@ def test_a_spike_is_skipped_leaving_the_weights_as_they_were(data_dir, tmp_path)
     assert json.loads((run / "summary.json").read_text())["step"] == 30
 
 
+@pytest.mark.slow
 def test_stop_ends_the_run_at_the_first_spike(data_dir, tmp_path):
     run = tmp_path / "stop"
     proc = run_pretrain(tiny_overrides(data_dir, run, **TIGHT, **{"train.on_anomaly": "stop"}),
@@ -52,6 +54,7 @@ def test_stop_ends_the_run_at_the_first_spike(data_dir, tmp_path):
     assert max(r["step"] for r in read_metrics(run / "metrics.jsonl")) == spike
 
 
+@pytest.mark.slow
 def test_rollback_restores_the_checkpoint_and_skips_the_data_since(data_dir, tmp_path):
     run = tmp_path / "rollback"
     run_pretrain(tiny_overrides(data_dir, run, **{**TIGHT, "train.spike_sigma": 5.0,
@@ -71,6 +74,7 @@ def test_rollback_restores_the_checkpoint_and_skips_the_data_since(data_dir, tmp
     assert final["step"] == 30 and final["consumed_samples"] > 30 * 8
 
 
+@pytest.mark.slow
 def test_a_diverged_run_stops_after_too_many_anomalies_in_a_row(data_dir, tmp_path):
     run = tmp_path / "diverged"
     proc = run_pretrain(tiny_overrides(data_dir, run, **{

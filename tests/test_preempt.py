@@ -100,6 +100,7 @@ def test_signal_to_a_plain_process(data_dir, tmp_path):
     assert not (run_dir / "summary.json").exists()  # the run is not over
 
 
+@pytest.mark.slow
 def test_a_hung_rank_ends_the_job_with_a_message(data_dir, tmp_path):
     """Rank 1 is frozen (SIGSTOP) mid-run: rank 0 waits for it in the next all-reduce, and
     its watchdog ends the job within train.hang_timeout_s, saying why."""

@@ -56,6 +56,20 @@ def test_wandb_logs_offline_without_a_key(data_dir, tmp_path, monkeypatch):
     assert len(offline) == 1 and (run / "wandb_id").read_text() in offline[0].name
 
 
+def test_tensorboard_gets_every_logged_metric(data_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "tb"
+    run_pretrain(tiny_overrides(data_dir, run, **{"train.max_steps": 4, "train.eval_every": 2,
+                                                  "logger.tensorboard": True}))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in rows])
+    assert [e.step for e in events.Scalars("val_loss")] == [2, 4]
+
+
 def test_truncated_shard_fails_before_any_step(data_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
