@@ -21,15 +21,17 @@ py="${PYTHON:-$here/.venv/bin/python}"
 [ -x "$py" ] || py=python3
 fail() { echo "launch/torchrun.sh: $*" >&2; exit 2; }
 [ $# -ge 1 ] || fail "usage: [NPROC=n] bash launch/torchrun.sh <script.py> [overrides...]"
-gpus=$("$py" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
-default_nproc=${SLURM_GPUS_ON_NODE:-$gpus}
+# the GPUs this node may use: SLURM's share of them inside a job, else what torch sees
+gpus=${SLURM_GPUS_ON_NODE:-$("$py" -c 'import torch; print(torch.cuda.device_count())' \
+                              2>/dev/null || echo 0)}
+default_nproc=$gpus
 [ "$default_nproc" -gt 0 ] || default_nproc=2
 nproc="${NPROC:-$default_nproc}"
 nnodes="${NNODES:-1}"
 [[ "$nproc" =~ ^[1-9][0-9]*$ ]] || fail "NPROC=$nproc is not a positive number of ranks"
 if [ "$gpus" -gt 0 ] && [ "$nproc" -gt "$gpus" ]; then
-  fail "NPROC=$nproc ranks but this node has $gpus GPUs; set NPROC<=$gpus (one rank per GPU)" \
-       "or ask SLURM for more GPUs per node (--gpus-per-node)"
+  fail "NPROC=$nproc ranks but this node has $gpus GPUs for this job; set NPROC<=$gpus" \
+       "(one rank per GPU), or ask SLURM for more GPUs per node (--gpus-per-node)"
 fi
 common=(--nproc_per_node "$nproc" --shutdown_timeout "${STOP_TIMEOUT:-120}")
 if [ "$nnodes" -eq 1 ] && [ -z "${MASTER_ADDR:-}" ]; then

@@ -383,6 +383,27 @@ def register() -> None:
     cs.store(name="tokenizer_schema", node=TokenizerConfig)
     cs.store(name="synthesize_schema", node=SynthesizeConfig)
     cs.store(name="score_schema", node=ScoreConfig)
+    OmegaConf.register_new_resolver("ipt.writable_dir", writable_dir, replace=True)
+
+
+def writable_dir(path: str) -> str:
+    """`${ipt.writable_dir:${run_dir}}` as Hydra's run and sweep directory: a run_dir that
+    cannot be created or written ends the job with one line and exit code 2 (as
+    `ipt.cli.run` does), before Hydra would fail writing into it with a traceback."""
+    import os
+    import sys
+
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        print(f"ipt: error: run_dir={path} is not writable ({e}); "
+              "set run_dir=<a writable folder>", file=sys.stderr)
+        sys.exit(2)  # SystemExit passes through OmegaConf's and Hydra's handlers
+    return path
 
 
 SCHEDULES = ("cosine", "wsd", "constant")

@@ -1,0 +1,43 @@
+"""Launch mistakes fail fast and say what to change: the sbatch script run outside SLURM, more
+ranks than the job's GPUs, a rank count that is not one, an unwritable run directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from .conftest import ROOT, run_pretrain, tiny_overrides
+
+
+def script(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return subprocess.run(cmd, cwd=ROOT, env={**clean, **env}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_sbatch_script_outside_slurm_says_how_to_run():
+    proc = script(["bash", "launch/slurm.sbatch", "train/pretrain.py"])
+    assert proc.returncode == 2
+    assert "not inside a SLURM job" in proc.stderr and "sbatch" in proc.stderr
+
+
+def test_more_ranks_than_the_jobs_gpus():
+    proc = script(["bash", "launch/torchrun.sh", "train/pretrain.py"], NPROC="4",
+                  SLURM_GPUS_ON_NODE="2")
+    assert proc.returncode == 2
+    assert "NPROC=4 ranks but this node has 2 GPUs" in proc.stderr
+    assert "--gpus-per-node" in proc.stderr
+
+
+def test_nproc_must_be_a_count():
+    proc = script(["bash", "launch/torchrun.sh", "train/pretrain.py"], NPROC="two")
+    assert proc.returncode == 2 and "NPROC=two is not a positive number" in proc.stderr
+
+
+def test_unwritable_run_dir(data_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")  # even root cannot make a folder inside a file
+    proc = run_pretrain(tiny_overrides(data_dir, blocker / "run"), check=False)
+    assert proc.returncode == 2
+    assert f"run_dir={blocker / 'run'} is not writable" in proc.stderr
+    assert "set run_dir=<a writable folder>" in proc.stderr
