@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# A one-node SLURM cluster on this machine, for trying the launch scripts and for the tests:
-# installs Debian's slurmctld, slurmd, slurm-client and munge if they are missing, writes a
-# minimal slurm.conf (one node, one partition `debug`, requeue allowed) and starts the daemons.
+# A SLURM cluster on this machine, for trying the launch scripts and for the tests: installs
+# Debian's slurmctld, slurmd, slurm-client and munge if they are missing, writes a minimal
+# slurm.conf (one partition `debug`, requeue allowed) and starts the daemons. The machine is
+# two SLURM nodes, <host> and <host>-2 (two slurmd on one host), so that multi-node jobs run
+# for real; each node offers all the machine's CPUs.
 # Needs root (the daemons and apt). Idempotent: a second call only checks the cluster answers.
 #
 #   sudo bash launch/local_slurm.sh          # start (or check) the cluster
@@ -36,9 +38,11 @@ fi
 node=$(hostname -s)
 cpus=$(nproc)
 mem=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
-if [ ! -f "$conf" ] || ! grep -q "^NodeName=$node " "$conf"; then
-  say "writing $conf (node $node, $cpus CPUs, ${mem} MiB)"
-  mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
+node2="$node-2"
+if [ ! -f "$conf" ] || ! grep -q "^NodeName=$node2 " "$conf"; then
+  say "writing $conf (nodes $node and $node2 on this host, $cpus CPUs, ${mem} MiB)"
+  mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd/"$node" \
+    /var/spool/slurmd/"$node2" /var/log/slurm
   cat >"$conf" <<EOF
 # Written by ipt's launch/local_slurm.sh: one node, for tests and trying things out.
 ClusterName=ipt-local
@@ -61,12 +65,13 @@ JobRequeue=1
 KillWait=30
 MinJobAge=600
 StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
+SlurmdSpoolDir=/var/spool/slurmd/%n
 SlurmctldPidFile=/run/slurmctld.pid
-SlurmdPidFile=/run/slurmd.pid
+SlurmdPidFile=/run/slurmd-%n.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdLogFile=/var/log/slurm/slurmd.log
-NodeName=$node CPUs=$cpus RealMemory=$mem State=UNKNOWN
+SlurmdLogFile=/var/log/slurm/slurmd-%n.log
+NodeName=$node NodeHostname=$node NodeAddr=127.0.0.1 Port=6818 CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=$node2 NodeHostname=$node NodeAddr=127.0.0.1 Port=6828 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
   echo 'CgroupPlugin=cgroup/v1' >/etc/slurm/cgroup.conf  # 22.05 loads one even unused
@@ -81,16 +86,22 @@ if ! pgrep -x munged >/dev/null; then
   su -s /bin/sh munge -c "munged" || munged --force
 fi
 pgrep -x slurmctld >/dev/null || slurmctld
-pgrep -x slurmd >/dev/null || slurmd
+pgrep -f "slurmd -N $node\$" >/dev/null || slurmd -N "$node"
+pgrep -f "slurmd -N $node2\$" >/dev/null || slurmd -N "$node2"
 
 deadline=$((SECONDS + 60))
 while [ $SECONDS -lt $deadline ]; do
-  state=$(timeout 5 sinfo -h -n "$node" -o %T 2>/dev/null || true)
-  case "$state" in
-    idle*|mixed*|alloc*) say "cluster up: node $node is $state"; exit 0 ;;
-    down*|drain*) scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true ;;
-  esac
+  up=0
+  for n in "$node" "$node2"; do
+    state=$(timeout 5 sinfo -h -n "$n" -o %T 2>/dev/null || true)
+    case "$state" in
+      idle*|mixed*|alloc*) up=$((up + 1)) ;;
+      down*|drain*) scontrol update NodeName="$n" State=RESUME >/dev/null 2>&1 || true ;;
+    esac
+  done
+  [ "$up" -eq 2 ] && { say "cluster up: nodes $node and $node2 answer"; exit 0; }
   sleep 1
 done
-say "the cluster did not come up (node state: ${state:-none}); see /var/log/slurm/*.log"
+say "the cluster did not come up (node states: $(sinfo -h -o '%n %T' 2>/dev/null | tr '\n' ' '));" \
+    "see /var/log/slurm/*.log"
 exit 1

@@ -2,13 +2,13 @@
 # Start N ranks of an ipt entry point on this node, or on several nodes with a rendezvous.
 #
 #   NPROC=2 bash launch/torchrun.sh train/pretrain.py experiment=demo
-#   NNODES=4 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 NPROC=8 bash launch/torchrun.sh ...
+#   NNODES=4 MASTER_ADDR=node0 MASTER_PORT=29500 NPROC=8 bash launch/torchrun.sh ...  # each node
 #
 # NPROC         ranks per node (default: SLURM's GPUs on the node, else the GPUs torch sees,
 #               else 2 on CPU)
 # NNODES        nodes (default 1: a standalone rendezvous on this node)
-# NODE_RANK     this node's index (multi-node)
-# MASTER_ADDR   MASTER_PORT   the rendezvous endpoint (multi-node; port default 29500)
+# MASTER_ADDR   MASTER_PORT   the rendezvous endpoint (multi-node; port default 29500); the
+#               c10d rendezvous numbers the nodes itself
 # RDZV_ID       rendezvous id shared by the nodes of one job (default ipt)
 # STOP_TIMEOUT  seconds the ranks get to checkpoint after torchrun is sent SIGTERM (default 120)
 # PYTHON        interpreter (default .venv/bin/python)
@@ -37,7 +37,7 @@ common=(--nproc_per_node "$nproc" --shutdown_timeout "${STOP_TIMEOUT:-120}")
 if [ "$nnodes" -eq 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
   exec "$py" -m ipt.launch --standalone "${common[@]}" "$@"
 fi
-: "${MASTER_ADDR:?multi-node needs MASTER_ADDR}" "${NODE_RANK:=0}"
-exec "$py" -m ipt.launch --nnodes "$nnodes" --node_rank "$NODE_RANK" "${common[@]}" \
+: "${MASTER_ADDR:?multi-node needs MASTER_ADDR}"
+exec "$py" -m ipt.launch --nnodes "$nnodes" "${common[@]}" \
   --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" \
   --rdzv_id "${RDZV_ID:-ipt}" "$@"

@@ -1,5 +1,7 @@
-"""The real `launch/slurm.sbatch` on a real one-node SLURM cluster (`launch/local_slurm.sh`
-installs and starts it): a 2-rank DeepSpeed job runs to the end and checkpoints; a job sent
+"""The real `launch/slurm.sbatch` on a real SLURM cluster on this machine
+(`launch/local_slurm.sh` installs and starts it: two nodes, two slurmd): a 2-rank DeepSpeed
+job runs to the end and checkpoints; the same job across 2 nodes (one rank each, torchrun's
+c10d rendezvous) logs the same losses; a job sent
 SIGUSR1 mid-run checkpoints, requeues itself, resumes (its wandb run too), and logs exactly
 the losses of the job that was never interrupted. A Hydra sweep through the submitit launcher
 runs one SLURM job per point; one of them is preempted (SIGUSR2, submitit's signal) and
@@ -47,11 +49,12 @@ def slurm() -> None:
         pytest.skip(why)
 
 
-def submit(overrides: list[str], log: Path) -> str:
-    env = {**os.environ, "NPROC": "2", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "WANDB_MODE": "offline"}
+def submit(overrides: list[str], log: Path, nodes: int = 1) -> str:
+    env = {**os.environ, "NPROC": str(2 // nodes), "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
     out = subprocess.run(["sbatch", "--parsable", f"--output={log}", "--chdir", str(ROOT),
-                          "launch/slurm.sbatch", "train/pretrain.py", *overrides],
+                          f"--nodes={nodes}", "launch/slurm.sbatch", "train/pretrain.py",
+                          *overrides],
                          cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return out.stdout.strip().split(";")[0]
 
@@ -90,6 +93,15 @@ def test_sbatch_runs_two_deepspeed_ranks_and_checkpoints(reference):
     assert checkpoint.read_state(ckpts[0]).world_size == 2
     log = (reference.parent / "reference.out").read_text()
     assert "ipt: job" in log and "restart 0" in log
+
+
+def test_two_nodes_one_rank_each_match_one_node(reference, data_dir, tmp_path):
+    run_dir = tmp_path / "two-nodes"
+    log = tmp_path / "two-nodes.out"
+    info = wait(submit(tiny_overrides(data_dir, run_dir, **OPTS), log, nodes=2), log)
+    assert info["JobState"] == "COMPLETED", log.read_text()[-6000:]
+    assert info["NumNodes"] == "2" and "on 2 node(s)" in log.read_text()
+    assert losses(run_dir) == losses(reference)  # same world size, same samples: bitwise
 
 
 def wait_for_step(job_id: str, metrics: Path, log: Path, step: int = 3) -> None:

@@ -55,14 +55,21 @@ def launcher_env() -> dict[str, int]:
 
 
 def slurm_rendezvous() -> dict[str, str]:
-    """MASTER_ADDR/PORT for ranks started by `srun` itself (no torchrun): the allocation's first
-    node, and the port launch/slurm.sbatch would derive from the job id."""
+    """MASTER_ADDR/PORT for ranks started by `srun` itself (no torchrun): the address SLURM
+    has for the allocation's first node (its NodeAddr, which need not be its name), and the
+    port launch/slurm.sbatch would derive from the job id."""
     import subprocess
 
     env = os.environ
-    nodes = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
-                           capture_output=True, text=True, check=True).stdout.split()
-    return {"MASTER_ADDR": nodes[0],
+
+    def scontrol(*args: str) -> str:
+        return subprocess.run(["scontrol", *args], capture_output=True, text=True,
+                              check=True).stdout
+
+    first = scontrol("show", "hostnames", env["SLURM_JOB_NODELIST"]).split()[0]
+    fields = dict(f.split("=", 1) for f in scontrol("show", "node", "-o", first).split()
+                  if "=" in f)
+    return {"MASTER_ADDR": fields.get("NodeAddr") or first,
             "MASTER_PORT": env.get("MASTER_PORT", str(20000 + int(env["SLURM_JOB_ID"]) % 20000))}
 
 
