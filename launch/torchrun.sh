@@ -33,7 +33,9 @@ if [ "$gpus" -gt 0 ] && [ "$nproc" -gt "$gpus" ]; then
   fail "NPROC=$nproc ranks but this node has $gpus GPUs for this job; set NPROC<=$gpus" \
        "(one rank per GPU), or ask SLURM for more GPUs per node (--gpus-per-node)"
 fi
-common=(--nproc_per_node "$nproc" --shutdown_timeout "${STOP_TIMEOUT:-120}")
+# read by torchrun when no --shutdown_timeout is given (older torch ignores it)
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${STOP_TIMEOUT:-120}"
+common=(--nproc_per_node "$nproc")
 if [ "$nnodes" -eq 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
   exec "$py" -m ipt.launch --standalone "${common[@]}" "$@"
 fi
