@@ -56,22 +56,23 @@ def test_stop_ends_the_run_at_the_first_spike(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_rollback_restores_the_checkpoint_and_skips_the_data_since(data_dir, tmp_path):
+    """The first spike rolls back; what follows depends on the noise (with a window this
+    tight, the run may finish or end as diverged), so only the rollback itself is checked."""
     run = tmp_path / "rollback"
-    run_pretrain(tiny_overrides(data_dir, run, **{**TIGHT, "train.spike_sigma": 5.0,
-                                                  "train.max_anomalies_in_row": 3},
-                                **{"train.checkpoint_every": 5, "train.on_anomaly": "rollback"}))
+    proc = run_pretrain(tiny_overrides(data_dir, run, **{
+        **TIGHT, "train.spike_sigma": 1.0, "train.max_anomalies_in_row": 3,
+        "train.checkpoint_every": 5, "train.on_anomaly": "rollback"}), check=False)
+    assert proc.returncode == 0 or "anomalous step in a row" in proc.stderr, proc.stderr[-3000:]
     log = (run / "train.log").read_text()
-    assert "rolled back to the checkpoint of step" in log
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first = next(i for i, r in enumerate(rows) if "anomaly" in r)
     spike, back_to = rows[first]["step"], (rows[first]["step"] - 1) // 5 * 5
-    assert f"step {spike}: " in log and f"checkpoint of step {back_to}," in log
+    assert back_to >= 5  # spikes are judged once the window is full: a checkpoint exists
+    assert f"step {spike}: " in log and f"rolled back to the checkpoint of step {back_to}," in log
     # the next step is back_to + 1 again, on the samples after the spike's batch
     after = rows[first + 1]
     assert after["step"] == back_to + 1
     assert after["consumed_samples"] == rows[first]["consumed_samples"] + 8
-    final = read_metrics(run / "metrics.jsonl")[-1]
-    assert final["step"] == 30 and final["consumed_samples"] > 30 * 8
 
 
 @pytest.mark.slow
