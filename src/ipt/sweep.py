@@ -7,7 +7,7 @@ Each run of a sweep is a job `<run_dir>/<num>` of the sweep directory `run_dir`
 (`runs/<name>`): its own checkpoints, metrics, resolved config (`config.yaml`) and Hydra's
 record of its overrides (`hydra/overrides.yaml`). Its wandb run is named `<name>-<num>` and
 grouped under the sweep's name. When the sweep ends, `SweepSummary` (a Hydra callback) writes
-`sweep_summary.md` and `.csv` beside the jobs: one row per job, its overrides and final
+`sweep_summary.md`, `.csv` and `.json` beside the jobs: one row per job, its overrides and final
 metrics; `python -m ipt.sweep <sweep dir>` writes them again at any time (jobs still running
 show as such). Running the same sweep command again resumes every unfinished job.
 """
@@ -76,15 +76,11 @@ def jobs(sweep_dir: Path) -> list[Path]:
 
 def _varying(overrides: list[list[str]]) -> set[str]:
     """Keys whose value is not the same in every job (all keys when there is one job)."""
-    values: dict[str, set[str]] = {}
-    for job in overrides:
-        for o in job:
-            key, _, value = o.partition("=")
-            values.setdefault(key, set()).add(value)
-    return {k for k, v in values.items()
-            if len(overrides) == 1 or len(v) > 1
-            or sum(any(o.partition("=")[0] == k for o in job) for job in overrides)
-            < len(overrides)}
+    per_job = [dict(o.partition("=")[::2] for o in job) for job in overrides]
+    keys = set().union(*per_job)
+    if len(per_job) == 1:
+        return keys
+    return {k for k in keys if len({job.get(k) for job in per_job}) > 1}  # absent: None
 
 
 def _fmt(v: Any) -> str:
@@ -134,9 +130,10 @@ class SweepSummary(_HydraCallback):
         if os.environ.get("RANK", "0") != "0":
             return
         sweep_dir = Path(config.hydra.sweep.dir)
-        if sweep_dir.is_dir() and jobs(sweep_dir):
+        found = jobs(sweep_dir) if sweep_dir.is_dir() else []
+        if found:
             table = summarize(sweep_dir)
-            print(f"\nipt: sweep {sweep_dir} ({len(jobs(sweep_dir))} jobs)\n{table}"
+            print(f"\nipt: sweep {sweep_dir} ({len(found)} jobs)\n{table}"
                   f"  written to {sweep_dir / 'sweep_summary.md'} (and .csv, .json)", flush=True)
 
 
