@@ -1,7 +1,11 @@
-# Each target sets up the project virtualenv on first use (torch pinned to the CPU build here).
+SHELL := /bin/bash
+# Each target sets up the project virtualenv on first use, from the lock of tested versions
+# (constraints.txt; torch pinned to the CPU build here). `make lock` refreshes the lock.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+LOCK   := constraints.txt
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
+LATEST_VENV ?= .venv-latest
 NPROC  ?= 2
 DEMO_DATA ?= data/demo
 DEMO_RUN  ?= runs/demo
@@ -10,16 +14,35 @@ DEMO_SLM  ?= runs/demo-slm
 # CI runs the slow end-to-end tests too; `make test` locally skips them (`make test-slow` runs them).
 PYTEST_SELECT := $(if $(CI),,-m "not slow")
 
-.PHONY: setup train test test-slow bench experiment-salt lint clean slurm
+.PHONY: setup train test test-slow bench experiment-salt lint clean slurm check-latest lock
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c $(LOCK) pip
+	$(PY) -m pip install -q -c $(LOCK) torch==2.13.0
+	$(PY) -m pip install -q -c $(LOCK) -e ".[dev]"
 	rm -f $(VENV)/.installed-* && touch $@
+
+# The newest versions pyproject.toml admits, in a scratch venv, against the fast tests: drift
+# shows here before users meet it. Leaves $(LATEST_VENV) for `make lock`.
+check-latest:
+	rm -rf $(LATEST_VENV) && python3 -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable \
+		| sed 's/^torch==\([^+]*\)+.*/torch==\1/' > $(LATEST_VENV)/freeze.txt
+	@echo "versions that differ from $(LOCK) (< lock, > newest):"
+	@diff <(grep -v '^#' $(LOCK)) $(LATEST_VENV)/freeze.txt | grep '^[<>]' || echo "  none"
+	$(LATEST_VENV)/bin/python -m pytest -q -m "not slow" $(ARGS)
+
+# Refresh the lock: the newest allowed versions, written only once the fast tests pass on them.
+lock: check-latest
+	{ echo "# The exact versions ipt is tested with (make setup installs from here)."; \
+	  echo "# Refresh: make lock (newest versions pyproject.toml admits, after the fast tests)"; \
+	  cat $(LATEST_VENV)/freeze.txt; } > $(LOCK)
 
 # The demo, raw text to an exported model, every stage a real entry point:
 #  1. raw corpora (docstrings, package descriptions) -> sentencepiece tokenizer -> raw shards
@@ -76,4 +99,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf runs outputs multirun
+	rm -rf runs outputs multirun $(LATEST_VENV)

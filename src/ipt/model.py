@@ -3,7 +3,10 @@ pre-training, with the attention kernel chosen by what the machine has."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
@@ -17,6 +20,22 @@ def attention_implementation(requested: str) -> str:
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+def cache_kwargs(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The keyword argument that hands `cache` (a `transformers.Cache`) to a model or decoder
+    layer. transformers 5.24 renamed `past_key_values` to `cache` and, on the inner model and
+    its layers, ignores the old name without an error, so the name is read off the signature
+    rather than assumed."""
+    return {_cache_name(type(module)): cache}
+
+
+@functools.cache
+def _cache_name(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+CACHE_KWARGS = ("cache", "past_key_values")
 
 
 def llama_config(cfg: ModelConfig, vocab_size: int, bos_id: int, eos_id: int) -> LlamaConfig:

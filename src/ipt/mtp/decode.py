@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
+from ipt.model import cache_kwargs
 from ipt.mtp.heads import HeadsError, MTPModel, load_heads
 
 
@@ -63,7 +64,8 @@ def greedy(lm: PreTrainedModel, prompt: torch.Tensor, max_new: int,
     """Plain greedy decoding with a KV cache, one token per forward (the baseline)."""
     start = time.perf_counter()
     past = DynamicCache(config=lm.config)
-    logits = lm(input_ids=prompt, past_key_values=past, use_cache=True, logits_to_keep=1).logits
+    cache = cache_kwargs(lm, past)
+    logits = lm(input_ids=prompt, use_cache=True, logits_to_keep=1, **cache).logits
     tokens: list[int] = []
     forwards = 1
     while True:
@@ -71,8 +73,7 @@ def greedy(lm: PreTrainedModel, prompt: torch.Tensor, max_new: int,
         done = _stop(tokens, max_new, eos_id)
         if done is not None:
             return Decoded(done, time.perf_counter() - start, forwards)
-        logits = lm(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=past,
-                    use_cache=True).logits
+        logits = lm(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True, **cache).logits
         forwards += 1
 
 

@@ -33,6 +33,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from ipt.model import CACHE_KWARGS, cache_kwargs
+
 HEADS_FILE = "mtp_heads.safetensors"
 HEADS_CONFIG = "mtp_config.json"
 PREFIX = "mtp_heads."
@@ -118,14 +120,15 @@ class MTPModel(nn.Module):
         """The normed hidden states of every head, [batch, seq, hidden] each, head 1 first
         (head 1's alone when not `heads`). `past` / `head_past`: KV caches of the model and
         of the heads, when decoding."""
-        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=past,
-                         use_cache=past is not None)
+        out = self.model(input_ids=input_ids, position_ids=position_ids,
+                         use_cache=past is not None, **cache_kwargs(self.model, past))
         hs = [out.last_hidden_state]
         if heads and len(self.mtp_heads):
             assert self._seen is not None, "the last layer's hook did not run"
             z, h, kwargs = self._seen
             self._seen = None
-            kwargs = {**kwargs, "past_key_values": head_past}
+            kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
+            kwargs.update(cache_kwargs(self.model.layers[-1], head_past))  # a head is such a layer
             if self.head_type == "sequential":
                 emb = self.model.embed_tokens(input_ids)
                 for k, module in enumerate(self.mtp_heads, start=1):
