@@ -68,3 +68,16 @@ def test_entry_point_rejects_unknown_key(data_dir, tmp_path, override):
     assert proc.returncode != 0
     assert "bogus" in proc.stderr
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_own_sources_named_on_the_command_line_make_the_whole_mixture():
+    cfg = load(["data=custom", "tokenizer=data/tok", "data.sources={web: {path: data/shards/web, "
+                "weight: 0.8}, books: {path: data/shards/books, weight: 0.2}}"])
+    assert {k: (v.path, v.weight) for k, v in cfg.data.sources.items()} == {
+        "web": ("data/shards/web", 0.8), "books": ("data/shards/books", 0.2)}
+
+
+def test_a_misspelled_key_of_an_own_source_is_named():
+    with pytest.raises(ConfigError, match="data.sources.web.wieght"):
+        load(["data=custom", "tokenizer=data/tok", "data.sources.web.path=x",
+              "data.sources.web.wieght=0.5"])

@@ -17,11 +17,12 @@ from ipt.mtp import decode
 from ipt.mtp.heads import HeadsError, has_heads, stored_head_type
 
 MODES = ("auto", "greedy", "speculative", "both")
+KEYS = ("model", "prompt", "max_new_tokens", "decode")
 
 
 def main(argv: list[str]) -> None:
     args = dict(a.split("=", 1) for a in argv)
-    unknown = set(args) - {"model", "prompt", "max_new_tokens", "decode"}
+    unknown = set(args) - set(KEYS)
     if unknown or "model" not in args or args.get("decode", "auto") not in MODES:
         sys.exit(f"usage: sample.py model=<hf folder> [prompt=...] [max_new_tokens=40] "
                  f"[decode={'|'.join(MODES)}] (unknown: {sorted(unknown)})")

@@ -376,14 +376,29 @@ SECTIONS: dict[str, type] = {c.__name__: c for c in (
 def register() -> None:
     """Put the schemas in Hydra's ConfigStore; `configs/*.yaml` name them in their defaults."""
     cs = ConfigStore.instance()
-    cs.store(name="pretrain_schema", node=PretrainConfig)
-    cs.store(name="export_schema", node=ExportConfig)
-    cs.store(name="demo_data_schema", node=DemoDataConfig)
-    cs.store(name="prepare_schema", node=PrepareConfig)
-    cs.store(name="tokenizer_schema", node=TokenizerConfig)
-    cs.store(name="synthesize_schema", node=SynthesizeConfig)
-    cs.store(name="score_schema", node=ScoreConfig)
+    for name, schema in (("pretrain", PretrainConfig), ("export", ExportConfig),
+                         ("demo_data", DemoDataConfig), ("prepare", PrepareConfig),
+                         ("tokenizer", TokenizerConfig), ("synthesize", SynthesizeConfig),
+                         ("score", ScoreConfig)):
+        cs.store(name=f"{name}_schema", node=_schema_node(schema))
     OmegaConf.register_new_resolver("ipt.writable_dir", writable_dir, replace=True)
+
+
+def _schema_node(schema: type) -> DictConfig:
+    """`schema` as a config node whose entry maps (ENTRY_TYPES) take new names without `+`,
+    so `data.sources='{web: {path: ...}}'` works on the command line; `to_object` checks each
+    entry's keys instead of Hydra's struct mode."""
+    node = OmegaConf.structured(schema)
+
+    def open_maps(node: DictConfig, kind: type) -> None:
+        for f in dataclasses.fields(kind):
+            if (kind, f.name) in ENTRY_TYPES:
+                OmegaConf.set_struct(node[f.name], False)
+            elif str(f.type) in SECTIONS:
+                open_maps(node[f.name], SECTIONS[str(f.type)])
+
+    open_maps(node, schema)
+    return node
 
 
 def writable_dir(path: str) -> str:
