@@ -130,3 +130,31 @@ def test_literal_bos_and_eos_tokenize_as_the_ids_the_prepare_stage_adds(data_dir
     ids = tk(text, add_special_tokens=False)["input_ids"]
     assert ids == [tk.bos_token_id, *tk(inner, add_special_tokens=False)["input_ids"],
                    tk.eos_token_id]
+
+
+def test_documents_sharing_an_id_each_reach_the_prepare_stage_once(data_dir, tmp_path):
+    texts = ["The river flooded the valley early in the spring season. Therefore, the farmers "
+             "moved all of their cattle up to the hills.",
+             "The old bridge was closed to traffic for the whole summer. Because of this, the "
+             "town built a ferry across the wide river.",
+             "The library opened a new reading room on the second floor. However, most of the "
+             "visitors still preferred the quiet garden."]
+    ids = ["https://example.org/a", "https://example.org/a", "https://example.org/b"]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n"
+                                               for i, t in zip(ids, texts, strict=True)))
+    synth = synthesize(SynthesizeConfig(
+        source=SourceConfig(name="web", path=str(tmp_path / "in.jsonl"), id_field="id"),
+        out=str(tmp_path / "synth"), fraction=1.0, rounds=2, progress_bar="never"))
+    prepared = prepare(PrepareConfig(
+        sources={"web": SourceConfig(name="web", path=str(tmp_path / "synth"), format="synth")},
+        tokenizer=str(data_dir / "tokenizer"), out=str(tmp_path / "shards"),
+        valid_fraction=0.0, progress_bar="never", workers=1))["web"]
+    shard = Shard.open(next((tmp_path / "shards" / "web" / "train").glob("*.tokens"))
+                       .with_suffix(""))
+    tk = tok.load(data_dir / "tokenizer")
+    starts = [0, *map(int, shard.doc_ends[:-1])]
+    prepared_text = "\n".join(tk.decode(shard.tokens[a:int(b)], skip_special_tokens=True)
+                              for a, b in zip(starts, shard.doc_ends, strict=True))
+    assert [prepared_text.count(t) for t in texts] == [1, 1, 1]
+    assert synth["records"] == synth["docs"] == 3 and synth["rejected"] == 0
+    assert prepared["train_docs"] + synth["inherited"] == 3

@@ -138,3 +138,20 @@ def test_non_english_and_markup_only_texts_are_kept_and_accounted(tmp_path):
     rows = records(tmp_path / "out")
     assert [r["text"] for r in rows] == texts and summary["failed"] == 0
     assert summary["ok"] + summary["no_pairs"] == 4
+
+
+def test_a_repeated_id_gets_the_same_suffix_from_whichever_worker_writes_it(data_dir, tmp_path):
+    lines = [json.loads(line) for line in
+             (data_dir / "raw" / "docstrings.jsonl").read_text().splitlines()[:4]]
+    ids = ["a", "b", "a", "c"]  # the repeat is in the second shard, the second worker's
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({**row, "id": i}) + "\n"
+                                               for row, i in zip(lines, ids, strict=True)))
+    for index in (1, 0):
+        synthesize(config(tmp_path / "in.jsonl", tmp_path / "out", docs_per_shard=2,
+                          worker_index=index, num_workers=2))
+    rows = records(tmp_path / "out")
+    assert [r["id"] for r in rows] == ["a", "b", "a#2", "c"]
+    assert [r["text"] for r in rows] == [row["text"] for row in lines]
+    assert rows[2]["input_id"] == "a" and "input_id" not in rows[0]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["renamed_ids"] == 1

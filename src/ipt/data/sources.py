@@ -5,7 +5,8 @@ Every source yields, in a fixed order, either a `Doc` or a `Reject` for each rec
 finds. A record is never silently dropped. A malformed line, bytes that are not UTF-8, a
 missing text field or an empty text become a `Reject` with its location and reason, and the
 stream goes on. Document ids are deterministic: the record's own id field when configured,
-else the file (relative to the source root) and line or row number.
+else the file (relative to the source root) and line or row number. An id field may repeat
+(a URL often does); a stage that keys records by id makes them unique itself.
 """
 
 from __future__ import annotations

@@ -12,6 +12,11 @@ and their pairs go before it in the prompt as finished examples, while the promp
 context (spec section 3). A document inherits from its predecessor when it was chained and
 its own generation parsed into at least one pair; the chain goes on from it only then.
 
+Ids key the chains, the links (`prev`) and what a re-run keeps, so they are made unique
+in the run: a document repeating an earlier one's id (a URL often repeats) is kept as
+`<id>#2`, `#3`, ..., with `input_id` in its record. Every worker reads the whole source in
+its fixed order, so each names a repeat the same way, on every re-run too.
+
 A killed run goes on where it stopped: finished groups are skipped, and generations already
 paid for are in `cache/shard_k.jsonl`, keyed by a hash of the prompt. A re-run also retries
 the documents whose generation failed (server down, timeout), and only those.
@@ -56,6 +61,13 @@ class Entry:
     id: str
     text: str
     pairs: list[Pair]
+
+
+@dataclass(frozen=True)
+class RenamedDoc(src.Doc):
+    """A document whose id an earlier document of the run has: kept under a new id."""
+
+    input_id: str = ""
 
 
 def chosen(doc_id: str, fraction: float, seed: int) -> bool:
@@ -136,6 +148,9 @@ def synthesize_group(backend: Backend, cfg: SynthesizeConfig, k: int,
     rows = [done.get(d.id) or {"id": d.id, "source": cfg.source.name, "text": d.text,
                                "status": "raw", "pairs": [], "synthesizer": backend.name}
             for d in docs]
+    for row, d in zip(rows, docs, strict=True):
+        if isinstance(d, RenamedDoc):
+            row["input_id"] = d.input_id  # to join the record back to its source
     _write_atomic(out / "shards" / f"{name}.jsonl",
                   "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     _write_atomic(out / "rejects" / f"{name}.jsonl",
@@ -220,6 +235,7 @@ def account(k: int, rows: list[dict], rejects: list[src.Reject],
             "pairs": sum(kinds.values()), "pair_tokens": pair_tokens,
             "inherited": sum(bool(r.get("inherited")) for r in rows),
             "truncated": sum(bool(r.get("truncated")) for r in rows),
+            "renamed_ids": sum("input_id" in r for r in rows),
             "kinds": dict(kinds), "drops": dict(drops), "errors": dict(errors)}
 
 
@@ -240,8 +256,27 @@ def groups(cfg: SynthesizeConfig) -> Iterator[list[src.Record]]:
     records = src.read(cfg.source)
     if cfg.max_docs is not None:
         records = islice(records, cfg.max_docs)
+    records = unique_ids(records)
     while batch := list(islice(records, cfg.docs_per_shard)):
         yield batch
+
+
+def unique_ids(records: Iterator[src.Record]) -> Iterator[src.Record]:
+    """The records with each repeat of a document id `x` renamed `x#2`, `x#3`, ... (the next
+    suffix no document has), so that no document overwrites another."""
+    # Every id of the run is remembered: a repeat may come from anywhere in the source.
+    taken: set[str] = set()
+    last_suffix: dict[str, int] = {}
+    for r in records:
+        if isinstance(r, src.Doc):
+            if r.id in taken:
+                n = last_suffix.get(r.id, 1) + 1
+                while f"{r.id}#{n}" in taken:  # the source has that id itself
+                    n += 1
+                last_suffix[r.id] = n
+                r = RenamedDoc(f"{r.id}#{n}", r.text, r.loss_spans, input_id=r.id)
+            taken.add(r.id)
+        yield r
 
 
 SETTINGS = ("rounds", "fraction", "docs_per_shard", "max_docs", "seed")
@@ -311,7 +346,11 @@ def synthesize(cfg: SynthesizeConfig) -> dict[str, Any]:
         if bar is not None:
             bar.close()
         backend.close()
-    return summarize(out, total_groups, backend.name)
+    summary = summarize(out, total_groups, backend.name)
+    if summary.get("renamed_ids"):
+        log.warning("%d documents repeat an earlier document's id; each is kept as <id>#<n>, "
+                    "with input_id in its record", summary["renamed_ids"])
+    return summary
 
 
 def _finished(out: Path, retry_failed: bool) -> set[int]:
