@@ -38,9 +38,10 @@ def corpus(data_dir, tmp_path_factory) -> Path:
 
 
 def config(data_dir: Path, out: Path, corpus: Path, **kw) -> PrepareConfig:
-    return PrepareConfig(sources={"mixed": SourceConfig(path=str(corpus))},
-                         tokenizer=str(data_dir / "tokenizer"), out=str(out),
-                         docs_per_shard=100, progress_bar="never", **kw)
+    settings = {"tokenizer": str(data_dir / "tokenizer"), "docs_per_shard": 100,
+                "progress_bar": "never"} | kw
+    return PrepareConfig(sources={"mixed": SourceConfig(path=str(corpus))}, out=str(out),
+                         **settings)
 
 
 def shard_hashes(out: Path) -> dict[str, str]:
@@ -141,6 +142,10 @@ def test_pieces_cut_at_line_breaks():
     assert "".join(pieces("x" * 23, 5)) == "x" * 23
 
 
+def test_pieces_without_a_line_break_in_reach_cut_before_a_space():
+    assert pieces("the quick brown fox", 12) == ["the quick", " brown fox"]
+
+
 def test_no_sources_is_a_config_error(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="sources is empty"):
         prepare(PrepareConfig(tokenizer=str(data_dir / "tokenizer"), out=str(tmp_path)))
@@ -169,3 +174,106 @@ def test_a_100_mb_document_goes_through_with_bounded_memory(data_dir, tmp_path):
     assert summary["train_docs"] == 2 and summary["rejected"] == 0
     shard = ShardSet(out / "huge" / "train").shards[0]
     assert shard.meta["num_docs"] == 2 and shard.meta["num_tokens"] > 10_000_000
+
+
+def prepare_texts(data_dir: Path, out: Path, texts: list[str], **kw) -> list[list[int]]:
+    """Prepare one jsonl source of `texts`; the token ids of each document, in order."""
+    f = out.parent / f"{out.name}.jsonl"
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    prepare(PrepareConfig(sources={"s": SourceConfig(path=str(f))},
+                          tokenizer=str(data_dir / "tokenizer"), out=str(out),
+                          valid_fraction=0.0, workers=1, progress_bar="never", **kw))
+    shard = ShardSet(out / "s" / "train").shards[0]
+    ends = shard.doc_ends.astype(np.int64).tolist()
+    return [shard.tokens[a:b].tolist() for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+@pytest.mark.parametrize("max_chars", [1_000_000, 8], ids=["whole", "in_pieces"])
+def test_special_token_strings_in_raw_text_are_plain_text(data_dir, tmp_path, max_chars):
+    from ipt.data.tokenizer import load
+
+    tk = load(data_dir / "tokenizer")
+    text = "I wrote <s>old</s> price"
+    (ids,) = prepare_texts(data_dir, tmp_path / "o", [text], max_chars_per_piece=max_chars)
+    assert ids[0] == tk.bos_token_id and ids[-1] == tk.eos_token_id
+    assert not {tk.bos_token_id, tk.eos_token_id} & set(ids[1:-1])
+    assert tk.decode(ids[1:-1]) == text
+
+
+def test_a_long_line_loses_nothing_at_piece_cuts(data_dir, tmp_path):
+    from ipt.data.tokenizer import load
+
+    tk = load(data_dir / "tokenizer")
+    text = "The quick brown fox jumps over the lazy cat and dog ran away. " * 20
+    (ids,) = prepare_texts(data_dir, tmp_path / "o", [text], max_chars_per_piece=50)
+    assert tk.decode(ids[1:-1]) == text
+    assert ids[1:-1] == tk(text, add_special_tokens=False)["input_ids"]  # as in one piece
+
+
+def test_text_without_whitespace_loses_nothing_at_piece_cuts(data_dir, tmp_path):
+    from ipt.data.tokenizer import load
+
+    tk = load(data_dir / "tokenizer")
+    text = json.dumps([{"id": i, "name": f"item{i}", "tags": ["a", "b"]} for i in range(40)],
+                      separators=(",", ":"))  # minified JSON
+    (ids,) = prepare_texts(data_dir, tmp_path / "o", [text], max_chars_per_piece=50)
+    assert tk.decode(ids[1:-1]) == text
+
+
+@pytest.fixture
+def small_corpus(data_dir, tmp_path) -> Path:
+    """A directory source of 30 demo documents in one file."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    lines = (data_dir / "raw" / "docstrings.jsonl").read_text().splitlines()[:30]
+    (folder / "a.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_resuming_with_another_docs_per_shard_is_refused(data_dir, small_corpus, tmp_path):
+    prepare(config(data_dir, tmp_path / "o", small_corpus, docs_per_shard=10))
+    with pytest.raises(ConfigError, match="docs_per_shard: 10 -> 20"):
+        prepare(config(data_dir, tmp_path / "o", small_corpus, docs_per_shard=20))
+
+
+def test_resuming_with_another_tokenizer_is_refused(data_dir, small_corpus, tmp_path):
+    from ipt.data.tokenizer import train_sentencepiece
+
+    texts = [json.loads(x)["text"] for x in (small_corpus / "a.jsonl").read_text().splitlines()]
+    other = train_sentencepiece(texts * 4, tmp_path / "other_tok", vocab_size=400)
+    prepare(config(data_dir, tmp_path / "o", small_corpus))
+    with pytest.raises(ConfigError, match="tokenizer: .* -> .*other_tok"):
+        prepare(config(data_dir, tmp_path / "o", small_corpus, tokenizer=str(other)))
+
+
+def test_resuming_from_another_source_is_refused(data_dir, small_corpus, corpus, tmp_path):
+    prepare(config(data_dir, tmp_path / "o", small_corpus))
+    with pytest.raises(ConfigError, match=r"source.files.a.jsonl: \d+ -> None"):
+        prepare(config(data_dir, tmp_path / "o", corpus))
+
+
+def test_resuming_after_the_source_files_changed_is_refused(data_dir, small_corpus, tmp_path):
+    prepare(config(data_dir, tmp_path / "o", small_corpus))
+    (small_corpus / "b.jsonl").write_text('{"text": "a file added since"}\n')
+    with pytest.raises(ConfigError, match="source.files.b.jsonl: None -> 31"):
+        prepare(config(data_dir, tmp_path / "o", small_corpus))
+
+
+def test_resuming_from_the_same_corpus_moved_elsewhere_goes_on(data_dir, small_corpus,
+                                                                tmp_path):
+    import shutil
+
+    first = prepare(config(data_dir, tmp_path / "o", small_corpus))
+    moved = shutil.copytree(small_corpus, tmp_path / "moved")
+    tokenizer = shutil.copytree(data_dir / "tokenizer", tmp_path / "tokenizer")
+    again = prepare(config(data_dir, tmp_path / "o", moved, tokenizer=str(tokenizer)))
+    assert again["mixed"] | {"source": None} == first["mixed"] | {"source": None}
+
+
+def test_resuming_with_the_same_settings_and_other_workers_goes_on(data_dir, small_corpus,
+                                                                    tmp_path):
+    first = prepare(config(data_dir, tmp_path / "o", small_corpus, docs_per_shard=10))
+    (tmp_path / "o" / "mixed" / "parts" / "shard_00002.json").unlink()  # as if killed
+    again = prepare(config(data_dir, tmp_path / "o", small_corpus, docs_per_shard=10,
+                           workers=2))
+    assert again == first

@@ -83,6 +83,17 @@ def test_tuning_data_trains_only_on_the_pairs(synth_out, data_dir, tmp_path):
     assert "<QUE>" not in context and context.count("<CON>") == 3
 
 
+def test_tuning_data_keeps_bos_and_eos_between_its_examples(synth_out, data_dir, tmp_path):
+    spec = {"path": str(synth_out), "format": "synth_tuning", "shots": 3}
+    prepare(PrepareConfig(sources={"tune": SourceConfig(name="tune", **spec)},
+                          tokenizer=str(data_dir / "tokenizer"), out=str(tmp_path),
+                          valid_fraction=0.0, progress_bar="never", workers=1))
+    shard = Shard.open(next((tmp_path / "tune" / "train").glob("*.tokens")).with_suffix(""))
+    tk = tok.load(data_dir / "tokenizer")
+    inner = np.asarray(shard.tokens[1:int(shard.doc_ends[0]) - 1]).tolist()
+    assert inner.count(tk.bos_token_id) == 2 and inner.count(tk.eos_token_id) == 2
+
+
 def test_an_unfinished_synthesize_output_is_refused(synth_out, tmp_path):
     import shutil
 

@@ -1,16 +1,29 @@
 """Loss modules: given the model and a micro-batch, return the loss and what to log.
 
-The trainer calls `loss_fn(model, batch, step)` and back-propagates the returned loss through
-the DeepSpeed engine; it knows nothing else about losses. A loss honours the per-token side
-channels of a batch: `labels == IGNORE` positions (loss masks, document ends) never count.
-Losses register here under the name their `configs/loss/*.yaml` gives (multi-token
-prediction lives in `ipt.mtp`); distillation wraps whichever is configured (`ipt.slm.kd`).
+The trainer calls `loss_fn(model, batch, step, norm)` and back-propagates the returned loss
+through the DeepSpeed engine; it knows nothing else about losses. A loss honours the
+per-token side channels of a batch: `labels == IGNORE` positions (loss masks, document ends)
+never count. Losses register here under the name their `configs/loss/*.yaml` gives
+(multi-token prediction lives in `ipt.mtp`); distillation wraps whichever is configured
+(`ipt.slm.kd`).
+
+Weighting. A loss is a sum over target tokens divided by a denominator per term (one term for
+next-token loss, one per head for multi-token prediction). Before a step's first forward the
+trainer asks the loss for each micro-batch's target counts (`count_targets`, read off the
+host batch), adds them up over the step's micro-batches and ranks, and hands every
+micro-batch `norm[i] = count_i / (micro-batches x ranks)`. DeepSpeed then averages the
+micro-batches' gradients over accumulation steps and ranks, so the step's gradient is that
+of the sum over all its target tokens divided by their number: every token weighs the same,
+whatever micro-batch it sits in, and the objective does not change with
+`train.micro_batch_size` or the number of ranks. Without `norm` (evaluation, tests) a
+micro-batch is normalised by its own counts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,35 +40,58 @@ class LossOutput:
     tokens: int = 0  # target tokens that counted
 
 
-class NextTokenLoss:
-    """Mean cross-entropy of the next token over the positions that have a target."""
+class Loss(Protocol):
+    """What the trainer needs of a loss module."""
 
-    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                 step: int) -> LossOutput:
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> list[int]: ...
+
+    def __call__(self, model: Any, batch: dict[str, torch.Tensor], step: int,
+                 norm: Sequence[float] | None = None) -> LossOutput: ...
+
+
+def target_count(labels: torch.Tensor) -> int:
+    return int((labels != IGNORE).sum())
+
+
+class NextTokenLoss:
+    """Cross-entropy of the next token over the positions that have a target, summed and
+    divided by `norm[0]` (see the module's docstring)."""
+
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> list[int]:
+        return [target_count(batch["labels"])]
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int,
+                 norm: Sequence[float] | None = None) -> LossOutput:
         labels = batch["labels"]
         extra = {k: v for k, v in batch.items() if k in ("position_ids", "attention_mask")}
         logits = model(input_ids=batch["input_ids"], **extra).logits
-        tokens = int((labels != IGNORE).sum())
-        # A sum over max(tokens, 1): a micro-batch whose every token is masked (all context,
-        # in SFT data) gives 0 with a graph, not a NaN mean.
+        tokens = target_count(labels)
+        # A micro-batch whose every token is masked (all context, in SFT data) gives 0 with a
+        # graph, not a NaN.
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                               ignore_index=IGNORE, reduction="sum") / max(tokens, 1)
+                               ignore_index=IGNORE, reduction="sum") / denominator(norm, tokens)
         return LossOutput(loss, {"ce": loss.item()}, tokens)
 
 
-def _mtp(cfg: LossConfig, eos_id: int | None) -> Callable[..., LossOutput]:
+def denominator(norm: Sequence[float] | None, count: int, term: int = 0) -> float:
+    """What term `term` of a micro-batch's loss is divided by: the step's share from the
+    trainer, else the micro-batch's own target count."""
+    return norm[term] if norm is not None else max(count, 1)
+
+
+def _mtp(cfg: LossConfig, eos_id: int | None) -> Loss:
     from ipt.mtp.loss import MTPLoss
 
     return MTPLoss(cfg, eos_id)
 
 
-LOSSES: dict[str, Callable[[LossConfig, int | None], Callable]] = {
+LOSSES: dict[str, Callable[[LossConfig, int | None], Loss]] = {
     "ntp": lambda cfg, eos_id: NextTokenLoss(),
     "mtp": _mtp,
 }
 
 
-def build_loss(cfg: LossConfig, eos_id: int | None = None) -> Callable[..., LossOutput]:
+def build_loss(cfg: LossConfig, eos_id: int | None = None) -> Loss:
     """The loss `cfg` names; `eos_id` ends documents in packed sequences (multi-token
     targets must not cross them)."""
     if cfg.name not in LOSSES:

@@ -31,7 +31,7 @@ def cache_kwargs(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
 
 
 @functools.cache
-def _cache_name(cls: type) -> str:
+def _cache_name(cls: Any) -> str:
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 

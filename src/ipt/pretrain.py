@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from ipt.data.shards import ShardSet
 from ipt.engine import Dist, build_engine, init_distributed
 from ipt.export import ExportAtEnd
 from ipt.health import AnomalyPolicy, LossAnomalies
-from ipt.losses import LossOutput, build_loss
+from ipt.losses import Loss, build_loss
 from ipt.model import build_model, flops_per_token
 from ipt.observe import MetricsLogger, peak_flops
 from ipt.schedule import lr_multiplier
@@ -159,7 +158,7 @@ def resume(engine, candidates: list[Path], fresh: TrainerState, dist: Dist,
     return fresh
 
 
-def distillation(cfg: PretrainConfig, dist: Dist, step: int, base: Callable[..., LossOutput],
+def distillation(cfg: PretrainConfig, dist: Dist, step: int, base: Loss,
                  vocab_size: int) -> DistillationLoss:
     """The KD loss; the teacher is loaded only if the run resumes before the KD phase ends
     (and never for offline soft labels, which the loader brings)."""

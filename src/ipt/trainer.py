@@ -18,7 +18,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,7 +31,7 @@ from ipt.checkpoint import TrainerState
 from ipt.data.loader import eval_batches
 from ipt.engine import Dist
 from ipt.health import AnomalyError, AnomalyPolicy, HangWatchdog, SkippableAdamW
-from ipt.losses import LossOutput
+from ipt.losses import Loss
 from ipt.observe import peak_memory_gb
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class Callback(Protocol):
 
 
 class Trainer:
-    def __init__(self, engine: Any, loss_fn: Callable[..., LossOutput],
+    def __init__(self, engine: Any, loss_fn: Loss,
                  batches: Iterator[dict[str, torch.Tensor]], state: TrainerState, dist: Dist,
                  grad_accum: int, global_batch: int, seq_len: int, max_steps: int,
                  callbacks: list[Any], flops_per_token: float = 0.0,
@@ -139,23 +139,32 @@ class Trainer:
             cb.on_end(self)
         return self.state
 
-    def _next_batch(self) -> dict[str, torch.Tensor]:
-        batch = next(self.batches)
-        return {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
+    def _norm(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[float]:
+        """Each loss term's target count over the whole step (every micro-batch of every
+        rank), per micro-batch: what a micro-batch's sums are divided by, so that the
+        engine's average over them is a mean over the step's tokens (`ipt.losses`)."""
+        counts = torch.tensor([self.loss_fn.count_targets(b) for b in micro_batches],
+                              dtype=torch.float64).sum(0)
+        if self.dist.world_size > 1:
+            counts = counts.to(self.dist.device)
+            tdist.all_reduce(counts)
+        share = self.grad_accum * self.dist.world_size
+        return [max(c, 1.0) / share for c in counts.tolist()]
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step: `grad_accum` micro-batches through forward and backward."""
         self.engine.train()
         lr = self.engine.get_lr()[0]  # the rate this step uses; the schedule advances in it
         start = time.perf_counter()
-        waited = 0.0
+        micro_batches = [next(self.batches) for _ in range(self.grad_accum)]
+        waited = time.perf_counter() - start
+        norm = self._norm(micro_batches)  # counted on the host, before the batches move
         totals: dict[str, float] = {}
         anomaly = None
-        for micro in range(self.grad_accum):
-            t = time.perf_counter()
-            batch = self._next_batch()
-            waited += time.perf_counter() - t
-            out = self.loss_fn(self.engine, batch, self.state.step)
+        for micro, host_batch in enumerate(micro_batches):
+            batch = {k: v.to(self.dist.device, non_blocking=True)
+                     for k, v in host_batch.items()}
+            out = self.loss_fn(self.engine, batch, self.state.step, norm)
             totals["loss"] = totals.get("loss", 0.0) + out.loss.item()
             for k, v in out.metrics.items():
                 totals[k] = totals.get(k, 0.0) + v
@@ -258,7 +267,7 @@ class Evaluator:
     """Validation loss of each source (`val_loss/<source>`) and of all together
     (`val_loss`, token-weighted), on a fixed subset, every `every` steps and at the end."""
 
-    def __init__(self, datasets: Mapping[str, Dataset], loss_fn: Callable[..., LossOutput],
+    def __init__(self, datasets: Mapping[str, Dataset], loss_fn: Loss,
                  micro_batch: int, num_batches: int, every: int) -> None:
         self.datasets, self.loss_fn, self.every = datasets, loss_fn, every
         self.micro_batch, self.num_batches = micro_batch, num_batches

@@ -9,7 +9,13 @@ completion mark. A re-run skips every group that has its mark, so a killed run g
 redoing or duplicating anything. Memory stays flat: at most two groups per worker are in
 flight.
 
-Output, per source: `{out}/{source}/{train,valid,rejects,parts}/` and `summary.json`.
+The source's folder records in `settings.json` what its output depends on (tokenizer,
+grouping, hold-out, the source and its files); a re-run with any of them changed is refused,
+since it would skip or duplicate documents. Settings that only change how fast (workers) are
+not recorded.
+
+Output, per source: `{out}/{source}/{train,valid,rejects,parts}/`, `settings.json` and
+`summary.json`.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict
-from itertools import islice
+from itertools import accumulate, islice
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +51,13 @@ def is_valid_doc(doc_id: str, fraction: float) -> bool:
 
 
 def pieces(text: str, limit: int) -> list[str]:
-    """Cut a long text at line breaks (else anywhere) into pieces of at most `limit` chars."""
+    """Cut a long text into pieces of at most `limit` chars: after the last line break in
+    reach, else before the last space (a word stays whole), else anywhere."""
     out, start = [], 0
     while len(text) - start > limit:
-        cut = text.rfind("\n", start, start + limit) + 1 or start + limit
+        end = start + limit
+        cut = text.rfind("\n", start, end) + 1 or text.rfind(" ", start + 1, end)
+        cut = cut if cut > start else end
         out.append(text[start:cut])
         start = cut
     out.append(text[start:])
@@ -56,22 +65,33 @@ def pieces(text: str, limit: int) -> list[str]:
 
 
 Encoded = tuple[list[int], "np.ndarray | None"]  # token ids, and the loss mask if any
+Token = tuple[int, int, int]  # where it starts and ends in the text (characters), its id
+SEAM_MARGIN = 256  # characters either side of a cut that the windows around it share
 
 
 class Encoder:
-    """Tokenizes documents in one worker: ids and, for SFT-style data, the loss mask."""
+    """Tokenizes documents in one worker: ids and, for SFT-style data, the loss mask.
 
-    def __init__(self, tokenizer_dir: str, add_bos: bool, max_chars: int) -> None:
+    `special_tokens`: whether `<s>` and `</s>` written in a text are BOS and EOS. Only data
+    in the synthesizer's own format means them so; in raw text (HTML strikethrough, NLP code)
+    they are characters like any other, or documents would end in the middle."""
+
+    def __init__(self, tokenizer_dir: str, add_bos: bool, max_chars: int,
+                 special_tokens: bool) -> None:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker, no oversubscription
         self.tok = tok.load(tokenizer_dir)
         self.bos = [self.tok.bos_token_id] if add_bos else []
         self.eos = self.tok.eos_token_id
         self.max_chars = max_chars
+        self.split_special_tokens = not special_tokens
+
+    def _ids(self, text: str | list[str], **kw: Any) -> Any:
+        return self.tok(text, add_special_tokens=False,
+                        split_special_tokens=self.split_special_tokens, **kw)
 
     def encode(self, docs: list[src.Doc]) -> list[Encoded]:
         plain = [d for d in docs if d.loss_spans is None and len(d.text) <= self.max_chars]
-        batch = self.tok([d.text for d in plain], add_special_tokens=False)["input_ids"] \
-            if plain else []
+        batch = self._ids([d.text for d in plain])["input_ids"] if plain else []
         encoded = dict(zip((id(d) for d in plain), batch, strict=True))
         out: list[Encoded] = []
         for d in docs:
@@ -84,22 +104,37 @@ class Encoder:
         return out
 
     def _encode_long(self, text: str) -> list[int]:
-        """Piece by piece, each after a little of the text before it, keeping only the tokens
-        that start inside the piece: the same ids as encoding the whole text at once, where
-        the cuts fall on line breaks (no sentencepiece word-start marker at every piece)."""
+        """Piece by piece, in windows that share SEAM_MARGIN characters either side of each
+        cut. A window's tokens are kept up to a seam near the cut: a token boundary where it
+        and the next window have the same token before and the same token after. So no
+        character is lost or doubled at a cut, and where the tokens near a cut do not depend
+        on text far from it (cuts at line breaks or spaces), the ids are those of the whole
+        text at once. Where two windows never agree, the cut is dropped and they are one."""
+        ends = list(accumulate(map(len, pieces(text, self.max_chars))))
         ids: list[int] = []
-        context = ""
-        for piece in pieces(text, self.max_chars):
-            enc = self.tok(context + piece, add_special_tokens=False,
-                           return_offsets_mapping=True)
-            ids += [t for t, (a, _) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
-                    if a >= len(context)]
-            context = piece[-64:]
+        done = start = 0  # text[:done] is in `ids`; the current window starts at `start`
+        window = self._tokens(text, 0, ends[0] + SEAM_MARGIN)
+        for cut, next_end in zip(ends, ends[1:]):
+            after = max(0, cut - SEAM_MARGIN)
+            following = self._tokens(text, after, next_end + SEAM_MARGIN)
+            seam = _seam(window, following, done, cut)
+            if seam is None:
+                window = self._tokens(text, start, next_end + SEAM_MARGIN)
+                continue
+            ids += [t for a, _, t in window if done <= a < seam]
+            done, start, window = seam, after, following
+        ids += [t for a, _, t in window if a >= done]
         return ids
+
+    def _tokens(self, text: str, start: int, end: int) -> list[Token]:
+        """The tokens of text[start:end], placed in `text`."""
+        enc = self._ids(text[start:end], return_offsets_mapping=True)
+        return [(start + a, start + b, t)
+                for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
 
     def _with_mask(self, d: src.Doc) -> tuple[list[int], np.ndarray]:
         """A token counts when its text starts inside a loss span; BOS never, EOS always."""
-        enc = self.tok(d.text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = self._ids(d.text, return_offsets_mapping=True)
         starts = np.array([a for a, _ in enc["offset_mapping"]], dtype=np.int64)
         mask = np.zeros(len(starts), dtype=np.uint8)
         for a, b in d.loss_spans or ():
@@ -108,12 +143,24 @@ class Encoder:
         return self.bos + list(enc["input_ids"]) + [self.eos], full
 
 
+def _seam(left: list[Token], right: list[Token], done: int, cut: int) -> int | None:
+    """The token boundary past `done` and nearest `cut` where both encodings have the same
+    token on either side; None if there is none."""
+    def sides(tokens: list[Token]) -> dict[int, tuple[Token, Token]]:
+        return {b[0]: (a, b) for a, b in zip(tokens, tokens[1:]) if a[0] < b[0]}
+
+    lhs, rhs = sides(left), sides(right)
+    shared = [p for p, around in rhs.items() if p > done and lhs.get(p) == around]
+    return min(shared, key=lambda p: abs(p - cut), default=None)
+
+
 _encoder: Encoder | None = None
 
 
-def _init_worker(tokenizer_dir: str, add_bos: bool, max_chars: int) -> None:
+def _init_worker(tokenizer_dir: str, add_bos: bool, max_chars: int,
+                 special_tokens: bool) -> None:
     global _encoder
-    _encoder = Encoder(tokenizer_dir, add_bos, max_chars)
+    _encoder = Encoder(tokenizer_dir, add_bos, max_chars, special_tokens)
 
 
 def write_group(out: str, k: int, records: list[src.Record], source: str, vocab_size: int,
@@ -170,7 +217,8 @@ def prepare_source(spec: SourceConfig, cfg: PrepareConfig, vocab_size: int,
     bar = _progress(cfg, spec.name)
     started, docs_done = time.perf_counter(), 0
     pool = ProcessPoolExecutor(max(1, cfg.workers), initializer=_init_worker,
-                               initargs=(cfg.tokenizer, cfg.add_bos, cfg.max_chars_per_piece))
+                               initargs=(cfg.tokenizer, cfg.add_bos, cfg.max_chars_per_piece,
+                                         src.means_special_tokens(spec)))
     in_flight: deque[Future] = deque()
     try:
         for k, group in enumerate(groups(src.read(spec), cfg.docs_per_shard)):
@@ -226,6 +274,55 @@ def summarize(out: Path, spec: SourceConfig) -> dict[str, Any]:
     return summary
 
 
+# Source fields that do not change what is read: its name is the folder; streaming and
+# allow_partial change how it is read; the path is checked through the files it holds (a
+# corpus moved to another disk resumes), or for a remote dataset, checked as it is.
+NOT_RECORDED = ("name", "streaming", "allow_partial", "path")
+
+
+def settings_of(spec: SourceConfig, cfg: PrepareConfig, fingerprint: str) -> dict[str, Any]:
+    """What a source's output depends on: the documents in it, their ids and their groups."""
+    source = {k: v for k, v in asdict(spec).items() if k not in NOT_RECORDED}
+    files = src.contents(spec)
+    return {"tokenizer": fingerprint, "add_bos": cfg.add_bos,
+            "docs_per_shard": cfg.docs_per_shard, "valid_fraction": cfg.valid_fraction,
+            "source": source | ({"files": files} if files else {"path": spec.path})}
+
+
+def check_settings(out: Path, now: dict[str, Any], tokenizer: str) -> None:
+    """An output folder holds one run's settings; going on with others would mix two runs
+    (as the synthesize stage's `check_settings`). The tokenizer is compared by fingerprint:
+    the same one at another path changes nothing."""
+    path = out / "settings.json"
+    if not path.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(now | {"tokenizer_path": tokenizer}, indent=1))
+        tmp.replace(path)
+        return
+    then = json.loads(path.read_text())
+    diff = [f"{k}: {a!r} -> {b!r}" if k != "tokenizer" else
+            f"tokenizer: {then.get('tokenizer_path')!r} -> {tokenizer!r} (fingerprint {a} -> {b})"
+            for k, a, b in _changes(then, now, list(now))]
+    if diff:
+        more = f"; and {len(diff) - 5} more" if len(diff) > 5 else ""
+        raise ConfigError(f"{out} holds a run with other settings ({'; '.join(diff[:5])}{more}); "
+                          "continue it with the same settings or write to a new out")
+
+
+def _changes(then: dict[str, Any], now: dict[str, Any], keys: list[str],
+             prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(name, old, new) of each of `keys` that differs, looking into nested settings."""
+    out = []
+    for k in keys:
+        a, b = then.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changes(a, b, list(dict.fromkeys([*b, *a])), f"{prefix}{k}.")
+        elif a != b:
+            out.append((f"{prefix}{k}", a, b))
+    return out
+
+
 def prepare(cfg: PrepareConfig) -> dict[str, dict[str, Any]]:
     """Every source of `cfg`, one after another (each in parallel over its groups)."""
     if not cfg.sources:
@@ -241,6 +338,9 @@ def prepare(cfg: PrepareConfig) -> dict[str, dict[str, Any]]:
         src.check(spec)  # every source must be readable before any work starts
         specs.append(spec)
     fingerprint = tok.fingerprint(cfg.tokenizer)
+    for spec in specs:  # all before any work, as the sources are checked
+        check_settings(Path(cfg.out) / spec.name, settings_of(spec, cfg, fingerprint),
+                       cfg.tokenizer)
     vocab_size = len(tok.load(cfg.tokenizer))
     summaries = {}
     for spec in specs:

@@ -70,6 +70,12 @@ def masked(spec: SourceConfig) -> bool:
     return spec.segments_field is not None or spec.format == "synth_tuning"
 
 
+def means_special_tokens(spec: SourceConfig) -> bool:
+    """Whether `<s>` and `</s>` in the source's texts are BOS and EOS: only in synthesizer
+    tuning data, written in the synthesizer's format. Anywhere else they are plain text."""
+    return spec.format == "synth_tuning"
+
+
 def check(spec: SourceConfig) -> str:
     """The resolved format; fails before any work when the source cannot be read at all."""
     if spec.format not in FORMATS:
@@ -85,6 +91,22 @@ def check(spec: SourceConfig) -> str:
     if fmt in ("jsonl", "parquet", "text") and not files_of(path, fmt):
         raise ConfigError(f"source {spec.name}: no {fmt} files under {spec.path}")
     return fmt
+
+
+def contents(spec: SourceConfig) -> dict[str, int]:
+    """The files a source reads, by path under its root, with their sizes: what a resumed
+    run compares to find a source that changed. Empty for a remote `hf` dataset."""
+    path = Path(spec.path)
+    fmt = detect_format(path) if spec.format == "auto" else spec.format
+    if fmt in ("jsonl", "parquet", "text"):
+        found = files_of(path, fmt)
+    elif fmt in SYNTH_FORMATS:
+        found = sorted((path / "shards").glob("shard_*.jsonl"))
+    elif fmt == "hf_disk":
+        found = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        return {}
+    return {_rel(f, path): f.stat().st_size for f in found}
 
 
 def files_of(path: Path, fmt: str) -> list[Path]:

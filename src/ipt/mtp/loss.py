@@ -3,7 +3,8 @@
     L = sum_i w_i * CE_i          (loss.reduction=sum)   or   the same / n   (mean)
 
 CE_i is head i's mean cross-entropy over its own targets (token t + i), each head normalised
-by its own count. DeepSeek-V3's L_main + (lambda / D) * sum_k CE_k is `reduction=sum` with
+by its own count: over the whole step, all micro-batches and ranks (the trainer's `norm`,
+see `ipt.losses`). DeepSeek-V3's L_main + (lambda / D) * sum_k CE_k is `reduction=sum` with
 weights [1, lambda / D, ...] (`configs/loss/mtp_sequential.yaml`). A position has no target for head i when token t + i lies in another
 document of the packed sequence, past the sequence, or under a loss mask.
 
@@ -24,6 +25,7 @@ With a teacher (SALT), head 1's term is (1 - w) * CE + w * KD, computed the same
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,12 +177,18 @@ class MTPLoss:
         later = self.later is not None and step >= (self.cfg.later_from_step or 0)
         return self.later if later and self.later is not None else self.weights
 
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> list[int]:
+        """Each head's target count (the trainer's `norm` is made of these)."""
+        targets = head_targets(batch["input_ids"], batch["labels"], self.cfg.heads, self.eos_id)
+        return [int(c) for c in (targets != IGNORE).sum((1, 2)).tolist()]
+
     def __call__(self, model: Any, batch: dict[str, torch.Tensor], step: int,
-                 kd: KDTerm | None = None) -> LossOutput:
+                 norm: Sequence[float] | None = None, kd: KDTerm | None = None) -> LossOutput:
         training = torch.is_grad_enabled()
         n = self.cfg.heads if training else 1  # evaluation: head 1 alone, the extra heads idle
         targets = head_targets(batch["input_ids"], batch["labels"], n, self.eos_id)
-        counts = [max(int(c), 1) for c in (targets != IGNORE).sum((1, 2)).tolist()]
+        counts = list(norm[:n]) if norm is not None else \
+            [max(int(c), 1) for c in (targets != IGNORE).sum((1, 2)).tolist()]
         scales = [w / c / self.divisor for w, c in zip(self.weights_at(step), counts,
                                                        strict=False)]
         loss, ce, kd_sum = model(input_ids=batch["input_ids"], targets=targets, scales=scales,

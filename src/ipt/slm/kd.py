@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ipt.config import TeacherConfig
-from ipt.losses import IGNORE, LossOutput
+from ipt.losses import IGNORE, Loss, LossOutput, denominator
 
 log = logging.getLogger(__name__)
 
@@ -163,16 +163,20 @@ class DistillationLoss:
     `teacher` None) its stored top-K log-probabilities come with the batch, from the loader.
     """
 
-    def __init__(self, teacher: Any, cfg: TeacherConfig, base: Callable[..., LossOutput],
+    def __init__(self, teacher: Any, cfg: TeacherConfig, base: Loss,
                  vocab_size: int | None = None) -> None:
         self.teacher, self.cfg, self.base, self.vocab_size = teacher, cfg, base, vocab_size
 
-    def __call__(self, model: Any, batch: dict[str, torch.Tensor], step: int) -> LossOutput:
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> list[int]:
+        return self.base.count_targets(batch)  # KD counts where next-token loss does
+
+    def __call__(self, model: Any, batch: dict[str, torch.Tensor], step: int,
+                 norm: Sequence[float] | None = None) -> LossOutput:
         w = kd_weight(self.cfg, step)
         if w == 0.0 or not torch.is_grad_enabled():  # after the KD phase, and in evaluation
             if w == 0.0 and step >= self.cfg.kd_steps and self.teacher is not None:
                 self.release()
-            out = self.base(model, batch, step)
+            out = self.base(model, batch, step, norm)
             out.metrics |= {"kd_weight": w}
             return out
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids")}
@@ -198,12 +202,14 @@ class DistillationLoss:
         if logits is None:
             from ipt.mtp.loss import KDTerm
 
-            out = self.base(model, batch, step, kd=KDTerm(probs, tau, w))
+            takes_kd: Any = self.base  # a loss with `takes_kd` has the `kd` keyword
+            out = takes_kd(model, batch, step, norm, kd=KDTerm(probs, tau, w))
             out.metrics["kd_weight"] = w
             return out
         mixed, ce, kd, n = kd_losses(logits, batch["labels"], probs, tau, w,
                                      self.cfg.chunk_size)
-        loss, ce, kd = mixed / max(n, 1), ce / max(n, 1), kd / max(n, 1)
+        d = denominator(norm, n)
+        loss, ce, kd = mixed / d, ce / d, kd / d
         return LossOutput(loss, {"ce": ce.item(), "kd": kd.item(), "kd_weight": w}, n)
 
     def release(self) -> None:
