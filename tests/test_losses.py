@@ -1,12 +1,17 @@
 """The next-token loss on masked data."""
 
 import math
+import os
+import subprocess
+import sys
 
 import torch
 
 from ipt.config import ModelConfig
 from ipt.losses import IGNORE, NextTokenLoss
 from ipt.model import build_model
+
+from .conftest import ROOT
 
 
 def tiny() -> torch.nn.Module:
@@ -32,3 +37,18 @@ def test_the_loss_is_the_mean_over_unmasked_targets_only():
     logits = model(input_ids=ids).logits[0, 5:]
     expected = torch.nn.functional.cross_entropy(logits, labels[0, 5:])
     assert out.tokens == 3 and math.isclose(out.loss.item(), expected.item(), rel_tol=1e-6)
+
+
+def test_a_step_weighs_every_token_alike_across_micro_batches_and_ranks(tmp_path):
+    """2 ranks x 2 micro-batches with 17 or 32 targets each, through the real trainer and
+    DeepSpeed engine: the gradient is that of all the step's tokens taken as one batch (not a
+    mean of micro-batch means)."""
+    out = tmp_path / "grads.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node=2", str(ROOT / "tests" / "workers" / "grad_step.py"),
+                    str(out)], cwd=ROOT, env=env, check=True, timeout=300, capture_output=True)
+    grads = torch.load(out)
+    assert len(grads["trainer"]) == len(grads["one_batch"]) > 0
+    for got, want in zip(grads["trainer"], grads["one_batch"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
