@@ -383,3 +383,30 @@ def test_new_heads_are_the_models_own_block_type_and_init():
     assert type(heads[0]) is type(model.lm.model.layers[-1])
     std = heads[0].mlp.down_proj.weight.std().item()
     assert std == pytest.approx(model.config.initializer_range, rel=0.2)
+
+
+@pytest.mark.parametrize("kd", [False, True], ids=["heads", "heads-with-kd"])
+def test_micro_batches_given_the_steps_norm_weigh_every_heads_tokens_alike(kd):
+    """Two micro-batches with unequal target counts, each divided by the step's count per
+    head (the trainer's `norm`), average to the loss and gradient of the two as one batch."""
+    model, batch = tiny_mtp(2), batch_of()
+    batch["labels"][0, 3:40] = IGNORE  # row 0: far fewer targets than row 1
+    teacher, h_t = torch.nn.Linear(48, 300, bias=False), torch.randn(2, 48, 48)
+    loss = MTPLoss(LossConfig(name="mtp", heads=3, chunk_size=20), EOS)
+
+    def run(part: dict, norm=None):
+        probs = online_probs(h_t[part["rows"]], teacher, 2.0) if kd else None
+        out = loss(model, {k: v[part["rows"]] for k, v in part["batch"].items()}, 0, norm,
+                   kd=KDTerm(probs, 2.0, 0.4) if kd else None)
+        out.loss.backward()
+        return out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    whole, g_whole = run({"batch": batch, "rows": slice(None)})
+    model.zero_grad()
+    halves = [{"batch": batch, "rows": slice(r, r + 1)} for r in (0, 1)]
+    counts = [loss.count_targets({k: v[h["rows"]] for k, v in batch.items()}) for h in halves]
+    norm = [sum(c) / 2 for c in zip(*counts, strict=True)]
+    parts = [run(h, norm) for h in halves]
+    assert (parts[0][0] + parts[1][0]) / 2 == pytest.approx(whole, rel=1e-5)
+    for name, g in g_whole.items():  # the second run's grads hold both micro-batches' sum
+        torch.testing.assert_close(parts[1][1][name] / 2, g, rtol=1e-4, atol=1e-7, msg=name)
