@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from ipt.config import ConfigError
-from ipt.data.loader import MixtureOrder, PackedShards, RankBatches, shares, train_loader
+from ipt.data.loader import (
+    MixtureOrder,
+    PackedShards,
+    RankBatches,
+    eval_batches,
+    shares,
+    train_loader,
+)
 from ipt.data.shards import ShardError, ShardSet, write_shards
 
 
@@ -152,3 +159,16 @@ def test_uint16_is_used_when_the_vocabulary_fits(tmp_path: Path):
     write_shards([[1, 65536]], tmp_path / "b", 70000, "fp")
     assert ShardSet(tmp_path / "a").shards[0].tokens.dtype == np.uint16
     assert ShardSet(tmp_path / "b").shards[0].tokens.dtype == np.uint32
+
+
+@pytest.mark.parametrize(("size", "micro", "world", "batches"),
+                         [(3, 1, 2, 4), (5, 2, 2, 4), (1, 2, 4, 1), (7, 3, 3, 2), (0, 2, 2, 3),
+                          (100, 4, 2, 3)])
+def test_every_rank_runs_as_many_eval_batches_and_each_sequence_counts_once(size, micro, world,
+                                                                            batches):
+    """Under ZeRO-3 an eval forward is a collective: unequal counts per rank hang the job."""
+    split = [eval_batches(range(size), micro, r, world, batches) for r in range(world)]
+    assert len({len(s) for s in split}) == 1
+    assert all(len(b) <= micro for s in split for b in s)
+    real = sorted(i for s in split for b in s for i in b)
+    assert real == list(range(min(size, micro * world * batches)))

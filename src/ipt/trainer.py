@@ -31,7 +31,7 @@ from ipt.checkpoint import TrainerState
 from ipt.data.loader import eval_batches
 from ipt.engine import Dist
 from ipt.health import AnomalyError, AnomalyPolicy, HangWatchdog, SkippableAdamW
-from ipt.losses import Loss
+from ipt.losses import IGNORE, Loss
 from ipt.observe import peak_memory_gb
 
 log = logging.getLogger(__name__)
@@ -290,8 +290,10 @@ class Evaluator:
         for row, dataset in enumerate(self.datasets.values()):
             for idx in eval_batches(dataset, self.micro_batch, d.rank, d.world_size,
                                     self.num_batches):
-                items = [dataset[i] for i in idx]
+                items = [dataset[i] for i in idx or [0]]
                 batch = {k: torch.stack([it[k] for it in items]).to(d.device) for k in items[0]}
+                if not idx:  # this rank's share ran out: a forward all ranks join, counting nothing
+                    batch["labels"].fill_(IGNORE)
                 out = self.loss_fn(trainer.engine, batch, trainer.state.step)
                 sums[row, 0] += out.loss.item() * out.tokens
                 sums[row, 1] += out.tokens

@@ -16,6 +16,7 @@ per-rank or per-worker state exists to save.
 from __future__ import annotations
 
 import hashlib
+import math
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -269,7 +270,14 @@ def train_loader(dataset: Dataset, order: Order, consumed: int, global_batch: in
 
 def eval_batches(dataset: Dataset, micro_batch: int, rank: int, world_size: int,
                  num_batches: int) -> list[list[int]]:
-    """A fixed validation subset (the first sequences), split across ranks."""
+    """A fixed validation subset (the first sequences), split across ranks.
+
+    Every rank gets the same number of micro-batches, whatever the subset's size: a forward
+    under ZeRO-3 is a collective (parameters are gathered), so a rank that ran out early would
+    wait in the metrics all-reduce while another waits in a gather. A rank short of sequences
+    gets empty lists, which the evaluator runs as fully masked batches that count nothing.
+    """
     total = min(len(dataset), micro_batch * world_size * num_batches)  # type: ignore[arg-type]
     mine = list(range(rank, total, world_size))
-    return [mine[i:i + micro_batch] for i in range(0, len(mine), micro_batch)]
+    batches = math.ceil(math.ceil(total / world_size) / micro_batch)
+    return [mine[i * micro_batch:(i + 1) * micro_batch] for i in range(batches)]
