@@ -123,3 +123,15 @@ def test_instruction_data_joins_instruction_and_response_as_plain_text(tmp_path)
     doc, reject = list(src.read(spec))
     assert doc.text == "Name a colour.\n\nBlue."
     assert reject.reason == "no 'response' text"
+
+
+def test_contents_are_the_files_read_with_their_sizes(tmp_path):
+    from ipt.data.sources import contents
+
+    write_lines(tmp_path / "a.jsonl", [b'{"text": "one"}'])
+    (tmp_path / "sub").mkdir()
+    write_lines(tmp_path / "sub" / "b.jsonl.gz", [b"not really gzip"])
+    (tmp_path / "notes.txt").write_text("not read: the source is jsonl")
+    assert contents(spec(tmp_path)) == {"a.jsonl": 16, "sub/b.jsonl.gz": 16}
+    assert contents(spec(tmp_path / "a.jsonl")) == {"a.jsonl": 16}
+    assert contents(spec("json", format="hf")) == {}

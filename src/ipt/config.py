@@ -258,7 +258,8 @@ class PrepareConfig:
     workers: int = 2
     valid_fraction: float = 0.005  # documents held out for validation, chosen by id hash
     add_bos: bool = True
-    # Texts longer than this are tokenized in pieces cut at line breaks (bounded memory).
+    # Texts longer than this are tokenized in pieces cut at line breaks, else spaces
+    # (bounded memory; no character is lost at a cut).
     max_chars_per_piece: int = 1_000_000
     progress_bar: str = "auto"
 

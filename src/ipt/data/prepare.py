@@ -30,9 +30,9 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict
-from itertools import accumulate, islice
+from itertools import accumulate, islice, pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -65,8 +65,22 @@ def pieces(text: str, limit: int) -> list[str]:
 
 
 Encoded = tuple[list[int], "np.ndarray | None"]  # token ids, and the loss mask if any
-Token = tuple[int, int, int]  # where it starts and ends in the text (characters), its id
 SEAM_MARGIN = 256  # characters either side of a cut that the windows around it share
+
+
+class Window(NamedTuple):
+    """The tokens of a stretch of a text: where each starts and ends in the text, its id."""
+
+    starts: np.ndarray
+    ends: np.ndarray
+    ids: np.ndarray
+
+    def ids_from(self, start: int, end: int | None = None) -> list[int]:
+        """The ids of the tokens that start in text[start:end]."""
+        keep = self.starts >= start
+        if end is not None:
+            keep &= self.starts < end
+        return self.ids[keep].tolist()
 
 
 class Encoder:
@@ -85,13 +99,13 @@ class Encoder:
         self.max_chars = max_chars
         self.split_special_tokens = not special_tokens
 
-    def _ids(self, text: str | list[str], **kw: Any) -> Any:
+    def _tokenize(self, text: str | list[str], **kw: Any) -> Any:
         return self.tok(text, add_special_tokens=False,
                         split_special_tokens=self.split_special_tokens, **kw)
 
     def encode(self, docs: list[src.Doc]) -> list[Encoded]:
         plain = [d for d in docs if d.loss_spans is None and len(d.text) <= self.max_chars]
-        batch = self._ids([d.text for d in plain])["input_ids"] if plain else []
+        batch = self._tokenize([d.text for d in plain])["input_ids"] if plain else []
         encoded = dict(zip((id(d) for d in plain), batch, strict=True))
         out: list[Encoded] = []
         for d in docs:
@@ -114,27 +128,26 @@ class Encoder:
         ids: list[int] = []
         done = start = 0  # text[:done] is in `ids`; the current window starts at `start`
         window = self._tokens(text, 0, ends[0] + SEAM_MARGIN)
-        for cut, next_end in zip(ends, ends[1:]):
+        for cut, next_end in pairwise(ends):
             after = max(0, cut - SEAM_MARGIN)
             following = self._tokens(text, after, next_end + SEAM_MARGIN)
             seam = _seam(window, following, done, cut)
             if seam is None:
                 window = self._tokens(text, start, next_end + SEAM_MARGIN)
                 continue
-            ids += [t for a, _, t in window if done <= a < seam]
+            ids += window.ids_from(done, seam)
             done, start, window = seam, after, following
-        ids += [t for a, _, t in window if a >= done]
-        return ids
+        return ids + window.ids_from(done)
 
-    def _tokens(self, text: str, start: int, end: int) -> list[Token]:
+    def _tokens(self, text: str, start: int, end: int) -> Window:
         """The tokens of text[start:end], placed in `text`."""
-        enc = self._ids(text[start:end], return_offsets_mapping=True)
-        return [(start + a, start + b, t)
-                for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
+        enc = self._tokenize(text[start:end], return_offsets_mapping=True)
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2) + start
+        return Window(offsets[:, 0], offsets[:, 1], np.asarray(enc["input_ids"], np.int64))
 
     def _with_mask(self, d: src.Doc) -> tuple[list[int], np.ndarray]:
         """A token counts when its text starts inside a loss span; BOS never, EOS always."""
-        enc = self._ids(d.text, return_offsets_mapping=True)
+        enc = self._tokenize(d.text, return_offsets_mapping=True)
         starts = np.array([a for a, _ in enc["offset_mapping"]], dtype=np.int64)
         mask = np.zeros(len(starts), dtype=np.uint8)
         for a, b in d.loss_spans or ():
@@ -143,11 +156,15 @@ class Encoder:
         return self.bos + list(enc["input_ids"]) + [self.eos], full
 
 
-def _seam(left: list[Token], right: list[Token], done: int, cut: int) -> int | None:
-    """The token boundary past `done` and nearest `cut` where both encodings have the same
+def _seam(left: Window, right: Window, done: int, cut: int) -> int | None:
+    """The token boundary past `done` and nearest `cut` where both windows have the same
     token on either side; None if there is none."""
-    def sides(tokens: list[Token]) -> dict[int, tuple[Token, Token]]:
-        return {b[0]: (a, b) for a, b in zip(tokens, tokens[1:]) if a[0] < b[0]}
+    lo, hi = right.starts[0], left.ends[-1]  # the text both windows cover
+
+    def sides(w: Window) -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
+        i, j = np.searchsorted(w.starts, [lo, hi])
+        near = list(zip(*(a[max(0, i - 1):j + 1].tolist() for a in w), strict=True))
+        return {b[0]: (a, b) for a, b in pairwise(near) if a[0] < b[0]}
 
     lhs, rhs = sides(left), sides(right)
     shared = [p for p, around in rhs.items() if p > done and lhs.get(p) == around]
