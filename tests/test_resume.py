@@ -90,3 +90,32 @@ def test_world_size_change_continues_with_next_unseen_samples(data_dir, tmp_path
         assert changed[step][0] == pytest.approx(ref[step][0], rel=1e-6), step
     rows = read_metrics(cut_dir / "metrics.jsonl")
     assert rows[-1]["consumed_samples"] == 16 * 8
+
+
+def test_a_restart_after_a_world_size_change_loads_its_own_checkpoint_unconverted(data_dir,
+                                                                                  tmp_path):
+    """Checkpoints of the old world size are still kept; only the one loaded decides."""
+    run = tmp_path / "changed"
+    opts = {"train.max_steps": 4, "train.checkpoint_every": 2, "train.eval_every": 0,
+            "train.keep_last": 5}
+    run_pretrain(tiny_overrides(data_dir, run, **opts), nproc=2)
+    run_pretrain(tiny_overrides(data_dir, run, **{**opts, "train.max_steps": 6}), nproc=1)
+    proc = run_pretrain(tiny_overrides(data_dir, run, **{**opts, "train.max_steps": 8}), nproc=1)
+    assert "resumed from" in proc.stderr and "at step 6" in proc.stderr
+    assert (run / "checkpoints" / "step_00000004" / "universal").is_dir()  # 2 -> 1 ranks
+    assert not (run / "checkpoints" / "step_00000006" / "universal").exists()
+
+
+def test_a_checkpoint_that_cannot_be_converted_fails_every_rank_at_once(data_dir, tmp_path):
+    """ZeRO-0 keeps no optimizer-state files, so DeepSpeed's converter fails: the ranks that
+    did not convert hear of it at once rather than waiting in a barrier."""
+    run = tmp_path / "zero0"
+    opts = {"train.max_steps": 2, "train.checkpoint_every": 2, "train.eval_every": 0,
+            "deepspeed.stage": 0}
+    run_pretrain(tiny_overrides(data_dir, run, **opts), nproc=1)
+    start = time.monotonic()
+    proc = run_pretrain(tiny_overrides(data_dir, run, **{**opts, "train.max_steps": 4}),
+                        nproc=2, check=False, timeout=240)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 120
+    assert proc.stderr.count("could not be converted for 2") >= 2, proc.stderr[-3000:]

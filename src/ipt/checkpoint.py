@@ -50,6 +50,10 @@ class TrainerState:
     world_size: int = 1
     model_config: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    # the loss-anomaly detector's window and count in a row (`ipt.health`), and the
+    # rollbacks this run has made
+    health: dict[str, Any] = field(default_factory=dict)
+    rollbacks: int = 0
 
 
 def tag_for(step: int) -> str:
@@ -194,16 +198,38 @@ def to_universal(path: Path) -> Path:
     return out
 
 
-def load(engine: Any, path: Path, universal: bool = False) -> TrainerState:
+def _convert_on_rank0(path: Path) -> None:
+    """Rank 0 converts `path` to the universal form; every rank learns how that went, so a
+    failure (a checkpoint without optimizer-state files, a full disk, the converter out of
+    memory) is one clear error everywhere at once, not a barrier the others wait in until
+    the collective timeout."""
+    error = None
+    if tdist.get_rank() == 0:
+        try:
+            to_universal(path)
+        except Exception as e:  # noqa: BLE001 - whatever it was, every rank must hear of it
+            error = f"{type(e).__name__}: {e}"
+    outcome = [error]
+    tdist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise CheckpointError(f"{path} was saved on another number of ranks and could not be "
+                              f"converted for {tdist.get_world_size()} (on rank 0: {outcome[0]})")
+
+
+def load(engine: Any, path: Path) -> TrainerState:
     """Load model, optimizer, schedule and this rank's RNG from `path` (collective).
 
-    `universal`: the engine was built with `load_universal`; load the converted form.
+    A checkpoint saved on another number of ranks is converted to DeepSpeed's universal form
+    first (once; the conversion is kept inside it) and loaded from that. The choice is made
+    for each load, so a run that changed world size loads its own later checkpoints, and a
+    rollback to one of them, the ordinary way.
     """
     state = read_state(path)
+    universal = state.world_size != tdist.get_world_size()
     if universal:
-        if tdist.get_rank() == 0:
-            to_universal(path)
-        tdist.barrier()
+        _convert_on_rank0(path)
+    # DeepSpeed reads this setting at each load_checkpoint, not when the engine is built.
+    engine._config.load_universal_checkpoint = universal
     load_dir, tag = (path, UNIVERSAL) if universal else (path.parent, path.name)
     scheduler = engine.lr_scheduler
     groups = scheduler.optimizer.param_groups

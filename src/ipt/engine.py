@@ -40,6 +40,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def check_resolvable(host: str, source: str) -> None:
+    """Fail at once, naming `source`, when the rendezvous host does not resolve: otherwise
+    every rank retries its connection until the rendezvous or collective timeout."""
+    from ipt.config import ConfigError
+
+    try:
+        socket.getaddrinfo(host, None)
+    except OSError as e:
+        raise ConfigError(f"the rendezvous address {host!r} ({source}) does not resolve "
+                          f"({e.strerror or e}): set it to a host name or IP address every "
+                          "node can reach, such as the first node's") from e
+
+
 def launcher_env() -> dict[str, int]:
     """Rank variables from torchrun, or from SLURM when started by `srun` directly."""
     env = os.environ
@@ -93,6 +106,8 @@ def init_distributed(threads_per_rank: int = 0, timeout_s: float = 0.0) -> Dist:
     if e["world"] == 1 and "MASTER_ADDR" not in os.environ:
         # A plain process: give torch.distributed a private single-rank rendezvous.
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if e["world"] > 1 and "MASTER_ADDR" in os.environ:
+        check_resolvable(os.environ["MASTER_ADDR"], "MASTER_ADDR")
     os.environ.update(RANK=str(e["rank"]), WORLD_SIZE=str(e["world"]),
                       LOCAL_RANK=str(e["local_rank"]))
     set_threads(threads_per_rank, e["local_world"])
@@ -111,8 +126,7 @@ def init_distributed(threads_per_rank: int = 0, timeout_s: float = 0.0) -> Dist:
     return Dist(e["rank"], e["world"], e["local_rank"], e["local_world"], device)
 
 
-def deepspeed_config(cfg: PretrainConfig, grad_accum: int,
-                     load_universal: bool = False) -> dict[str, Any]:
+def deepspeed_config(cfg: PretrainConfig, grad_accum: int) -> dict[str, Any]:
     """Render the `deepspeed` config group into the dict `deepspeed.initialize` takes."""
     ds, t = cfg.deepspeed, cfg.train
     zero: dict[str, Any] = {"stage": ds.stage, "overlap_comm": ds.overlap_comm,
@@ -136,7 +150,6 @@ def deepspeed_config(cfg: PretrainConfig, grad_accum: int,
         # the optimizer is torch's AdamW: the same one a bare PyTorch loop uses
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
-        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -149,12 +162,8 @@ def _merge(base: dict, extra: dict) -> dict:
     return base
 
 
-def build_engine(model: torch.nn.Module, cfg: PretrainConfig, grad_accum: int,
-                 lr_lambda, load_universal: bool = False) -> Any:
-    """Wrap the model in a DeepSpeed engine with AdamW and the lr schedule.
-
-    `load_universal`: the engine will resume from a checkpoint of another world size.
-    """
+def build_engine(model: torch.nn.Module, cfg: PretrainConfig, grad_accum: int, lr_lambda) -> Any:
+    """Wrap the model in a DeepSpeed engine with AdamW and the lr schedule."""
     import deepspeed
 
     o = cfg.optim
@@ -167,6 +176,5 @@ def build_engine(model: torch.nn.Module, cfg: PretrainConfig, grad_accum: int,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, grad_accum,
-                                                                   load_universal))
+                                           config=deepspeed_config(cfg, grad_accum))
     return engine

@@ -3,7 +3,6 @@ pre-training, with the attention kernel chosen by what the machine has."""
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import inspect
 from typing import Any
@@ -27,13 +26,14 @@ def cache_kwargs(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
     layer. transformers 5.24 renamed `past_key_values` to `cache` and, on the inner model and
     its layers, ignores the old name without an error, so the name is read off the signature
     rather than assumed."""
-    return {_cache_name(type(module)): cache}
+    cls = type(module)
+    if cls not in _CACHE_NAMES:
+        params = inspect.signature(cls.forward).parameters
+        _CACHE_NAMES[cls] = "cache" if "cache" in params else "past_key_values"
+    return {_CACHE_NAMES[cls]: cache}
 
 
-@functools.cache
-def _cache_name(cls: Any) -> str:
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
+_CACHE_NAMES: dict[type, str] = {}
 
 CACHE_KWARGS = ("cache", "past_key_values")
 

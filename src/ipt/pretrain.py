@@ -118,13 +118,7 @@ def find_resume_point(cfg: PretrainConfig, ckpt_root: Path) -> list[Path]:
     return [path]
 
 
-def needs_universal(candidates: list[Path], dist: Dist) -> bool:
-    """Whether resuming means changing the world size (ZeRO state must be re-partitioned)."""
-    return any(checkpoint.read_state(p).world_size != dist.world_size for p in candidates)
-
-
-def resume(engine, candidates: list[Path], fresh: TrainerState, dist: Dist,
-           universal: bool) -> TrainerState:
+def resume(engine, candidates: list[Path], fresh: TrainerState, dist: Dist) -> TrainerState:
     """Load the first candidate every rank can load; a corrupt one is skipped with a warning."""
     for path in candidates:
         saved = checkpoint.read_state(path)
@@ -136,7 +130,7 @@ def resume(engine, candidates: list[Path], fresh: TrainerState, dist: Dist,
                     f"{getattr(fresh, what)}: the data or tokenizer changed, so the sample order "
                     "cannot continue; use a new run_dir or train.resume=never")
         try:
-            state = checkpoint.load(engine, path, universal)
+            state = checkpoint.load(engine, path)
             ok = 1
         except Exception as e:  # noqa: BLE001 - any failure to read means: try the older one
             log.warning("skipping checkpoint %s: loading failed (%s: %s)", path,
@@ -237,10 +231,8 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests) -> TrainerState:
                                        else None},
                          config=as_dict(cfg))
     candidates = find_resume_point(cfg, run_dir / "checkpoints")
-    universal = needs_universal(candidates, dist)
-    engine = build_engine(model, cfg, grad_accum, lr_multiplier(cfg.schedule, cfg.train.max_steps),
-                          load_universal=universal)
-    state = resume(engine, candidates, fresh, dist, universal)
+    engine = build_engine(model, cfg, grad_accum, lr_multiplier(cfg.schedule, cfg.train.max_steps))
+    state = resume(engine, candidates, fresh, dist)
     state.config = fresh.config
 
     loss_fn = build_loss(cfg.loss, tokenizer.eos_token_id)
@@ -265,16 +257,16 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests) -> TrainerState:
     t = cfg.train
 
     def rollback(current: TrainerState) -> TrainerState | None:
-        found = [p for p in checkpoint.usable_checkpoints(run_dir / "checkpoints")
-                 if checkpoint.read_state(p).world_size == dist.world_size]
+        found = checkpoint.usable_checkpoints(run_dir / "checkpoints")
         if not found:
             return None
-        restored = checkpoint.load(engine, found[0], universal=False)
+        restored = checkpoint.load(engine, found[0])
         restored.world_size, restored.config = dist.world_size, current.config
         return restored
 
     anomalies = AnomalyPolicy(LossAnomalies(t.spike_sigma, t.spike_window,
-                                            t.max_anomalies_in_row), t.on_anomaly, rollback)
+                                            t.max_anomalies_in_row), t.on_anomaly, rollback,
+                               t.max_rollbacks)
     trainer = Trainer(engine, loss_fn, batches, state, dist, grad_accum,
                       cfg.train.global_batch_size, cfg.data.seq_len, cfg.train.max_steps,
                       callbacks, flops_per_token(lm, cfg.data.seq_len, extra_heads, head_params),
