@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 from .conftest import ROOT, run_pretrain, tiny_overrides
 
@@ -41,3 +42,20 @@ def test_unwritable_run_dir(data_dir, tmp_path):
     assert proc.returncode == 2
     assert f"run_dir={blocker / 'run'} is not writable" in proc.stderr
     assert "set run_dir=<a writable folder>" in proc.stderr
+
+
+def test_an_unresolvable_rendezvous_address_is_named_at_once():
+    """Not retried until the rendezvous timeout (15 minutes by default)."""
+    proc = script(["bash", "launch/torchrun.sh", "train/pretrain.py"], NNODES="2",
+                  MASTER_ADDR="no-such-node.invalid", NPROC="1")
+    assert proc.returncode == 2
+    assert "'no-such-node.invalid'" in proc.stderr and "does not resolve" in proc.stderr
+
+
+def test_ranks_started_without_torchrun_check_the_address_too(data_dir, tmp_path):
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "nowhere.invalid",
+           "MASTER_PORT": "29500"}
+    proc = script([sys.executable, "train/pretrain.py",
+                   *tiny_overrides(data_dir, tmp_path / "run")], **env)
+    assert proc.returncode == 2
+    assert "'nowhere.invalid' (MASTER_ADDR) does not resolve" in proc.stderr

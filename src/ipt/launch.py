@@ -18,8 +18,31 @@ import sys
 from ipt.cli import EXIT_REQUEUE
 
 
+def rendezvous_host(argv: list[str]) -> tuple[str, str] | None:
+    """The host of torchrun's `--rdzv_endpoint` or `--master_addr` option, and its name."""
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        flag = name.replace("-", "_")
+        if flag in ("__rdzv_endpoint", "__master_addr"):
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            host = value.rsplit(":", 1)[0] if flag == "__rdzv_endpoint" else value
+            return host.strip("[]"), name
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed import run as torchrun
+
+    from ipt.config import ConfigError
+    from ipt.engine import check_resolvable
+
+    found = rendezvous_host(sys.argv[1:] if argv is None else argv)
+    if found is not None and found[0]:
+        try:
+            check_resolvable(found[0], f"torchrun {found[1]}; MASTER_ADDR in launch/*.sh")
+        except ConfigError as e:
+            print(f"ipt.launch: error: {e}", file=sys.stderr)
+            return 2
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
