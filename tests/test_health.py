@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ipt import checkpoint
+from ipt.health import LossAnomalies
 from ipt.observe import read_metrics
 
 from .conftest import run_pretrain, tiny_overrides
@@ -56,23 +57,33 @@ def test_stop_ends_the_run_at_the_first_spike(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_rollback_restores_the_checkpoint_and_skips_the_data_since(data_dir, tmp_path):
-    """The first spike rolls back; what follows depends on the noise (with a window this
-    tight, the run may finish or end as diverged), so only the rollback itself is checked."""
+    """The first spike rolls back, leaving the checkpoint it restored as it was; a later
+    anomaly, past train.max_rollbacks=1, ends the run. What follows the first rollback depends
+    on the noise (with a window this tight, the run may finish, or end on that cap), so the
+    rollback itself and the cap's bound are what is checked."""
     run = tmp_path / "rollback"
     proc = run_pretrain(tiny_overrides(data_dir, run, **{
         **TIGHT, "train.spike_sigma": 1.0, "train.max_anomalies_in_row": 3,
-        "train.checkpoint_every": 5, "train.on_anomaly": "rollback"}), check=False)
-    assert proc.returncode == 0 or "anomalous step in a row" in proc.stderr, proc.stderr[-3000:]
+        "train.checkpoint_every": 5, "train.keep_last": 20, "train.on_anomaly": "rollback",
+        "train.max_rollbacks": 1}), check=False)
     log = (run / "train.log").read_text()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first = next(i for i, r in enumerate(rows) if "anomaly" in r)
     spike, back_to = rows[first]["step"], (rows[first]["step"] - 1) // 5 * 5
     assert back_to >= 5  # spikes are judged once the window is full: a checkpoint exists
     assert f"step {spike}: " in log and f"rolled back to the checkpoint of step {back_to}," in log
+    assert rows[first]["rolled_back_to"] == back_to
+    restored = checkpoint.read_state(run / "checkpoints" / checkpoint.tag_for(back_to))
+    assert restored.consumed_samples == back_to * 8 and restored.rollbacks == 0  # untouched
     # the next step is back_to + 1 again, on the samples after the spike's batch
     after = rows[first + 1]
     assert after["step"] == back_to + 1
     assert after["consumed_samples"] == rows[first]["consumed_samples"] + 8
+    assert log.count("rolled back to the checkpoint") == 1
+    if sum("anomaly" in r for r in rows) > 1:
+        assert proc.returncode == 2 and "train.max_rollbacks=1" in proc.stderr, proc.stderr[-3000:]
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -85,3 +96,25 @@ def test_a_diverged_run_stops_after_too_many_anomalies_in_a_row(data_dir, tmp_pa
     assert "the gradient norm is inf" in proc.stderr and "4th anomalous step in a row" \
         in proc.stderr
     assert len(anomalous_steps(run)) == 4
+
+
+def test_the_detector_resumed_from_a_checkpoint_judges_like_the_uninterrupted_one(data_dir,
+                                                                                 tmp_path):
+    """Its window and count in a row travel in trainer_state.json; a fresh detector loaded
+    from them flags exactly the steps the one that saw every step flags."""
+    run = tmp_path / "saved"
+    run_pretrain(tiny_overrides(data_dir, run, **{"train.max_steps": 12,
+                                                  "train.checkpoint_every": 6,
+                                                  "train.eval_every": 0}))
+    rows = read_metrics(run / "metrics.jsonl")
+    saved = checkpoint.read_state(run / "checkpoints" / checkpoint.tag_for(6)).health
+    assert saved["recent"] == pytest.approx([r["ce"] for r in rows[:6]])
+    whole, resumed, fresh = (LossAnomalies(1.0, 5, 40) for _ in range(3))
+    for r in rows[:6]:
+        whole.check(r["loss"], r["ce"])
+    resumed.load_state_dict(json.loads(json.dumps(saved)))
+    spike = rows[6]["ce"] * 10  # at once: a detector without the saved window misses it
+    later = [(spike, spike)] + [(r["loss"], r["ce"]) for r in rows[6:]]
+    judged = [whole.check(*x) for x in later]
+    assert judged == [resumed.check(*x) for x in later]
+    assert judged[0] is not None and fresh.check(*later[0]) is None

@@ -199,6 +199,7 @@ class TrainConfig:
     spike_sigma: float = 6.0
     spike_window: int = 100
     max_anomalies_in_row: int = 5  # more in a row end the run: it has diverged
+    max_rollbacks: int = 5  # rollback: after this many in one run, the next anomaly ends it
     export_at_end: bool = True
     # Stop after this many steps of *this* process (tests use it to simulate a crash).
     stop_after: int | None = None
@@ -516,10 +517,12 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
 
     if t.on_anomaly not in ANOMALY_ACTIONS:
         raise ConfigError(f"train.on_anomaly={t.on_anomaly!r}; expected one of {ANOMALY_ACTIONS}")
-    if t.spike_sigma < 0 or t.spike_window < 1 or t.max_anomalies_in_row < 0:
+    if t.spike_sigma < 0 or t.spike_window < 1 or t.max_anomalies_in_row < 0 \
+            or t.max_rollbacks < 0:
         raise ConfigError(f"train.spike_sigma={t.spike_sigma} (>= 0), train.spike_window="
-                          f"{t.spike_window} (>= 1) and train.max_anomalies_in_row="
-                          f"{t.max_anomalies_in_row} (>= 0) are out of range")
+                          f"{t.spike_window} (>= 1), train.max_anomalies_in_row="
+                          f"{t.max_anomalies_in_row} (>= 0) and train.max_rollbacks="
+                          f"{t.max_rollbacks} (>= 0) are out of range")
     if t.hang_timeout_s < 0:
         raise ConfigError(f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0: no limit)")
     if cfg.schedule.name not in SCHEDULES:

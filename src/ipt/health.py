@@ -79,6 +79,16 @@ class LossAnomalies:
         """The step was normal after all: the count of anomalies in a row starts over."""
         self.in_row = 0
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps, so a resumed run judges its next steps as the
+        uninterrupted run would."""
+        return {"recent": list(self.recent), "in_row": self.in_row}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.recent.clear()
+        self.recent.extend(state.get("recent", []))
+        self.in_row = int(state.get("in_row", 0))
+
     def flag(self, why: str) -> str:
         """Count an anomalous step (also one found otherwise: a non-finite gradient norm)."""
         self.in_row += 1
@@ -97,11 +107,13 @@ class LossAnomalies:
 @dataclass
 class AnomalyPolicy:
     """What the trainer does on an anomalous step (`train.on_anomaly`). `rollback` loads the
-    newest checkpoint into the engine and returns its state (None when there is none yet)."""
+    newest checkpoint into the engine and returns its state (None when there is none yet);
+    after `max_rollbacks` of them in one run the next anomaly ends it."""
 
     detector: LossAnomalies
     action: str
     rollback: Callable[[Any], Any] | None = None
+    max_rollbacks: int = 5
 
 
 # A hung job ends with this status (torchrun then stops the other ranks).

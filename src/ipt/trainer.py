@@ -111,6 +111,8 @@ class Trainer:
         self.failed: Exception | None = None  # raised after the step's callbacks
 
     def fit(self) -> TrainerState:
+        if self.anomalies is not None:
+            self.anomalies.detector.load_state_dict(self.state.health)
         self.watchdog.start(self.state.step)
         try:
             return self._fit()
@@ -204,9 +206,11 @@ class Trainer:
             anomaly = self.anomalies.detector.flag(f"the gradient norm is {float(grad_norm)}")
         if anomaly is not None:
             metrics["anomaly"] = anomaly
-            self._handle(anomaly)
+            self._handle(anomaly, metrics)
         elif self.anomalies is not None:
             self.anomalies.detector.clear()
+        if self.anomalies is not None:  # kept with the next checkpoint
+            self.state.health = self.anomalies.detector.state_dict()
         return metrics
 
     def _step_means(self, totals: dict[str, float]) -> dict[str, float]:
@@ -228,7 +232,7 @@ class Trainer:
             self.optimizer.skip = True  # whatever the action: no update from this batch
         return why
 
-    def _handle(self, why: str) -> None:
+    def _handle(self, why: str, metrics: dict[str, Any]) -> None:
         """After an anomalous step (its update skipped): go on, stop, or roll back."""
         policy = self.anomalies
         assert policy is not None
@@ -242,6 +246,13 @@ class Trainer:
                                "perhaps with train.on_anomaly=skip or rollback")
             return
         if policy.action == "rollback" and policy.rollback is not None:
+            if self.state.rollbacks >= policy.max_rollbacks:
+                self.failed = AnomalyError(
+                    f"step {step}: {why}, after {self.state.rollbacks} rollbacks in this run "
+                    f"(train.max_rollbacks={policy.max_rollbacks}): rolling back does not get "
+                    "past it; resume from an earlier checkpoint with a lower learning rate, or "
+                    "look at the data")
+                return
             restored = policy.rollback(self.state)
             if restored is not None:
                 if self.dist.is_main:
@@ -250,7 +261,9 @@ class Trainer:
                                 self.state.consumed_samples - restored.consumed_samples)
                 restored.consumed_samples = self.state.consumed_samples  # the data moves on
                 restored.tokens_seen = self.state.tokens_seen
+                restored.rollbacks = self.state.rollbacks + 1
                 self.state = restored
+                metrics["rolled_back_to"] = restored.step  # its checkpoint is not rewritten
                 return
         if self.dist.is_main:
             log.warning("step %d: %s; its update is skipped", step, why)
@@ -318,7 +331,9 @@ class Checkpointer:
         self.last_saved = trainer.state.step
 
     def on_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        if self.every > 0 and trainer.state.step % self.every == 0:
+        if "rolled_back_to" in metrics:  # the step is that of the checkpoint just restored
+            self.last_saved = trainer.state.step
+        elif self.every > 0 and trainer.state.step % self.every == 0:
             self.save(trainer)
 
     def on_end(self, trainer: Trainer) -> None:
