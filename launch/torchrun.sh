@@ -33,6 +33,9 @@ if [ "$gpus" -gt 0 ] && [ "$nproc" -gt "$gpus" ]; then
   fail "NPROC=$nproc ranks but this node has $gpus GPUs for this job; set NPROC<=$gpus" \
        "(one rank per GPU), or ask SLURM for more GPUs per node (--gpus-per-node)"
 fi
+# each rank sets its own intra-op threads (train.threads_per_rank); set here, torchrun does
+# not print its banner about defaulting it to 1
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # read by torchrun when no --shutdown_timeout is given (older torch ignores it)
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${STOP_TIMEOUT:-120}"
 common=(--nproc_per_node "$nproc")

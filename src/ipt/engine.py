@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ipt import quiet
 from ipt.config import PretrainConfig
 from ipt.health import SkippableAdamW
 
@@ -122,7 +123,8 @@ def init_distributed(threads_per_rank: int = 0, timeout_s: float = 0.0) -> Dist:
         device, backend = torch.device("cpu"), "gloo"
     if not torch.distributed.is_initialized():
         kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s > 0 else {}
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kwargs)
+        with quiet.prints_to_log(log):  # on CPU it prints that it built its shm op
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kwargs)
     return Dist(e["rank"], e["world"], e["local_rank"], e["local_world"], device)
 
 

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
-from ipt import checkpoint
+from ipt import checkpoint, quiet
 from ipt.checkpoint import CheckpointError
 from ipt.mtp import heads as mtp
 
@@ -38,7 +39,9 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     if any(ckpt.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        # it prints each stage of the consolidation, and a progress bar
+        with quiet.prints_to_log(log, stderr=True):
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu",
                         weights_only=False)
     return {k: v.float() for k, v in states["module"].items()}
@@ -108,6 +111,10 @@ class ExportAtEnd:
             return  # stopped early: the run is not over
         if trainer.dist.is_main:
             path = self.ckpt_root / checkpoint.tag_for(trainer.state.step)
-            export_hf(path, self.out, self.tokenizer_dir)
+            hf_logging.disable_progress_bar()  # a bar per shard of a seconds-long step
+            try:
+                export_hf(path, self.out, self.tokenizer_dir)
+            finally:
+                hf_logging.enable_progress_bar()
             log.info("exported %s to %s", path, self.out)
         tdist.barrier()

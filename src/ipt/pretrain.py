@@ -16,7 +16,7 @@ import torch.distributed as tdist
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from ipt import checkpoint
+from ipt import checkpoint, quiet
 from ipt.checkpoint import CheckpointError, TrainerState
 from ipt.config import ConfigError, PretrainConfig, validate
 from ipt.data import tokenizer as tok
@@ -41,6 +41,7 @@ def setup_logging(dist: Dist) -> None:
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
                         format=f"[%(asctime)s r{dist.rank}] %(levelname)s %(name)s: %(message)s",
                         force=True)
+    quiet.route_to_log(logging.getLogger().handlers[0])
 
 
 def prepare_run_dir(cfg: PretrainConfig, dist: Dist) -> Path:
