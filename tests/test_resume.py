@@ -92,6 +92,7 @@ def test_world_size_change_continues_with_next_unseen_samples(data_dir, tmp_path
     assert rows[-1]["consumed_samples"] == 16 * 8
 
 
+@pytest.mark.slow
 def test_a_restart_after_a_world_size_change_loads_its_own_checkpoint_unconverted(data_dir,
                                                                                   tmp_path):
     """Checkpoints of the old world size are still kept; only the one loaded decides."""
