@@ -68,12 +68,17 @@ def test_each_chain_becomes_one_example_with_its_linked_documents(synth_out):
             assert r["text"].strip() in by_id[r["prev"]]  # two rounds: prev is the root
 
 
-def test_tuning_data_trains_only_on_the_pairs(synth_out, data_dir, tmp_path):
+def tuning_shard(synth_out, data_dir, out) -> Shard:
+    """The synthesize output prepared as synthesizer tuning data (3 shots a sequence)."""
     spec = {"path": str(synth_out), "format": "synth_tuning", "shots": 3}
     prepare(PrepareConfig(sources={"tune": SourceConfig(name="tune", **spec)},
-                          tokenizer=str(data_dir / "tokenizer"), out=str(tmp_path),
+                          tokenizer=str(data_dir / "tokenizer"), out=str(out),
                           valid_fraction=0.0, progress_bar="never", workers=1))
-    shard = Shard.open(next((tmp_path / "tune" / "train").glob("*.tokens")).with_suffix(""))
+    return Shard.open(next((out / "tune" / "train").glob("*.tokens")).with_suffix(""))
+
+
+def test_tuning_data_trains_only_on_the_pairs(synth_out, data_dir, tmp_path):
+    shard = tuning_shard(synth_out, data_dir, tmp_path)
     tk = tok.load(data_dir / "tokenizer")
     end = int(shard.doc_ends[0])
     ids, mask = np.asarray(shard.tokens[:end]), np.asarray(shard.channels["loss_mask"][:end])
@@ -84,11 +89,7 @@ def test_tuning_data_trains_only_on_the_pairs(synth_out, data_dir, tmp_path):
 
 
 def test_tuning_data_keeps_bos_and_eos_between_its_examples(synth_out, data_dir, tmp_path):
-    spec = {"path": str(synth_out), "format": "synth_tuning", "shots": 3}
-    prepare(PrepareConfig(sources={"tune": SourceConfig(name="tune", **spec)},
-                          tokenizer=str(data_dir / "tokenizer"), out=str(tmp_path),
-                          valid_fraction=0.0, progress_bar="never", workers=1))
-    shard = Shard.open(next((tmp_path / "tune" / "train").glob("*.tokens")).with_suffix(""))
+    shard = tuning_shard(synth_out, data_dir, tmp_path)
     tk = tok.load(data_dir / "tokenizer")
     inner = np.asarray(shard.tokens[1:int(shard.doc_ends[0]) - 1]).tolist()
     assert inner.count(tk.bos_token_id) == 2 and inner.count(tk.eos_token_id) == 2
