@@ -73,10 +73,10 @@ class NextTokenLoss:
         return LossOutput(loss, {"ce": loss.item()}, tokens)
 
 
-def denominator(norm: Sequence[float] | None, count: int, term: int = 0) -> float:
-    """What term `term` of a micro-batch's loss is divided by: the step's share from the
+def denominator(norm: Sequence[float] | None, count: int) -> float:
+    """What a one-term loss of a micro-batch is divided by: the step's share from the
     trainer, else the micro-batch's own target count."""
-    return norm[term] if norm is not None else max(count, 1)
+    return norm[0] if norm is not None else max(count, 1)
 
 
 def _mtp(cfg: LossConfig, eos_id: int | None) -> Loss:
