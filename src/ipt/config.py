@@ -40,7 +40,8 @@ class ModelConfig:
     # A Hugging Face folder to continue pre-training from (weights and architecture);
     # null means random initialisation from the fields above.
     init_from: str | None = None
-    # auto: flash_attention_2 on a GPU with flash-attn installed, sdpa otherwise.
+    # auto | flash_attn | varlen | flex | sdpa: the kernel that masks documents (ipt.attention);
+    # auto picks the fastest that runs here at train.precision, and logs it.
     attn_implementation: str = "auto"
 
 
@@ -178,7 +179,16 @@ class TrainConfig:
     micro_batch_size: int = 4
     global_batch_size: int = 8  # = micro_batch_size x grad accumulation x ranks
     max_steps: int = 100
-    precision: str = "fp32"  # fp32 | bf16
+    # auto: bf16 on a GPU that has it, fp32 elsewhere | fp32 | bf16. In bf16 the weights the
+    # forward and backward use are bf16; DeepSpeed keeps fp32 master weights and optimizer
+    # state.
+    precision: str = "auto"
+    # none | full (every decoder layer) | selective (every ac_every-th layer): recompute the
+    # layer in the backward instead of keeping its activations (ipt.model.checkpoint_layers).
+    activation_checkpointing: str = "none"
+    ac_every: int = 2
+    # Regional torch.compile: each decoder layer's forward (and each MTP head's).
+    compile: bool = False
     seed: int = 0
     # Intra-op threads per rank; 0 means cores // local ranks (at least 1).
     threads_per_rank: int = 0
@@ -194,7 +204,9 @@ class TrainConfig:
     # A step whose loss is not finite, or spikes (more than spike_sigma standard deviations
     # above the mean of the last spike_window steps; 0: non-finite only), gets no update and:
     # skip: training goes on | stop: the run ends with an error | rollback: the weights go
-    # back to the last checkpoint, the data since is skipped (ipt.health).
+    # back to the last checkpoint, the data since is skipped (ipt.health) | none: no check.
+    # Checking reads the step's loss on the host before its update (one sync per step); with
+    # none, metrics are read once per logger.log_every steps, and so are stop signals.
     on_anomaly: str = "skip"
     spike_sigma: float = 6.0
     spike_window: int = 100
@@ -427,7 +439,8 @@ SCHEDULES = ("cosine", "wsd", "constant")
 # The statistics of the scoring stage, in the column order of its files (`ipt.slm.score`).
 SCORE_COLUMNS = ("median_topk_loss", "mean_loss", "frac_topk")
 PACKINGS = ("bestfit", "concat")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
 
 # Maps whose entries a user adds by name (`+sources.web.path=...`): OmegaConf cannot create
@@ -529,6 +542,10 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
         raise ConfigError(f"schedule.name={cfg.schedule.name!r}; expected one of {SCHEDULES}")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={t.precision!r}; expected one of {PRECISIONS}")
+    if t.activation_checkpointing not in ACTIVATION_CHECKPOINTING or t.ac_every < 1:
+        raise ConfigError(f"train.activation_checkpointing={t.activation_checkpointing!r} "
+                          f"must be one of {ACTIVATION_CHECKPOINTING}, and train.ac_every="
+                          f"{t.ac_every} >= 1")
     if cfg.deepspeed.stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.stage={cfg.deepspeed.stage}; expected 0, 1, 2 or 3")
     if cfg.data.seq_len > cfg.model.max_seq_len and cfg.model.init_from is None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-ANOMALY_ACTIONS = ("skip", "stop", "rollback")
+ANOMALY_ACTIONS = ("skip", "stop", "rollback", "none")
 
 
 class SkippableAdamW(torch.optim.AdamW):

@@ -35,9 +35,13 @@ IGNORE = -100
 
 @dataclass
 class LossOutput:
+    """What a loss returns. Metrics stay on the device (0-d tensors, or plain numbers): the
+    trainer adds them up there and reads them once per logging interval, so no micro-batch
+    waits on the host."""
+
     loss: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
-    tokens: int = 0  # target tokens that counted
+    metrics: dict[str, Any] = field(default_factory=dict)
+    tokens: Any = 0  # target tokens that counted (an int, or a 0-d tensor on the device)
 
 
 class Loss(Protocol):
@@ -50,33 +54,52 @@ class Loss(Protocol):
 
 
 def target_count(labels: torch.Tensor) -> int:
+    """Targets in host labels (the trainer counts before a batch moves to the device)."""
     return int((labels != IGNORE).sum())
 
 
 class NextTokenLoss:
     """Cross-entropy of the next token over the positions that have a target, summed and
-    divided by `norm[0]` (see the module's docstring)."""
+    divided by `norm[0]` (see the module's docstring), from a plain causal LM's logits.
+
+    This is the reference: it builds the [batch, seq, vocab] logits and their fp32 copy. The
+    trainer's `loss=ntp` is the fused one (`_ntp`), which never does."""
 
     def count_targets(self, batch: dict[str, torch.Tensor]) -> list[int]:
         return [target_count(batch["labels"])]
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int,
                  norm: Sequence[float] | None = None) -> LossOutput:
+        from ipt.attention import kernel_of, model_inputs
+
         labels = batch["labels"]
-        extra = {k: v for k, v in batch.items() if k in ("position_ids", "attention_mask")}
-        logits = model(input_ids=batch["input_ids"], **extra).logits
-        tokens = target_count(labels)
+        logits = model(input_ids=batch["input_ids"],
+                       **model_inputs(batch, kernel_of(model))).logits
+        tokens = (labels != IGNORE).sum()
         # A micro-batch whose every token is masked (all context, in SFT data) gives 0 with a
         # graph, not a NaN.
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
                                ignore_index=IGNORE, reduction="sum") / denominator(norm, tokens)
-        return LossOutput(loss, {"ce": loss.item()}, tokens)
+        return LossOutput(loss, {"ce": loss.detach()}, tokens)
 
 
-def denominator(norm: Sequence[float] | None, count: int) -> float:
+def denominator(norm: Sequence[float] | None, count: torch.Tensor) -> Any:
     """What a one-term loss of a micro-batch is divided by: the step's share from the
-    trainer, else the micro-batch's own target count."""
-    return norm[0] if norm is not None else max(count, 1)
+    trainer, else the micro-batch's own target count (on the device: no sync)."""
+    return norm[0] if norm is not None else count.clamp(min=1)
+
+
+def _ntp(cfg: LossConfig, eos_id: int | None) -> Loss:
+    """Next-token loss as the one-head case of the fused unembedding and cross-entropy
+    (`ipt.mtp.loss`): logits exist one chunk of positions at a time, and distillation
+    mixes into the same pass. The model is wrapped with no extra heads
+    (`ipt.mtp.heads.attach`)."""
+    from dataclasses import replace
+
+    from ipt.mtp.loss import MTPLoss
+
+    return MTPLoss(replace(cfg, heads=1, weights=None, later_weights=None,
+                           later_from_step=None, reduction="sum"), eos_id)
 
 
 def _mtp(cfg: LossConfig, eos_id: int | None) -> Loss:
@@ -86,7 +109,7 @@ def _mtp(cfg: LossConfig, eos_id: int | None) -> Loss:
 
 
 LOSSES: dict[str, Callable[[LossConfig, int | None], Loss]] = {
-    "ntp": lambda cfg, eos_id: NextTokenLoss(),
+    "ntp": _ntp,
     "mtp": _mtp,
 }
 

@@ -3,22 +3,14 @@ pre-training, with the attention kernel chosen by what the machine has."""
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
+from ipt import attention
 from ipt.config import ConfigError, ModelConfig
-
-
-def attention_implementation(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
 
 
 def cache_kwargs(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
@@ -54,10 +46,12 @@ def llama_config(cfg: ModelConfig, vocab_size: int, bos_id: int, eos_id: int) ->
     )
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, bos_id: int = 1,
-                eos_id: int = 2) -> PreTrainedModel:
-    """Random init from `cfg` (seeded by the caller), or `from_pretrained(cfg.init_from)`."""
-    attn = attention_implementation(cfg.attn_implementation)
+def build_model(cfg: ModelConfig, vocab_size: int, bos_id: int = 1, eos_id: int = 2,
+                kernel: str = "sdpa") -> PreTrainedModel:
+    """Random init from `cfg` (seeded by the caller), or `from_pretrained(cfg.init_from)`,
+    with ipt's attention `kernel` (see `ipt.attention`; `choose` picks it)."""
+    attention.register()
+    attn = attention.PREFIX + kernel
     if cfg.init_from:
         model = AutoModelForCausalLM.from_pretrained(cfg.init_from, attn_implementation=attn,
                                                      dtype=torch.float32)
@@ -98,3 +92,47 @@ def flops_per_token(model: PreTrainedModel, seq_len: int, extra_heads: int = 0,
         head_params = sum(p.numel() for p in model.model.layers[-1].parameters())
     per_head = 6 * (head_params + c.vocab_size * c.hidden_size) + 12 * c.hidden_size * seq_len
     return 6 * n + 12 * c.num_hidden_layers * c.hidden_size * seq_len + extra_heads * per_head
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers of a causal LM, then any MTP heads' blocks, in order."""
+    inner = getattr(model, "model", model)
+    layers = list(getattr(inner, "layers", []))
+    for head in getattr(model, "mtp_heads", []):
+        layers.append(getattr(head, "block", head))
+    return layers
+
+
+def checkpoint_layers(model: torch.nn.Module, mode: str, every: int = 2) -> int:
+    """Activation checkpointing (`train.activation_checkpointing`): `full` recomputes every
+    decoder layer (and MTP head) in the backward, `selective` every `every`-th layer from the
+    first; returns how many. Non-reentrant `torch.utils.checkpoint`, through transformers'
+    own switch on each layer, so ZeRO-3's parameter gathering runs again in the recompute."""
+    if mode == "none":
+        return 0
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    chosen = 0
+    for i, layer in enumerate(decoder_layers(model)):
+        on = mode == "full" or i % every == 0
+        if not hasattr(layer, "gradient_checkpointing"):
+            raise ConfigError(f"train.activation_checkpointing={mode}: {type(layer).__name__} "
+                              "has no gradient checkpointing switch")
+        setattr(layer, "gradient_checkpointing", on)  # noqa: B010 - a plain attribute
+        if on:
+            setattr(layer, "_gradient_checkpointing_func",  # noqa: B010
+                    functools.partial(checkpoint, use_reentrant=False))
+            chosen += 1
+    return chosen
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """Regional `torch.compile` (`train.compile`): each decoder layer's (and MTP head's)
+    forward, not the module call, so module hooks (ZeRO-3's gathering, the MTP heads' capture)
+    stay outside the compiled graph. The layers share one compiled graph."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward)
+    return len(layers)

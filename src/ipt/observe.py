@@ -45,6 +45,8 @@ class MetricsLogger:
                  config: dict[str, Any], run_name: str) -> None:
         self.cfg, self.run_dir, self.max_steps = cfg, run_dir, max_steps
         self.path = run_dir / "metrics.jsonl"
+        self.pending: list[dict[str, Any]] = []  # rows not written yet (values on the device)
+        self.written: dict[str, Any] = {}
         self.file = open(self.path, "a")  # noqa: SIM115 - lives as long as the run
         show = cfg.progress_bar == "always" or (cfg.progress_bar == "auto" and sys.stderr.isatty())
         self.bar = None
@@ -77,13 +79,27 @@ class MetricsLogger:
     def on_step(self, trainer, metrics: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}",
-                                 tok_s=f"{metrics['tokens_per_s']:.0f}")
-        self.file.write(json.dumps(metrics) + "\n")  # every step: cheap, and plots need it
-        self.file.flush()
+        self.pending.append(metrics)
         step = metrics["step"]
-        if step % self.cfg.log_every == 0 or step == self.max_steps or "val_loss" in metrics:
-            self.show(metrics)
+        due = step % self.cfg.log_every == 0 or step == self.max_steps or "val_loss" in metrics
+        if due or not _on_device(metrics):
+            self.flush()
+        if due:
+            self.show(self.written)
+
+    def flush(self) -> None:
+        """Write the pending rows, reading whatever of them is still on the device at once
+        (one sync per logging interval, not one per step)."""
+        if not self.pending:
+            return
+        for row in to_host(self.pending):
+            self.file.write(json.dumps(row) + "\n")  # every step: cheap, and plots need it
+            self.written = row
+        self.file.flush()
+        self.pending = []
+        if self.bar is not None and self.written.get("tokens_per_s") is not None:
+            self.bar.set_postfix(loss=f"{self.written['loss']:.4f}",
+                                 tok_s=f"{self.written['tokens_per_s']:.0f}")
 
     def show(self, metrics: dict[str, Any]) -> None:
         if self.bar is None:
@@ -98,6 +114,7 @@ class MetricsLogger:
                     self.tb.add_scalar(k, v, metrics["step"])
 
     def on_end(self, trainer) -> None:
+        self.flush()
         if self.bar is not None:
             self.bar.close()
         self.file.close()
@@ -109,6 +126,25 @@ class MetricsLogger:
             self.wandb.finish()
         if self.tb is not None:
             self.tb.close()
+
+
+def _on_device(row: dict[str, Any]) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in row.values())
+
+
+def to_host(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with every tensor value a float, read from the device in one transfer."""
+    where = [(i, k) for i, row in enumerate(rows) for k, v in row.items()
+             if isinstance(v, torch.Tensor)]
+    if not where:
+        return rows
+    device = rows[where[0][0]][where[0][1]].device
+    values = torch.stack([rows[i][k].detach().reshape(()).to(device, torch.float64)
+                          for i, k in where]).tolist()
+    out = [dict(row) for row in rows]
+    for (i, k), v in zip(where, values, strict=True):
+        out[i][k] = v
+    return out
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ import torch.distributed as tdist
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from ipt import checkpoint, quiet
+from ipt import attention, checkpoint, quiet
 from ipt.checkpoint import CheckpointError, TrainerState
 from ipt.config import ConfigError, PretrainConfig, validate
 from ipt.data import tokenizer as tok
@@ -26,7 +26,8 @@ from ipt.engine import Dist, build_engine, init_distributed
 from ipt.export import ExportAtEnd
 from ipt.health import AnomalyPolicy, LossAnomalies
 from ipt.losses import Loss, build_loss
-from ipt.model import build_model, flops_per_token
+from ipt.model import build_model, checkpoint_layers, compile_layers, flops_per_token
+from ipt.mtp.heads import MTPModel, attach
 from ipt.observe import MetricsLogger, peak_flops
 from ipt.schedule import lr_multiplier
 from ipt.slm.kd import DistillationLoss, kd_weight
@@ -153,8 +154,19 @@ def resume(engine, candidates: list[Path], fresh: TrainerState, dist: Dist) -> T
     return fresh
 
 
+def dtype(cfg: PretrainConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
+
+def resolve_precision(cfg: PretrainConfig, dist: Dist) -> None:
+    """`train.precision=auto`: bf16 on a GPU that has it, fp32 elsewhere."""
+    if cfg.train.precision == "auto":
+        gpu = dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        cfg.train.precision = "bf16" if gpu else "fp32"
+
+
 def distillation(cfg: PretrainConfig, dist: Dist, step: int, base: Loss,
-                 vocab_size: int) -> DistillationLoss:
+                 vocab_size: int, kernel: str) -> DistillationLoss:
     """The KD loss; the teacher is loaded only if the run resumes before the KD phase ends
     (and never for offline soft labels, which the loader brings)."""
     from ipt.slm import teacher
@@ -165,9 +177,9 @@ def distillation(cfg: PretrainConfig, dist: Dist, step: int, base: Loss,
                  k.kd_steps, k.switch)
         return DistillationLoss(None, k, base, vocab_size)
     pending = any(kd_weight(k, s) > 0 for s in range(step, k.kd_steps + k.decay_steps))
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     zero3 = cfg.train.micro_batch_size if cfg.deepspeed.stage == 3 else None
-    model = teacher.load(k, dist.device, dtype, zero3) if pending else None
+    # the student's kernel: it runs the precision, and the teacher needs no backward
+    model = teacher.load(k, dist.device, dtype(cfg), zero3, kernel) if pending else None
     if model is not None:
         log.info("teacher %s%s: KD for steps < %d (%s switch)", k.path,
                  ", sharded with ZeRO-3" if zero3 else "", k.kd_steps, k.switch)
@@ -190,6 +202,8 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests) -> TrainerState:
     dist = init_distributed(cfg.train.threads_per_rank, hang + 60 if hang > 0 else 0)
     setup_logging(dist)
     grad_accum = validate(cfg, dist.world_size)
+    resolve_precision(cfg, dist)
+    kernel = attention.choose(cfg.model.attn_implementation, dist.device, dtype(cfg))
     run_dir = prepare_run_dir(cfg, dist)
     if dist.is_main:
         file_log = logging.FileHandler(run_dir / "train.log")
@@ -215,16 +229,23 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests) -> TrainerState:
             * cfg.train.global_batch_size
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    lm = build_model(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    model: torch.nn.Module = lm
+    lm = build_model(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+                     kernel)
     extra_heads = cfg.loss.heads - 1 if cfg.loss.name == "mtp" else 0
     head_params = None
-    if cfg.loss.name == "mtp":
-        from ipt.mtp.heads import attach
-
-        model = attach(lm, extra_heads, cfg.model.init_from, cfg.loss.head_type)
-        if extra_heads:
-            head_params = sum(p.numel() for p in model.mtp_heads[0].parameters())
+    # The engine wraps the LM with its fused unembedding and loss (`ipt.mtp.heads`), with
+    # the extra heads of multi-token prediction or none.
+    model = attach(lm, extra_heads, cfg.model.init_from, cfg.loss.head_type) if extra_heads \
+        else MTPModel(lm, torch.nn.ModuleList())
+    if extra_heads:
+        head_params = sum(p.numel() for p in model.mtp_heads[0].parameters())
+    t = cfg.train
+    recomputed = checkpoint_layers(model, t.activation_checkpointing, t.ac_every)
+    compiled = compile_layers(model) if t.compile else 0
+    if dist.is_main:
+        log.info("attention: %s (model.attn_implementation=%s), %s; activation checkpointing "
+                 "of %d layers, %d compiled", kernel, cfg.model.attn_implementation,
+                 t.precision, recomputed, compiled)
     fresh = TrainerState(data_fingerprint=f"{order.key:016x}",
                          tokenizer_fingerprint=tokenizer_fp, world_size=dist.world_size,
                          model_config={**lm.config.to_dict(), "mtp_heads": extra_heads,
@@ -238,7 +259,7 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests) -> TrainerState:
 
     loss_fn = build_loss(cfg.loss, tokenizer.eos_token_id)
     if cfg.teacher.enabled:
-        loss_fn = distillation(cfg, dist, state.step, loss_fn, len(tokenizer))
+        loss_fn = distillation(cfg, dist, state.step, loss_fn, len(tokenizer), kernel)
     batches = train_loader(train_set, order, state.consumed_samples,
                            cfg.train.global_batch_size, cfg.train.micro_batch_size,
                            dist.rank, dist.world_size, cfg.data.num_workers,
@@ -255,8 +276,6 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests) -> TrainerState:
     if cfg.train.export_at_end:
         callbacks.append(ExportAtEnd(run_dir / "checkpoints", run_dir / "hf", cfg.tokenizer))
 
-    t = cfg.train
-
     def rollback(current: TrainerState) -> TrainerState | None:
         found = checkpoint.usable_checkpoints(run_dir / "checkpoints")
         if not found:
@@ -265,14 +284,14 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests) -> TrainerState:
         restored.world_size, restored.config = dist.world_size, current.config
         return restored
 
-    anomalies = AnomalyPolicy(LossAnomalies(t.spike_sigma, t.spike_window,
-                                            t.max_anomalies_in_row), t.on_anomaly, rollback,
-                               t.max_rollbacks)
+    anomalies = None if t.on_anomaly == "none" else AnomalyPolicy(
+        LossAnomalies(t.spike_sigma, t.spike_window, t.max_anomalies_in_row), t.on_anomaly,
+        rollback, t.max_rollbacks)
     trainer = Trainer(engine, loss_fn, batches, state, dist, grad_accum,
                       cfg.train.global_batch_size, cfg.data.seq_len, cfg.train.max_steps,
                       callbacks, flops_per_token(lm, cfg.data.seq_len, extra_heads, head_params),
                       peak_flops(cfg.logger.peak_flops), cfg.train.stop_after, stop_requests,
-                      cfg.train.hang_timeout_s, anomalies)
+                      cfg.train.hang_timeout_s, anomalies, cfg.logger.log_every)
     if dist.is_main:
         log.info("training %s: %s params, %d ranks, grad accumulation %d, from step %d",
                  cfg.name, f"{sum(p.numel() for p in model.parameters()):,}", dist.world_size,

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from ipt import checkpoint
 from ipt.checkpoint import TrainerState
-from ipt.data.loader import eval_batches
+from ipt.data.loader import eval_batches, stack, unstack
 from ipt.engine import Dist
 from ipt.health import AnomalyError, AnomalyPolicy, HangWatchdog, SkippableAdamW
 from ipt.losses import IGNORE, Loss
@@ -93,7 +93,7 @@ class Trainer:
                  callbacks: list[Any], flops_per_token: float = 0.0,
                  peak_flops: float | None = None, stop_after: int | None = None,
                  stop_requests: StopRequests | None = None, hang_timeout: float = 0.0,
-                 anomalies: AnomalyPolicy | None = None) -> None:
+                 anomalies: AnomalyPolicy | None = None, read_every: int = 1) -> None:
         self.engine, self.loss_fn, self.batches = engine, loss_fn, batches
         self.state, self.dist = state, dist
         self.grad_accum, self.global_batch, self.seq_len = grad_accum, global_batch, seq_len
@@ -103,9 +103,13 @@ class Trainer:
         self.stop_requests = stop_requests or StopRequests()
         self.watchdog = HangWatchdog(hang_timeout, dist.rank)
         self.anomalies = anomalies
+        # Without anomaly handling, the step's metrics (and stop requests) are read on the
+        # host every `read_every` steps only; with it, every step (its check needs the loss).
+        self.read_every = 1 if anomalies is not None else max(1, read_every)
         self.optimizer = engine.basic_optimizer
         if anomalies is not None and not isinstance(self.optimizer, SkippableAdamW):
             raise TypeError("loss anomaly handling needs the engine built with SkippableAdamW")
+        self._last_sync: tuple[float, int] | None = None  # (time, step) of the last read
         self.finished = False  # reached max_steps
         self.stopped: str | None = None  # why the run stopped early (every rank agrees)
         self.failed: Exception | None = None  # raised after the step's callbacks
@@ -161,19 +165,20 @@ class Trainer:
         micro_batches = [next(self.batches) for _ in range(self.grad_accum)]
         waited = time.perf_counter() - start
         norm = self._norm(micro_batches)  # counted on the host, before the batches move
-        totals: dict[str, float] = {}
+        totals: dict[str, Any] = {}
         anomaly = None
+        read = self.anomalies is not None or (self.state.step + 1) % self.read_every == 0 \
+            or self.state.step + 1 >= self.max_steps
         for micro, host_batch in enumerate(micro_batches):
-            batch = {k: v.to(self.dist.device, non_blocking=True)
-                     for k, v in host_batch.items()}
+            batch = to_device(host_batch, self.dist.device)
             out = self.loss_fn(self.engine, batch, self.state.step, norm)
-            totals["loss"] = totals.get("loss", 0.0) + out.loss.item()
-            for k, v in out.metrics.items():
-                totals[k] = totals.get(k, 0.0) + v
+            for k, v in (("loss", out.loss.detach()), *out.metrics.items()):
+                totals[k] = totals[k] + v if k in totals else v  # on the device: no sync
             if micro == self.grad_accum - 1:
                 # the step's loss is known before its last backward, on every rank alike:
                 # an anomalous step can still be kept from updating the weights
-                means = self._step_means(totals)
+                means = self._step_means(totals, read)
+                synced = time.perf_counter() if read else None
                 anomaly = self._check(means)
             self.engine.backward(out.loss)
             self.engine.step()
@@ -183,13 +188,15 @@ class Trainer:
         self.state.consumed_samples += self.global_batch
         tokens = self.global_batch * self.seq_len
         self.state.tokens_seen += tokens
-        tokens_per_s = tokens / elapsed
+        tokens_per_s = self._throughput(tokens, elapsed, synced)
         grad_norm = self.engine.get_global_grad_norm()
+        if read and isinstance(grad_norm, torch.Tensor):
+            grad_norm = float(grad_norm)
         metrics: dict[str, Any] = {
             "step": self.state.step,
             **means,
             "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "grad_norm": grad_norm,
             "tokens": self.state.tokens_seen,
             "consumed_samples": self.state.consumed_samples,
             "tokens_per_s": tokens_per_s,
@@ -197,7 +204,7 @@ class Trainer:
             "data_wait": waited / elapsed,
             "peak_mem_gb": peak_memory_gb(),
         }
-        if self.peak_flops:
+        if self.peak_flops and tokens_per_s is not None:
             metrics["mfu"] = (self.flops_per_token * tokens_per_s
                               / (self.peak_flops * self.dist.world_size))
         if anomaly is None and self.anomalies is not None and grad_norm is not None \
@@ -213,12 +220,33 @@ class Trainer:
             self.state.health = self.anomalies.detector.state_dict()
         return metrics
 
-    def _step_means(self, totals: dict[str, float]) -> dict[str, float]:
-        """The step's metrics averaged over micro-batches and ranks; notes a stop request."""
+    def _throughput(self, tokens: int, elapsed: float, synced: float | None) -> float | None:
+        """Tokens per second. The host's clock says how long a step took only where it
+        waited for the device: at a read, the rate over the steps since the last read (the
+        first time, this step's); between reads, None (the host runs ahead of the device)."""
+        last, self._last_sync = self._last_sync, (synced, self.state.step) if synced else \
+            self._last_sync
+        if synced is None:
+            return None if self.read_every > 1 else tokens / elapsed
+        if last is None or self.read_every == 1:
+            return tokens / elapsed
+        return tokens * (self.state.step - last[1]) / (synced - last[0])
+
+    def _step_means(self, totals: dict[str, Any], read: bool) -> dict[str, Any]:
+        """The step's metrics averaged over micro-batches and ranks, in one tensor on the
+        device. `read`: bring them to the host (a sync) and act on a stop request; otherwise
+        they stay 0-d device tensors, for the logger to read with others later."""
         # the stop request rides along with the metrics' all-reduce: no extra collective
-        values = {k: v / self.grad_accum for k, v in totals.items()}
-        values["_stop"] = float(self.stop_requests.received is not None)
-        means = self._mean_over_ranks(values)
+        names = [*totals, "_stop"]
+        flag = float(self.stop_requests.received is not None)
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.dist.device)
+                         for v in [*totals.values(), flag * self.grad_accum]]) / self.grad_accum
+        if self.dist.world_size > 1:
+            tdist.all_reduce(t)
+            t /= self.dist.world_size
+        if not read:
+            return dict(zip(names[:-1], t[:-1].unbind(), strict=True))
+        means = dict(zip(names, t.tolist(), strict=True))
         if means.pop("_stop") > 0:
             self.stopped = (f"{self.stop_requests.received} received" if
                             self.stop_requests.received else "a signal reached another rank")
@@ -268,12 +296,12 @@ class Trainer:
         if self.dist.is_main:
             log.warning("step %d: %s; its update is skipped", step, why)
 
-    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
-        if self.dist.world_size == 1:
-            return values
-        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.dist.device)
-        tdist.all_reduce(t)
-        return dict(zip(values, (t / self.dist.world_size).tolist(), strict=True))
+
+
+def to_device(host_batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+    """A micro-batch on the device; `max_seqlen` stays a host number (kernels take an int)."""
+    return {k: int(v) if k == "max_seqlen" else v.to(device, non_blocking=True)
+            for k, v in host_batch.items()}
 
 
 class Evaluator:
@@ -303,12 +331,11 @@ class Evaluator:
         for row, dataset in enumerate(self.datasets.values()):
             for idx in eval_batches(dataset, self.micro_batch, d.rank, d.world_size,
                                     self.num_batches):
-                items = [dataset[i] for i in idx or [0]]
-                batch = {k: torch.stack([it[k] for it in items]).to(d.device) for k in items[0]}
+                batch = to_device(unstack(stack([dataset[i] for i in idx or [0]])), d.device)
                 if not idx:  # this rank's share ran out: a forward all ranks join, counting nothing
                     batch["labels"].fill_(IGNORE)
                 out = self.loss_fn(trainer.engine, batch, trainer.state.step)
-                sums[row, 0] += out.loss.item() * out.tokens
+                sums[row, 0] += out.loss.detach() * out.tokens
                 sums[row, 1] += out.tokens
         if d.world_size > 1:
             tdist.all_reduce(sums)

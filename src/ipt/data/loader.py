@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ipt.attention import documents
 from ipt.config import ConfigError
 from ipt.data.packing import Packing, assemble, pack
 from ipt.data.shards import ShardError, ShardSet
@@ -183,8 +184,11 @@ KEYS = ("input_ids", "labels", "position_ids")
 
 def stack(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """A micro-batch: the sequences as one [3, batch, seq] tensor (one transfer between
-    processes, not three), and any further fields (soft labels) stacked as they are."""
-    out = {"packed": torch.stack([torch.stack([it[k] for it in items]) for k in KEYS])}
+    processes, not three), its documents (`cu_seqlens`, `max_seqlen`: see `ipt.attention`),
+    and any further fields (soft labels) stacked as they are."""
+    packed = torch.stack([torch.stack([it[k] for it in items]) for k in KEYS])
+    cu_seqlens, max_seqlen = documents(packed[KEYS.index("position_ids")])
+    out = {"packed": packed, "cu_seqlens": cu_seqlens, "max_seqlen": torch.tensor(max_seqlen)}
     for k in items[0].keys() - set(KEYS):
         out[k] = torch.stack([it[k] for it in items])
     return out

@@ -96,6 +96,7 @@ class MTPModel(nn.Module):
         object.__setattr__(self, "lm", lm)  # the whole causal LM, not registered twice
         self.head_type = head_type_of(heads)
         self._seen: tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None = None
+        self._capturing = False
         if len(heads):
             lm.model.layers[-1].register_forward_hook(self._capture, with_kwargs=True)
         # The fused loss reads the unembedding directly rather than calling its module: under
@@ -110,18 +111,26 @@ class MTPModel(nn.Module):
 
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict[str, Any],
                  output: Any) -> None:
+        if not self._capturing:  # recomputation under activation checkpointing
+            return
         z = args[0] if args else kwargs["hidden_states"]
         out = output[0] if isinstance(output, tuple) else output
         self._seen = (z, out, {k: v for k, v in kwargs.items() if k != "hidden_states"})
 
     def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-               past: Any = None, head_past: Any = None,
-               heads: bool = True) -> list[torch.Tensor]:
+               past: Any = None, head_past: Any = None, heads: bool = True,
+               documents: dict[str, Any] | None = None) -> list[torch.Tensor]:
         """The normed hidden states of every head, [batch, seq, hidden] each, head 1 first
         (head 1's alone when not `heads`). `past` / `head_past`: KV caches of the model and
-        of the heads, when decoding."""
-        out = self.model(input_ids=input_ids, position_ids=position_ids,
-                         use_cache=past is not None, **cache_kwargs(self.model, past))
+        of the heads, when decoding; `documents`: position ids and the attention kernel's
+        document inputs (`ipt.attention.model_inputs`), which replace `position_ids`."""
+        inputs = dict(documents) if documents is not None else {"position_ids": position_ids}
+        self._capturing = True
+        try:
+            out = self.model(input_ids=input_ids, use_cache=past is not None,
+                             **cache_kwargs(self.model, past), **inputs)
+        finally:
+            self._capturing = False
         hs = [out.last_hidden_state]
         if heads and len(self.mtp_heads):
             assert self._seen is not None, "the last layer's hook did not run"
@@ -143,16 +152,16 @@ class MTPModel(nn.Module):
                     hs.append(self.model.norm(out[0] if isinstance(out, tuple) else out))
         return hs
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, scales: list[float],
-                position_ids: torch.Tensor | None = None, kd: Any = None,
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, scales: list[Any],
+                documents: dict[str, Any] | None = None, kd: Any = None,
                 memory_efficient: bool = True, chunk_size: int = 1024,
                 heads: bool = True) -> Any:
         """The weighted loss of every head (see `ipt.mtp.loss`), or of head 1 alone when not
         `heads`: run inside the engine's forward, so ZeRO-3 gathers what it uses and sees one
-        forward and one backward."""
+        forward and one backward. `documents`: see `hidden`."""
         from ipt.mtp.loss import heads_loss
 
-        hs = self.hidden(input_ids, position_ids, heads=heads)
+        hs = self.hidden(input_ids, heads=heads, documents=documents)
         return heads_loss(hs, self.lm_head, targets, scales, kd, memory_efficient, chunk_size)
 
 

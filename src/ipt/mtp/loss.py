@@ -32,9 +32,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ipt.attention import kernel_of, model_inputs
 from ipt.config import ConfigError, LossConfig
 from ipt.losses import IGNORE, LossOutput
-from ipt.slm.kd import TeacherProbs, chunk_grad, kd_losses, target_rows
+from ipt.slm.kd import TeacherProbs, chunk_grad, kd_losses
 
 
 @dataclass
@@ -89,24 +90,20 @@ class _UnembedLoss(torch.autograd.Function):
         kd_sum = torch.zeros((), dtype=torch.float64, device=h_all.device)
         for i in range(n):
             teacher = kd if i == 0 else None
-            keep_all = targets[i] != IGNORE
+            # Every chunk runs, even one without targets: skipping it would need a sync with
+            # the host, and a teacher's chunk may be a collective (ZeRO-3).
             for a in range(0, positions, chunk_size):
                 sl = slice(a, a + chunk_size)
-                keep = keep_all[sl]
-                # A teacher's chunk may be a collective (ZeRO-3): every rank runs every chunk.
-                if teacher is None and not bool(keep.any()):
-                    continue
-                rows = target_rows(keep)
-                h = h_all[i, sl][rows]
-                p_t = teacher.probs(sl, rows) if teacher else None
-                c_ce, c_kd, g = chunk_grad((h @ w_mat.T).float(), targets[i, sl][rows], p_t,
+                h = h_all[i, sl]
+                p_t = teacher.probs(sl, slice(None)) if teacher else None
+                c_ce, c_kd, g = chunk_grad((h @ w_mat.T).float(), targets[i, sl], p_t,
                                            teacher.tau if teacher else 1.0,
                                            teacher.w if teacher else 0.0)
                 ce[i] += c_ce
                 kd_sum += c_kd
                 if grad_h is not None and grad_w is not None:
                     g = g.mul_(scales[i]).to(w_mat.dtype)
-                    grad_h[i, sl][rows] = g @ w_mat
+                    grad_h[i, sl] = g @ w_mat
                     if w_mat.dtype == torch.float32:
                         grad_w.addmm_(g.T, h)
                     else:  # bf16 matmul, fp32 accumulation over chunks and heads
@@ -187,23 +184,23 @@ class MTPLoss:
         training = torch.is_grad_enabled()
         n = self.cfg.heads if training else 1  # evaluation: head 1 alone, the extra heads idle
         targets = head_targets(batch["input_ids"], batch["labels"], n, self.eos_id)
-        counts = list(norm[:n]) if norm is not None else \
-            [max(int(c), 1) for c in (targets != IGNORE).sum((1, 2)).tolist()]
+        found = (targets != IGNORE).sum((1, 2))  # on the device: read by no one in a step
+        counts: Any = torch.tensor(norm[:n], dtype=torch.float64, device=found.device) \
+            if norm is not None else found.clamp(min=1).double()
         scales = [w / c / self.divisor for w, c in zip(self.weights_at(step), counts,
                                                        strict=False)]
         loss, ce, kd_sum = model(input_ids=batch["input_ids"], targets=targets, scales=scales,
-                                 position_ids=batch.get("position_ids"), kd=kd,
+                                 documents=model_inputs(batch, kernel_of(model)), kd=kd,
                                  memory_efficient=self.cfg.memory_efficient,
                                  chunk_size=self.cfg.chunk_size, heads=training)
-        per_head = (ce.double() / torch.tensor(counts, dtype=torch.float64)).tolist()
-        metrics = {"ce": per_head[0], **{f"ce_{i + 1}": v for i, v in enumerate(per_head)
-                                         if i > 0}}
+        per_head = ce.double() / counts
+        metrics: dict[str, Any] = {"ce": per_head[0]}
+        metrics |= {f"ce_{i + 1}": per_head[i] for i in range(1, n)}
         if kd is not None:
-            metrics["kd"] = float(kd_sum) / counts[0]
+            metrics["kd"] = kd_sum / counts[0]
         if not training:
-            loss = ce[0] / counts[0]
-        tokens = int((targets[0] != IGNORE).sum())
-        return LossOutput(loss, metrics, tokens)
+            loss = per_head[0].float()
+        return LossOutput(loss, metrics, found[0])
 
 
 def check(cfg: LossConfig) -> None:

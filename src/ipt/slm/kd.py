@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ipt.attention import kernel_of, model_inputs
 from ipt.config import TeacherConfig
 from ipt.losses import IGNORE, Loss, LossOutput, denominator
 
@@ -81,31 +82,32 @@ def offline_probs(ids: torch.Tensor, logp: torch.Tensor, vocab: int,
 
 def chunk_grad(s: torch.Tensor, y: torch.Tensor, p_t: torch.Tensor | None, tau: float,
                w: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For one chunk of fp32 logits `s` [rows, vocab] with targets `y`: the CE sum, the KD sum
-    against the teacher's distribution `p_t` (None: no teacher, w must be 0) and the gradient
-    of (1 - w) * CE + w * KD with respect to `s` (which it overwrites).
+    """For one chunk of fp32 logits `s` [rows, vocab] with targets `y` (IGNORE: the row has
+    none): the CE sum, the KD sum against the teacher's distribution `p_t` (None: no teacher,
+    w must be 0) and the gradient of (1 - w) * CE + w * KD with respect to `s` (which it
+    overwrites), zero in rows without a target.
 
-    Fewest passes over [rows, vocab]: dot products for the sums, in-place updates.
+    Rows without a target are computed and then masked, not filtered out: filtering needs
+    their number on the host, a sync that stalls the GPU once per chunk. Fewest passes over
+    [rows, vocab]: dot products for the sums, in-place updates.
     """
+    keep = y != IGNORE
+    y = y.clamp(min=0)
+    weight = keep.to(s.dtype)
     log_p = F.log_softmax(s, dim=-1)
-    ce = -log_p.gather(1, y[:, None]).sum(dtype=torch.float64)
+    ce = -(log_p.gather(1, y[:, None]).squeeze(1) @ weight).double()
     kd = torch.zeros((), dtype=torch.float64, device=s.device)
     if p_t is None:  # plain CE: p - onehot
         g = log_p.exp_()
     elif tau == 1.0:  # q = p: the gradient is p - w * p_t
-        kd = -(p_t.flatten() @ log_p.flatten()).double()
+        kd = -(((p_t * log_p).sum(-1)) @ weight).double()
         g = log_p.exp_().sub_(p_t, alpha=w)
     else:  # (1 - w) p + w tau (q - p_t)
         log_q = F.log_softmax(s / tau, dim=-1)
-        kd = -(p_t.flatten() @ log_q.flatten()).double() * tau**2
+        kd = -(((p_t * log_q).sum(-1)) @ weight).double() * tau**2
         g = log_p.exp_().mul_(1 - w).add_(log_q.exp_().sub_(p_t), alpha=w * tau)
     g[torch.arange(len(y), device=g.device), y] -= 1 - w
-    return ce, kd, g
-
-
-def target_rows(keep: torch.Tensor) -> Any:
-    """Index of the rows of a chunk that have a target: a slice (a view) when all do."""
-    return slice(None) if bool(keep.all()) else keep
+    return ce, kd, g.mul_(weight[:, None])
 
 
 class _MixedLoss(torch.autograd.Function):
@@ -122,18 +124,16 @@ class _MixedLoss(torch.autograd.Function):
                 tau: float, w: float,
                 chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         flat, y_all = logits.detach().flatten(0, 1), labels.flatten()
-        keep_all = y_all != IGNORE
-        grad = torch.zeros_like(flat)
+        grad = torch.empty_like(flat)
         ce = torch.zeros((), dtype=torch.float64, device=flat.device)
         kd = torch.zeros_like(ce)
         for a in range(0, len(flat), chunk_size):
             sl = slice(a, a + chunk_size)
-            rows = target_rows(keep_all[sl])
-            c_ce, c_kd, g = chunk_grad(flat[sl][rows].float(), y_all[sl][rows],
-                                       teacher(sl, rows), tau, w)
+            c_ce, c_kd, g = chunk_grad(flat[sl].float(), y_all[sl], teacher(sl, slice(None)),
+                                       tau, w)
             ce += c_ce
             kd += c_kd
-            grad[sl][rows] = g.to(grad.dtype)
+            grad[sl] = g
         ctx.save_for_backward(grad)
         ctx.shape = logits.shape
         mixed = ((1 - w) * ce + w * kd).float()
@@ -148,11 +148,12 @@ class _MixedLoss(torch.autograd.Function):
 
 
 def kd_losses(logits: torch.Tensor, labels: torch.Tensor, teacher: TeacherProbs, tau: float,
-              w: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+              w: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor]:
     """(mixed sum, CE sum, KD sum, target count) over the positions of `labels` that have
     a target; only the mixed sum carries a gradient (to the student's logits)."""
     mixed, ce, kd = _MixedLoss.apply(logits, labels, teacher, tau, w, chunk_size)
-    return mixed, ce, kd, int((labels != IGNORE).sum())
+    return mixed, ce, kd, (labels != IGNORE).sum()
 
 
 class DistillationLoss:
@@ -179,11 +180,12 @@ class DistillationLoss:
             out = self.base(model, batch, step, norm)
             out.metrics |= {"kd_weight": w}
             return out
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids")}
-        # A loss that takes the teacher (multi-token prediction) runs the model itself and
-        # applies KD to its next-token head; otherwise the student's logits come from here.
+        # A loss that takes the teacher (the fused next-token and multi-token losses) runs
+        # the model itself and applies KD to its next-token head; otherwise the student's
+        # logits come from here.
         fused = getattr(self.base, "takes_kd", False)
-        logits = None if fused else model(**inputs).logits  # ZeRO sees an ordinary forward
+        logits = None if fused else model(  # ZeRO sees an ordinary forward
+            input_ids=batch["input_ids"], **model_inputs(batch, kernel_of(model))).logits
         vocab = logits.shape[-1] if logits is not None else self.vocab_size
         tau = self.cfg.temperature
         if self.cfg.soft_labels:
@@ -197,7 +199,8 @@ class DistillationLoss:
         else:
             assert self.teacher is not None, "the teacher was released before the KD phase ended"
             with torch.no_grad():
-                h_t = self.teacher.model(**inputs).last_hidden_state
+                h_t = self.teacher.model(input_ids=batch["input_ids"], **model_inputs(
+                    batch, kernel_of(self.teacher))).last_hidden_state
             probs = online_probs(h_t, self.teacher.lm_head, tau)
         if logits is None:
             from ipt.mtp.loss import KDTerm
@@ -209,8 +212,7 @@ class DistillationLoss:
         mixed, ce, kd, n = kd_losses(logits, batch["labels"], probs, tau, w,
                                      self.cfg.chunk_size)
         d = denominator(norm, n)
-        loss, ce, kd = mixed / d, ce / d, kd / d
-        return LossOutput(loss, {"ce": ce.item(), "kd": kd.item(), "kd_weight": w}, n)
+        return LossOutput(mixed / d, {"ce": ce / d, "kd": kd / d, "kd_weight": w}, n)
 
     def release(self) -> None:
         """Drop the teacher: the rest of the run pays nothing for it."""

@@ -53,16 +53,21 @@ def check(cfg: TeacherConfig, tokenizer_dir: str) -> None:
 
 
 def load(cfg: TeacherConfig, device: torch.device, dtype: torch.dtype,
-         zero3_micro_batch: int | None = None) -> Any:
+         zero3_micro_batch: int | None = None, kernel: str = "sdpa") -> Any:
     """The teacher on this rank, frozen: eval mode, no gradients, no optimizer state.
 
-    With `zero3_micro_batch` (the student runs ZeRO-3) the teacher is sharded across the
+    `kernel`: the student's attention kernel (`ipt.attention`). With `zero3_micro_batch`
+    (the student runs ZeRO-3) the teacher is sharded across the
     ranks too, by a DeepSpeed engine without an optimizer: each rank holds 1/world of it and
     gathers a layer's weights only while that layer runs.
     """
     from transformers import AutoModelForCausalLM
 
-    model: Any = AutoModelForCausalLM.from_pretrained(resolve(cfg.path), dtype=dtype)
+    from ipt import attention
+
+    attention.register()  # the student's attention kernel, with its document masking
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        resolve(cfg.path), dtype=dtype, attn_implementation=attention.PREFIX + kernel)
     model.requires_grad_(False)
     model.eval()
     if zero3_micro_batch is None:

@@ -1,0 +1,325 @@
+"""Attention with document masking: every kernel ipt can select, and how `auto` picks one.
+
+A packed micro-batch holds several documents per row. A token may attend to earlier tokens of
+its own document only, whatever the micro-batch size. The loader describes the documents of
+a micro-batch once, on the host, as flash-attention does: `cu_seqlens` (int32, the start of
+every document in the flattened [batch x seq] positions, then the total) and `max_seqlen`
+(the longest document). A row start always starts a document, so nothing crosses rows, and
+padding is a document of its own. Each kernel gets what it needs from those, built once per
+micro-batch on the device (`Documents.inputs`) and handed to every layer through the model's
+keyword arguments:
+
+| kernel      | what it runs                                   | precision  | backward |
+|-------------|------------------------------------------------|------------|----------|
+| `flash_attn`| `flash_attn_varlen_func` of the flash-attn package | bf16, fp16 | CUDA  |
+| `varlen`    | `torch.nn.attention.varlen.varlen_attn` (CUDA builds of torch, no package) | bf16, fp16 | CUDA |
+| `flex`      | `flex_attention` with a block-causal document mask (compiled on CUDA) | any | CUDA |
+| `sdpa`      | `scaled_dot_product_attention` with a block-diagonal causal mask | any | CPU, CUDA |
+
+The kernels register with `transformers`' attention interface under `ipt_<kernel>`. Such a
+name has no mask function there, so `transformers` builds no mask of its own (and does not
+guess documents from position ids, which it does only for one row at a time); RoPE still
+reads the restarting `position_ids`. A call without document inputs (decoding with a KV
+cache, or a model run outside ipt's losses) falls back to plain causal SDPA, which is what
+those calls need.
+
+`auto` picks the fastest kernel that is correct on the machine for the configured
+precision: on a GPU in bf16, flash_attn, then varlen, then flex; on a GPU in fp32, flex; on
+the CPU, sdpa. `bench/gpu.py` times them against each other.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ipt.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("flash_attn", "varlen", "flex", "sdpa")
+PREFIX = "ipt_"
+HALF = (torch.bfloat16, torch.float16)
+
+
+def documents(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens, max_seqlen) of a host micro-batch's restarting position ids [batch, seq]:
+    a document starts wherever the position does not follow the one before, and at every
+    row start."""
+    pos = position_ids.numpy().reshape(position_ids.shape[0], -1)
+    starts = np.ones(pos.shape, dtype=bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    first = np.flatnonzero(starts.reshape(-1))
+    cu = np.append(first, pos.size).astype(np.int32)
+    return torch.from_numpy(cu), int(np.diff(cu).max())
+
+
+@dataclass
+class Documents:
+    """A micro-batch's documents on the device, and the inputs a kernel builds from them."""
+
+    cu_seqlens: torch.Tensor  # int32 [documents + 1], on the device
+    max_seqlen: int
+    batch: int
+    seq: int
+
+    def doc_ids(self) -> torch.Tensor:
+        """[batch, seq]: the document each position belongs to."""
+        flat = torch.arange(self.batch * self.seq, device=self.cu_seqlens.device)
+        return torch.searchsorted(self.cu_seqlens[1:].long(), flat, right=True).view(
+            self.batch, self.seq)
+
+    def inputs(self, kernel: str) -> dict[str, Any]:
+        """The keyword arguments the model hands each attention layer for `kernel`."""
+        if kernel in ("flash_attn", "varlen"):
+            return {"ipt_cu_seqlens": self.cu_seqlens, "ipt_max_seqlen": self.max_seqlen}
+        doc = self.doc_ids()
+        if kernel == "flex":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            def same_doc_causal(b: Any, h: Any, q: Any, kv: Any) -> Any:
+                return (doc[b, q] == doc[b, kv]) & (q >= kv)
+
+            block = create_block_mask(same_doc_causal, self.batch, None, self.seq, self.seq,
+                                      device=doc.device)
+            return {"ipt_block_mask": block}
+        causal = torch.ones(self.seq, self.seq, dtype=torch.bool, device=doc.device).tril_()
+        mask = (doc[:, :, None] == doc[:, None, :]) & causal
+        return {"ipt_mask": mask.unsqueeze(1)}
+
+
+def model_inputs(batch: dict[str, Any], kernel: str | None) -> dict[str, Any]:
+    """Position ids and the kernel's document inputs, for a model's forward."""
+    out: dict[str, Any] = {}
+    if "position_ids" in batch:
+        out["position_ids"] = batch["position_ids"]
+    if kernel is not None and "cu_seqlens" in batch:
+        ids = batch["input_ids"]
+        docs = Documents(batch["cu_seqlens"], int(batch["max_seqlen"]), ids.shape[0],
+                         ids.shape[1])
+        out.update(docs.inputs(kernel))
+    return out
+
+
+def kernel_of(model: Any) -> str | None:
+    """The ipt kernel a model (or an engine around it) was built with; None for others."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    name = getattr(config, "_attn_implementation", None) or ""
+    return name[len(PREFIX):] if name.startswith(PREFIX) else None
+
+
+# --- the kernels: transformers' attention interface --------------------------------------
+# Each takes query [batch, heads, seq, dim] and key/value [batch, kv_heads, seq, dim], and
+# returns the output as [batch, seq, heads, dim] (and no attention weights).
+
+
+def _causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if mask is None and 1 < q_len < kv_len:
+        # queries after a KV cache (verifying speculated tokens): causal from the bottom right
+        offset = kv_len - q_len
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril_(offset)
+    causal = mask is None and q_len == kv_len
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal,
+                                         scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2)
+
+
+def _sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+          value: torch.Tensor, attention_mask: Any, scaling: float | None = None,
+          dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    mask = kwargs.get("ipt_mask")
+    if mask is None and isinstance(attention_mask, torch.Tensor):
+        mask = attention_mask  # a mask transformers built (a KV cache with padding)
+    return _causal_sdpa(query, key, value, mask, scaling), None
+
+
+def _flex(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+          attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
+          **kwargs: Any) -> tuple[torch.Tensor, None]:
+    block = kwargs.get("ipt_block_mask")
+    if block is None:
+        return _sdpa(module, query, key, value, attention_mask, scaling)
+    out = _flex_attention(query.device.type)(query, key, value, block_mask=block, scale=scaling,
+                                             enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2), None
+
+
+@cache
+def _flex_attention(device_type: str) -> Any:
+    """flex_attention, compiled on a GPU (uncompiled it materialises every score)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" \
+        else flex_attention
+
+
+def _varlen_call(fn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 kwargs: dict[str, Any], scaling: float | None,
+                 flash_attn: bool) -> torch.Tensor:
+    b, h, s, d = query.shape
+    cu, longest = kwargs["ipt_cu_seqlens"], kwargs["ipt_max_seqlen"]
+    q = query.transpose(1, 2).reshape(b * s, h, d)
+    k = key.transpose(1, 2).reshape(b * s, key.shape[1], d)
+    v = value.transpose(1, 2).reshape(b * s, value.shape[1], d)
+    if flash_attn:
+        out = fn(q, k, v, cu, cu, longest, longest, softmax_scale=scaling, causal=True)
+    else:
+        params = _varlen_params()
+        extra: dict[str, Any] = {"scale": scaling}
+        if "window_size" in params:  # torch >= 2.11
+            extra["window_size"] = (-1, 0)
+        else:
+            extra["is_causal"] = True
+        if k.shape[1] != h:
+            if "enable_gqa" in params:
+                extra["enable_gqa"] = True
+            else:
+                k = k.repeat_interleave(h // k.shape[1], dim=1)
+                v = v.repeat_interleave(h // v.shape[1], dim=1)
+        out = fn(q, k, v, cu, cu, longest, longest, **extra)
+    return out.reshape(b, s, h, d)
+
+
+@cache
+def _varlen_params() -> frozenset[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _varlen(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+            value: torch.Tensor, attention_mask: Any, scaling: float | None = None,
+            dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    if "ipt_cu_seqlens" not in kwargs:
+        return _sdpa(module, query, key, value, attention_mask, scaling)
+    from torch.nn.attention.varlen import varlen_attn
+
+    return _varlen_call(varlen_attn, query, key, value, kwargs, scaling, False), None
+
+
+def _flash_attn(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, attention_mask: Any, scaling: float | None = None,
+                dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    if "ipt_cu_seqlens" not in kwargs:
+        return _sdpa(module, query, key, value, attention_mask, scaling)
+    from flash_attn import flash_attn_varlen_func
+
+    return _varlen_call(flash_attn_varlen_func, query, key, value, kwargs, scaling, True), None
+
+
+_FUNCTIONS = {"flash_attn": _flash_attn, "varlen": _varlen, "flex": _flex, "sdpa": _sdpa}
+
+
+@cache
+def register() -> None:
+    """Make the kernels known to `transformers` as `ipt_<kernel>` (once per process)."""
+    from transformers import AttentionInterface
+
+    for name, fn in _FUNCTIONS.items():
+        AttentionInterface.register(PREFIX + name, fn)
+
+
+# --- choosing one ----------------------------------------------------------------------------
+
+
+def _has_varlen() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def why_not(kernel: str, device: torch.device, dtype: torch.dtype, training: bool = True) -> str | None:
+    """Why `kernel` cannot run here at `dtype` (None: it can)."""
+    gpu = device.type == "cuda"
+    if kernel not in KERNELS:
+        return f"it is not one of {KERNELS} (or auto)"
+    if kernel == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
+        return "the flash-attn package is not installed"
+    if kernel == "varlen" and not _has_varlen():
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    if kernel in ("flash_attn", "varlen"):
+        if not gpu:
+            return "it runs on CUDA GPUs only"
+        if dtype not in HALF:
+            return f"it needs bf16 or fp16, and train.precision gives {dtype}"
+        if torch.cuda.get_device_capability(device)[0] < 8:
+            return "it needs a GPU of compute capability 8.0 (Ampere) or newer"
+    if kernel == "flex" and not gpu and training:
+        return "flex_attention has no backward on the CPU"
+    return None
+
+
+def choose(requested: str, device: torch.device, dtype: torch.dtype,
+           training: bool = True) -> str:
+    """The kernel to run: `requested`, checked, or for `auto` the fastest that can run."""
+    legacy = {"flash_attention_2": "flash_attn", "flex_attention": "flex"}
+    if requested in legacy:
+        raise ConfigError(f"model.attn_implementation={requested} is a transformers kernel that "
+                          "masks documents for one row at a time; use "
+                          f"model.attn_implementation={legacy[requested]} (or auto)")
+    if requested != "auto":
+        why = why_not(requested, device, dtype, training)
+        if why is not None:
+            raise ConfigError(f"model.attn_implementation={requested} cannot run here: {why}. "
+                              f"Use auto, which picks the fastest that can")
+        return requested
+    candidates = ("flash_attn", "varlen", "flex", "sdpa") if device.type == "cuda" \
+        else ("sdpa",)
+    return next(k for k in candidates if why_not(k, device, dtype, training) is None)
+
+
+# --- a self-check, for the tests and bench/gpu.py ---------------------------------------------
+
+
+def parity_error(kernel: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                 grad: bool = True, seed: int = 0) -> float:
+    """Largest difference between the logits of documents packed several to a row, in a
+    micro-batch of 3 rows, and the same documents run alone, through a small random Llama
+    with `kernel`. Rows hold documents of uneven lengths, one spans a whole row, and one row
+    ends in padding. With `grad` the packed forward runs with autograd and a backward."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    register()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, use_cache=False)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=PREFIX + kernel)
+    model = model.to(device=device, dtype=dtype).eval()
+    seq = 128
+    rows = [[50, 7, 71], [128], [1, 90, 20]]  # the last row ends in 17 positions of padding
+    docs = [[torch.randint(3, 96, (n,)) for n in row] for row in rows]
+    ids = torch.zeros(len(rows), seq, dtype=torch.long)
+    pos = torch.zeros(len(rows), seq, dtype=torch.long)
+    for r, row in enumerate(docs):
+        at = 0
+        for d in row:
+            ids[r, at:at + len(d)], pos[r, at:at + len(d)] = d, torch.arange(len(d))
+            at += len(d)
+        pos[r, at:] = torch.arange(seq - at)
+    cu, longest = documents(pos)
+    batch = {"input_ids": ids.to(device), "position_ids": pos.to(device),
+             "cu_seqlens": cu.to(device), "max_seqlen": torch.tensor(longest)}
+    with torch.set_grad_enabled(grad):
+        packed = model(input_ids=batch["input_ids"], **model_inputs(batch, kernel)).logits
+        if grad:
+            packed.float().square().mean().backward()
+    worst = 0.0
+    with torch.no_grad():
+        for r, row in enumerate(docs):
+            at = 0
+            for d in row:
+                alone = model(input_ids=d[None].to(device),
+                              position_ids=torch.arange(len(d), device=device)[None]).logits
+                diff = (packed[r, at:at + len(d)].detach().float() - alone[0].float()).abs()
+                worst = max(worst, float(diff.max()))
+                at += len(d)
+    return worst
