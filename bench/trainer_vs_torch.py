@@ -1,6 +1,7 @@
 """Trainer steps/s against a bare PyTorch loop: same model, data, batch, threads and AdamW.
 
-Both run in one process, interleaved in rounds so that machine noise hits both alike; the
+Both run the same model and loss (the fused next-token loss, documents masked) and run in
+one process, interleaved in rounds so that machine noise hits both alike; the
 result is the ratio of their median step rates. The trainer side is ipt's real path: the
 DeepSpeed engine (ZeRO-1, one rank), the loss module, the resumable loader and the metrics.
 """
@@ -12,17 +13,21 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ipt.checkpoint import TrainerState
-from ipt.config import PretrainConfig
+from ipt.config import LossConfig, PretrainConfig
 from ipt.data.loader import MixtureOrder, PackedShards, train_loader
 from ipt.data.shards import ShardSet
 from ipt.engine import build_engine, init_distributed
-from ipt.losses import NextTokenLoss
+from ipt.losses import build_loss
 from ipt.model import build_model
+from ipt.mtp.heads import MTPModel
 from ipt.schedule import lr_multiplier
-from ipt.trainer import Trainer
+from ipt.trainer import Trainer, to_device
+
+# Both sides run the trainer's default loss: the fused next-token loss over the LM wrapped
+# without extra heads, with document masking.
+LOSS = build_loss(LossConfig(name="ntp"))
 
 
 def config(data: Path, stage: int, threads: int) -> PretrainConfig:
@@ -39,10 +44,9 @@ def config(data: Path, stage: int, threads: int) -> PretrainConfig:
 
 def bare_steps(model, opt, batches, n: int, clip: float) -> float:
     start = time.perf_counter()
-    for _ in range(n):
-        b = next(batches)
-        logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), ignore_index=-100)
+    for step in range(n):
+        b = to_device(next(batches), torch.device("cpu"))
+        loss = LOSS(model, b, step, [max(1, int((b["labels"] != -100).sum()))]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
@@ -66,16 +70,16 @@ def run(data: Path, stage: int = 1, threads: int = 2, rounds: int = 5,
     vocab = int(ds.shards.shards[0].meta["vocab_size"])
 
     torch.manual_seed(0)
-    bare = build_model(cfg.model, vocab)
+    bare = MTPModel(build_model(cfg.model, vocab), torch.nn.ModuleList())
     o = cfg.optim
     opt = torch.optim.AdamW(bare.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                             weight_decay=o.weight_decay, foreach=True)
     bare_batches = train_loader(ds, order, 0, 8, 8, 0, 1, cfg.data.num_workers)
 
     torch.manual_seed(0)
-    model = build_model(cfg.model, vocab)
+    model = MTPModel(build_model(cfg.model, vocab), torch.nn.ModuleList())
     engine = build_engine(model, cfg, 1, lr_multiplier(cfg.schedule, 10**6))
-    trainer = Trainer(engine, NextTokenLoss(), train_loader(ds, order, 0, 8, 8, 0, 1,
+    trainer = Trainer(engine, LOSS, train_loader(ds, order, 0, 8, 8, 0, 1,
                                                             cfg.data.num_workers),
                       TrainerState(), dist, 1, 8, cfg.data.seq_len, 10**6, [])
     bare_steps(bare, opt, bare_batches, 3, o.grad_clip)  # warm-up both

@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -97,15 +98,23 @@ class Documents:
 
 
 def model_inputs(batch: dict[str, Any], kernel: str | None) -> dict[str, Any]:
-    """Position ids and the kernel's document inputs, for a model's forward."""
+    """Position ids and the kernel's document inputs, for a model's forward. The loader's
+    batches carry their documents (`cu_seqlens`, `max_seqlen`); for others they are read
+    off the position ids."""
     out: dict[str, Any] = {}
-    if "position_ids" in batch:
-        out["position_ids"] = batch["position_ids"]
-    if kernel is not None and "cu_seqlens" in batch:
-        ids = batch["input_ids"]
-        docs = Documents(batch["cu_seqlens"], int(batch["max_seqlen"]), ids.shape[0],
-                         ids.shape[1])
-        out.update(docs.inputs(kernel))
+    pos = batch.get("position_ids")
+    if pos is not None:
+        out["position_ids"] = pos
+    if kernel is None or (pos is None and "cu_seqlens" not in batch):
+        return out
+    if "cu_seqlens" in batch:
+        cu, longest = batch["cu_seqlens"], int(batch["max_seqlen"])
+    else:  # a batch from elsewhere: its documents from its positions (on a GPU, a sync)
+        assert pos is not None
+        cu, longest = documents(pos.cpu())
+        cu = cu.to(pos.device)
+    ids = batch["input_ids"]
+    out.update(Documents(cu, longest, ids.shape[0], ids.shape[1]).inputs(kernel))
     return out
 
 
@@ -159,8 +168,11 @@ def _flex_attention(device_type: str) -> Any:
     """flex_attention, compiled on a GPU (uncompiled it materialises every score)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" \
-        else flex_attention
+    if device_type == "cuda":
+        return torch.compile(flex_attention, dynamic=False)
+    # elsewhere only forwards run (a CPU teacher, the tests): slow is fine, say nothing
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    return flex_attention
 
 
 def _varlen_call(fn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

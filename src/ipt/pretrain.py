@@ -186,16 +186,19 @@ def distillation(cfg: PretrainConfig, dist: Dist, step: int, base: Loss,
     return DistillationLoss(model, k, base, vocab_size)
 
 
-def pretrain(cfg: PretrainConfig) -> TrainerState:
-    """Train; raises `Stopped` (after checkpointing) when a rank got SIGTERM or SIGUSR1."""
+def pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> TrainerState:
+    """Train; raises `Stopped` (after checkpointing) when a rank got SIGTERM or SIGUSR1.
+    `callbacks`: more trainer callbacks, called after ipt's own (`bench/gpu.py` times steps
+    with one)."""
     stop_requests = StopRequests().install()  # first: a signal during set-up is not lost
     try:
-        return _pretrain(cfg, stop_requests)
+        return _pretrain(cfg, stop_requests, callbacks or [])
     finally:
         stop_requests.uninstall()
 
 
-def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests) -> TrainerState:
+def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests,
+              extra_callbacks: list) -> TrainerState:
     # collectives time out a minute after the watchdog would have fired: a backstop for the
     # set-up, before the watchdog runs
     hang = cfg.train.hang_timeout_s
@@ -275,6 +278,7 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests) -> TrainerState:
                                        fresh.config, cfg.name))
     if cfg.train.export_at_end:
         callbacks.append(ExportAtEnd(run_dir / "checkpoints", run_dir / "hf", cfg.tokenizer))
+    callbacks += extra_callbacks
 
     def rollback(current: TrainerState) -> TrainerState | None:
         found = checkpoint.usable_checkpoints(run_dir / "checkpoints")
