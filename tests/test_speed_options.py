@@ -4,6 +4,10 @@ back from the device while a step runs."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -17,7 +21,7 @@ from ipt.observe import read_metrics
 from ipt.slm.kd import online_probs
 from ipt.trainer import to_device
 
-from .conftest import run_pretrain, tiny_overrides
+from .conftest import ROOT, run_pretrain, tiny_overrides
 
 EOS = 2
 
@@ -137,3 +141,21 @@ def test_training_with_the_switches_gives_the_plain_losses(data_dir, tiny_lm, tm
         for key in ("loss", "ce", "ce_2", "kd", "val_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+
+
+def test_training_runs_without_wandb_datasets_or_flash_attn(data_dir, tmp_path):
+    """A GPU node's image may lack the optional packages: the training path never needs
+    them (blocked here as if not installed)."""
+    run = tmp_path / "bare-image"
+    code = ("import runpy, sys\n"
+            "for name in ('wandb', 'datasets', 'flash_attn'):\n"
+            "    sys.modules[name] = None  # import fails, as when not installed\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "train" / "pretrain.py"),
+                           *tiny_overrides(data_dir, run, **{"train.max_steps": 2,
+                                                             "train.eval_every": 2})],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
