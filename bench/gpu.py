@@ -13,7 +13,8 @@ losses, callbacks), it writes one record per measurement to `--out`:
 - 1b at 4096, bf16, document masking: eager, compiled, with activation checkpointing (full
   and selective), and with the naive (full-logit) loss: tokens/s, MFU, peak memory;
 - bare: the same model, kernel, batch and loss in a bare PyTorch loop (autocast bf16, fp32
-  weights, fused AdamW), and the trainer's ratio to it;
+  weights, fused AdamW), and the trainer's ratio to it; the trainer again under ZeRO-0, to
+  see what ZeRO-1's machinery costs on one GPU;
 - 350m at 2048;
 - kd and mtp: online KD from a teacher a quarter of the student's size, and 4-head MTP,
   as step-time ratios to next-token beside their FLOP ratios;
@@ -324,6 +325,9 @@ def main() -> None:
         best["bare_ratio"] = best["tokens_per_s"] / bare["tokens_per_s"]
         bare["bare_ratio"] = 1.0
         save()
+    # DeepSpeed's cost on one GPU: the same run without ZeRO's partitioning hooks
+    measure("1b-zero0", trainer_run, args, "1b-zero0", "1b", seq,
+            {**best_opts, "deepspeed.stage": 0})
     for mode in ("full", "selective"):
         measure(f"1b-ac-{mode}", trainer_run, args, f"1b-ac-{mode}", "1b", seq,
                 {**best_opts, "train.activation_checkpointing": mode})
