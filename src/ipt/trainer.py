@@ -239,7 +239,7 @@ class Trainer:
         # the stop request rides along with the metrics' all-reduce: no extra collective
         names = [*totals, "_stop"]
         flag = float(self.stop_requests.received is not None)
-        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.dist.device)
+        t = torch.stack([_on_device(v, self.dist.device)
                          for v in [*totals.values(), flag * self.grad_accum]]) / self.grad_accum
         if self.dist.world_size > 1:
             tdist.all_reduce(t)
@@ -296,6 +296,14 @@ class Trainer:
         if self.dist.is_main:
             log.warning("step %d: %s; its update is skipped", step, why)
 
+
+
+def _on_device(value: Any, device: torch.device) -> torch.Tensor:
+    """A 0-d float64 tensor on `device`: a Python number is filled in by a kernel, since a
+    copy from the host (`torch.tensor(x, device=...)`) waits for the device."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, torch.float64)
+    return torch.full((), float(value), dtype=torch.float64, device=device)
 
 
 def to_device(host_batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:

@@ -185,15 +185,17 @@ class MTPLoss:
         n = self.cfg.heads if training else 1  # evaluation: head 1 alone, the extra heads idle
         targets = head_targets(batch["input_ids"], batch["labels"], n, self.eos_id)
         found = (targets != IGNORE).sum((1, 2))  # on the device: read by no one in a step
-        counts: Any = torch.tensor(norm[:n], dtype=torch.float64, device=found.device) \
-            if norm is not None else found.clamp(min=1).double()
+        # Python numbers from the trainer (a tensor made from them on a GPU would be a
+        # synchronous copy), or this micro-batch's own counts, on the device (evaluation)
+        counts: list[Any] = [float(c) for c in norm[:n]] if norm is not None \
+            else list(found.clamp(min=1).double().unbind())
         scales = [w / c / self.divisor for w, c in zip(self.weights_at(step), counts,
                                                        strict=False)]
         loss, ce, kd_sum = model(input_ids=batch["input_ids"], targets=targets, scales=scales,
                                  documents=model_inputs(batch, kernel_of(model)), kd=kd,
                                  memory_efficient=self.cfg.memory_efficient,
                                  chunk_size=self.cfg.chunk_size, heads=training)
-        per_head = ce.double() / counts
+        per_head = [ce[i].double() / counts[i] for i in range(n)]
         metrics: dict[str, Any] = {"ce": per_head[0]}
         metrics |= {f"ce_{i + 1}": per_head[i] for i in range(1, n)}
         if kd is not None:
