@@ -122,13 +122,16 @@ def test_a_training_micro_batch_reads_nothing_back_from_the_device(loss_cfg):
 
 
 @pytest.mark.parametrize(("nproc", "opts"), [
-    (1, {"deepspeed.stage": 0, "train.activation_checkpointing": "selective"}),
+    (1, {"deepspeed.stage": 0, "train.activation_checkpointing": "selective",
+         "train.on_anomaly": "none", "logger.log_every": 2}),
     pytest.param(2, {"deepspeed.stage": 3, "train.activation_checkpointing": "full",
                      "train.compile": True}, marks=pytest.mark.slow)],
     ids=["1rank-zero0-selective", "2ranks-zero3-full-compiled"])
 def test_training_with_the_switches_gives_the_plain_losses(data_dir, tiny_lm, tmp_path, nproc,
                                                            opts):
-    """MTP heads and online KD under DeepSpeed: the switches change no logged loss."""
+    """MTP heads and online KD under DeepSpeed: the switches change no logged loss. Without
+    anomaly checks, metrics are read every `log_every` steps, and every step is still
+    logged; throughput only where the host waited for the device."""
     base = {"loss": "mtp", "loss.heads": 2, "train.max_steps": 3, "teacher.path": str(tiny_lm),
             "teacher.kd_steps": 2, "train.eval_every": 3, "train.checkpoint_every": 0,
             "deepspeed.stage": opts["deepspeed.stage"]}
@@ -141,6 +144,19 @@ def test_training_with_the_switches_gives_the_plain_losses(data_dir, tiny_lm, tm
         for key in ("loss", "ce", "ce_2", "kd", "val_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+    if opts.get("train.on_anomaly") == "none":
+        assert [r["tokens_per_s"] is None for r in rows["switched"]] == [True, False, False]
+
+
+def test_precision_auto_is_fp32_on_the_cpu():
+    from ipt.config import PretrainConfig
+    from ipt.engine import Dist
+    from ipt.pretrain import resolve_precision
+
+    cfg = PretrainConfig(tokenizer="unused")
+    assert cfg.train.precision == "auto"
+    resolve_precision(cfg, Dist(0, 1, 0, 1, torch.device("cpu")))
+    assert cfg.train.precision == "fp32"
 
 
 def test_training_runs_without_wandb_datasets_or_flash_attn(data_dir, tmp_path):
