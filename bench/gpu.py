@@ -169,12 +169,11 @@ def bare_run(args: argparse.Namespace, model_name: str, seq: int,
     """The same model, kernel, loss and batches in a plain loop: autocast bf16 over fp32
     weights, fused AdamW, gradient clipping; no DeepSpeed, no trainer."""
     from ipt.data import tokenizer as tok
-    from ipt.data.loader import train_loader
+    from ipt.data.loader import to_device, train_loader
     from ipt.losses import build_loss
     from ipt.model import build_model, compile_layers, flops_per_token
     from ipt.mtp.heads import MTPModel
     from ipt.pretrain import open_data
-    from ipt.trainer import to_device
 
     cfg = compose(args, Path(args.work) / "bare", model_name, seq, extra)
     dev = DEVICE

@@ -16,14 +16,14 @@ import torch
 
 from ipt.checkpoint import TrainerState
 from ipt.config import LossConfig, PretrainConfig
-from ipt.data.loader import MixtureOrder, PackedShards, train_loader
+from ipt.data.loader import MixtureOrder, PackedShards, to_device, train_loader
 from ipt.data.shards import ShardSet
 from ipt.engine import build_engine, init_distributed
 from ipt.losses import build_loss
 from ipt.model import build_model
 from ipt.mtp.heads import MTPModel
 from ipt.schedule import lr_multiplier
-from ipt.trainer import Trainer, to_device
+from ipt.trainer import Trainer
 
 # Both sides run the trainer's default loss: the fused next-token loss over the LM wrapped
 # without extra heads, with document masking.

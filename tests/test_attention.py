@@ -39,8 +39,10 @@ def test_packed_logits_equal_each_document_alone(kernel):
     assert attention.parity_error(kernel, CPU, grad=grad) < 1e-4
 
 
-def test_without_masking_documents_would_leak():
-    """The check above can fail: the same documents through plain causal attention differ."""
+def test_a_bare_call_with_restarting_positions_is_masked_too_and_leaks_without():
+    """A call that brings no document inputs (`model(input_ids, position_ids)`) still keeps
+    documents apart, from its position ids; with positions that do not restart, document A
+    leaks into B, so the comparison can fail."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
@@ -50,12 +52,14 @@ def test_without_masking_documents_would_leak():
     attention.register()
     model = AutoModelForCausalLM.from_config(config, attn_implementation="ipt_sdpa").eval()
     a, b = torch.randint(3, 32, (1, 6)), torch.randint(3, 32, (1, 5))
-    packed = torch.cat([a, b], dim=1)
+    packed = torch.cat([a, b], dim=1).repeat(2, 1)
+    restart = torch.cat([torch.arange(6), torch.arange(5)])[None].repeat(2, 1)
     with torch.no_grad():
         alone = model(input_ids=b).logits
-        leaky = model(input_ids=packed, position_ids=torch.cat(
-            [torch.arange(6), torch.arange(5)])[None]).logits[:, 6:]  # no document inputs
-    assert not torch.allclose(leaky, alone, atol=1e-3)
+        masked = model(input_ids=packed, position_ids=restart).logits[:, 6:]
+        leaky = model(input_ids=packed).logits[:, 6:]
+    torch.testing.assert_close(masked, alone.expand(2, -1, -1), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(leaky[:1], alone, atol=1e-3)
 
 
 def test_auto_picks_sdpa_on_the_cpu_and_refuses_what_cannot_run():

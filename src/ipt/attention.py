@@ -19,9 +19,9 @@ keyword arguments:
 The kernels register with `transformers`' attention interface under `ipt_<kernel>`. Such a
 name has no mask function there, so `transformers` builds no mask of its own (and does not
 guess documents from position ids, which it does only for one row at a time); RoPE still
-reads the restarting `position_ids`. A call without document inputs (decoding with a KV
-cache, or a model run outside ipt's losses) falls back to plain causal SDPA, which is what
-those calls need.
+reads the restarting `position_ids`. A call without document inputs falls back to SDPA: a
+bare `model(input_ids, position_ids)` gets the block-diagonal mask of its position ids, and
+decoding with a KV cache gets causal attention aligned to the bottom right.
 
 `auto` picks the fastest kernel that is correct on the machine for the configured
 precision: on a GPU in bf16, flash_attn, then varlen, then flex; on a GPU in fp32, flex; on
@@ -149,7 +149,23 @@ def _sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     mask = kwargs.get("ipt_mask")
     if mask is None and isinstance(attention_mask, torch.Tensor):
         mask = attention_mask  # a mask transformers built (a KV cache with padding)
+    pos = kwargs.get("position_ids")
+    if mask is None and pos is not None and query.shape[2] == key.shape[2] > 1:
+        mask = _mask_from_positions(pos, query.shape[0])
     return _causal_sdpa(query, key, value, mask, scaling), None
+
+
+def _mask_from_positions(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """The block-diagonal causal mask of restarting position ids, on the device (no sync):
+    for a call that brought no document inputs, such as a bare `model(input_ids,
+    position_ids)`. Slower than the inputs `model_inputs` builds once per micro-batch."""
+    pos = position_ids.expand(batch, -1)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    doc = starts.cumsum(-1)
+    seq = pos.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=pos.device).tril_()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal).unsqueeze(1)
 
 
 def _flex(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

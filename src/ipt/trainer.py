@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from ipt import checkpoint
 from ipt.checkpoint import TrainerState
-from ipt.data.loader import eval_batches, stack, unstack
+from ipt.data.loader import eval_batches, stack, to_device, unstack
 from ipt.engine import Dist
 from ipt.health import AnomalyError, AnomalyPolicy, HangWatchdog, SkippableAdamW
 from ipt.losses import IGNORE, Loss
@@ -304,12 +304,6 @@ def _on_device(value: Any, device: torch.device) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.to(device, torch.float64)
     return torch.full((), float(value), dtype=torch.float64, device=device)
-
-
-def to_device(host_batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
-    """A micro-batch on the device; `max_seqlen` stays a host number (kernels take an int)."""
-    return {k: int(v) if k == "max_seqlen" else v.to(device, non_blocking=True)
-            for k, v in host_batch.items()}
 
 
 class Evaluator:

@@ -199,6 +199,12 @@ def unstack(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {**dict(zip(KEYS, packed.unbind(0), strict=True)), **batch}
 
 
+def to_device(host_batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+    """A micro-batch on the device; `max_seqlen` stays a host number (kernels take an int)."""
+    return {k: int(v) if k == "max_seqlen" else v.to(device, non_blocking=True)
+            for k, v in host_batch.items()}
+
+
 class Prefetcher:
     """Runs an iterator on a background thread, `depth` items ahead.
 

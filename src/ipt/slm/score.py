@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ipt.attention import kernel_of, model_inputs
 from ipt.config import SCORE_COLUMNS, ConfigError, ScoreConfig, TeacherConfig
 from ipt.data import tokenizer as tok
-from ipt.data.loader import PackedShards
+from ipt.data.loader import PackedShards, stack, to_device, unstack
 from ipt.data.shards import ShardSet
 from ipt.engine import launcher_env, set_threads
 from ipt.losses import IGNORE
@@ -198,10 +199,10 @@ def score_source(model: Any, source_dir: Path, cfg: ScoreConfig, rank: int,
         writers = [o.begin(b, end - start, cfg.seq_len) for o in need]
         for a in range(start, end, cfg.batch_size):
             items = [data[i] for i in range(a, min(a + cfg.batch_size, end))]
-            batch = {name: torch.stack([it[name] for it in items]) for name in items[0]}
+            batch = to_device(unstack(stack(items)), model.device)  # with its documents
             with torch.no_grad():
-                logits = model(input_ids=batch["input_ids"].to(model.device),
-                               position_ids=batch["position_ids"].to(model.device)).logits
+                logits = model(input_ids=batch["input_ids"],
+                               **model_inputs(batch, kernel_of(model))).logits
             for w in writers:
                 w.add(logits, batch["labels"].to(logits.device))
             if bar is not None:
