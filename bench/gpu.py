@@ -255,8 +255,8 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--accum", type=int, default=2)
     p.add_argument("--zero", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--measure", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--measure", type=int, default=6)
     p.add_argument("--budget-s", type=float, default=450.0)
     p.add_argument("--only", default="", help="comma-separated name prefixes to run "
                    "(e.g. parity,1b-compiled,1b-bare); default: all")
@@ -294,6 +294,8 @@ def main() -> None:
             rec = {"error": f"{type(e).__name__}: {e}"[:2000]}
             release()
         rec = {"name": name, **env, **rec, "wall_s": round(time.perf_counter() - t, 1)}
+        if GPU:  # what the run left allocated: memory a later run cannot have
+            rec["leftover_gb"] = torch.cuda.memory_allocated() / 2**30
         records.append(rec)
         save()
         print(json.dumps(rec), flush=True)
@@ -324,14 +326,7 @@ def main() -> None:
         best["bare_ratio"] = best["tokens_per_s"] / bare["tokens_per_s"]
         bare["bare_ratio"] = 1.0
         save()
-    # DeepSpeed's cost on one GPU: the same run without ZeRO's partitioning hooks
-    measure("1b-zero0", trainer_run, args, "1b-zero0", "1b", seq,
-            {**best_opts, "deepspeed.stage": 0})
-    for mode in ("full", "selective"):
-        measure(f"1b-ac-{mode}", trainer_run, args, f"1b-ac-{mode}", "1b", seq,
-                {**best_opts, "train.activation_checkpointing": mode})
-    measure("1b-naive-loss", trainer_run, args, "1b-naive", "1b", seq,
-            {**best_opts, "loss.memory_efficient": False})
+    # in order of importance: what the budget cuts comes last
     measure("350m", trainer_run, args, "350m", "350m", 2048 if not args.quick else 512,
             best_opts)
     student = compose(args, Path(args.work) / "probe", "1b", seq, {}).model
@@ -348,6 +343,14 @@ def main() -> None:
                 rec["step_time_ratio"] = rec["step_time_s"] / best["step_time_s"]
                 rec["flop_ratio"] = rec["flops_per_token"] / best["flops_per_token"]
         measure("1b-profile", profile, args, seq, best_opts)
+    # DeepSpeed's cost on one GPU: the same run without ZeRO's partitioning hooks
+    measure("1b-zero0", trainer_run, args, "1b-zero0", "1b", seq,
+            {**best_opts, "deepspeed.stage": 0})
+    for mode in ("full", "selective"):
+        measure(f"1b-ac-{mode}", trainer_run, args, f"1b-ac-{mode}", "1b", seq,
+                {**best_opts, "train.activation_checkpointing": mode})
+    measure("1b-naive-loss", trainer_run, args, "1b-naive", "1b", seq,
+            {**best_opts, "loss.memory_efficient": False})
     save()
     print(f"bench/gpu.py: {len(records)} records in {time.perf_counter() - start:.0f} s -> "
           f"{args.out}")
