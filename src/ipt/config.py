@@ -382,6 +382,24 @@ class ExportConfig:
     out: str = MISSING
 
 
+@dataclass
+class EvaluateConfig:
+    """`train/evaluate.py`: downstream tasks with lm-evaluation-harness (ipt.evaluate)."""
+
+    # a Hugging Face folder, an ipt run (its hf/ export, else its latest checkpoint), a
+    # checkpoint, or a checkpoints/ folder
+    checkpoint: str = MISSING
+    tasks: list[str] = field(default_factory=list)  # harness task names, or local ones
+    include_path: str | None = None  # a folder of local task YAML files
+    out: str = MISSING  # gets results.json and table.md
+    num_fewshot: int = 0
+    batch_size: int = 16
+    limit: float | None = None  # examples per task (a fraction if < 1); null: all
+    max_length: int = 0  # context the harness may use; 0: the model's own
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 1234
+
+
 SECTIONS: dict[str, type] = {c.__name__: c for c in (
     ModelConfig, DataConfig, MixSourceConfig, OptimConfig, ScheduleConfig, DeepSpeedConfig, LossConfig,
     LoggerConfig, TrainConfig, SourceConfig, SynthBackendConfig, TeacherConfig, SelectConfig)}
@@ -391,6 +409,7 @@ def register() -> None:
     """Put the schemas in Hydra's ConfigStore; `configs/*.yaml` name them in their defaults."""
     cs = ConfigStore.instance()
     for name, schema in (("pretrain", PretrainConfig), ("export", ExportConfig),
+                         ("evaluate", EvaluateConfig),
                          ("demo_data", DemoDataConfig), ("prepare", PrepareConfig),
                          ("tokenizer", TokenizerConfig), ("synthesize", SynthesizeConfig),
                          ("score", ScoreConfig)):
