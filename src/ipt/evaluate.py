@@ -42,8 +42,8 @@ def load_model(path: str) -> tuple[Any, Any, str]:
             tokenizer = AutoTokenizer.from_pretrained(str(p))
         except (OSError, ValueError) as e:
             raise ConfigError(f"checkpoint={path} has no usable tokenizer ({e})") from e
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
-        return model.eval(), tokenizer, f"Hugging Face folder {p}"
+        hf: Any = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
+        return hf.eval(), tokenizer, f"Hugging Face folder {p}"
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     try:
         ckpt = resolve_checkpoint(root)

@@ -24,10 +24,45 @@ from ipt.data.prepare import prepare
 log = logging.getLogger(__name__)
 
 
+def base_closure(root: str = "ipt") -> set[str] | None:
+    """The distributions `root` needs without any extra, recursively (normalised names);
+    None when `root` is not installed. The demo corpus reads these only, so installing an
+    extra (lm-eval and its 40 dependencies, say) does not change it."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    try:
+        importlib.metadata.distribution(root)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    seen: set[str] = set()
+    todo = [canonicalize_name(root)]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(req.name))
+    return seen
+
+
 def package_descriptions(min_chars: int) -> dict[str, str]:
-    """Name -> long description (markdown or reStructuredText) of each installed package."""
+    """Name -> long description (markdown or reStructuredText) of each package ipt needs
+    (`base_closure`; every installed one when ipt itself is not installed)."""
+    from packaging.utils import canonicalize_name
+
+    wanted = base_closure()
     out = {}
     for dist in importlib.metadata.distributions():
+        if wanted is not None and canonicalize_name(dist.metadata["Name"] or "") not in wanted:
+            continue
         body = dist.metadata.get_payload() or dist.metadata.get("Description") or ""  # type: ignore[attr-defined]
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", dist.metadata["Name"] or "")
         if isinstance(body, str) and len(body) >= min_chars and name:
