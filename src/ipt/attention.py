@@ -173,7 +173,7 @@ def _flex(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value
           **kwargs: Any) -> tuple[torch.Tensor, None]:
     block = kwargs.get("ipt_block_mask")
     if block is None:
-        return _sdpa(module, query, key, value, attention_mask, scaling)
+        return _sdpa(module, query, key, value, attention_mask, scaling, **kwargs)
     out = _flex_attention(query.device.type)(query, key, value, block_mask=block, scale=scaling,
                                              enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2), None
@@ -225,24 +225,34 @@ def _varlen_params() -> frozenset[str]:
     return frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def _varlen(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-            value: torch.Tensor, attention_mask: Any, scaling: float | None = None,
-            dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    if "ipt_cu_seqlens" not in kwargs:
-        return _sdpa(module, query, key, value, attention_mask, scaling)
+def _varlen_kernel(fn_of: Any, flash_attn: bool) -> Any:
+    """The attention function of a variable-length kernel (`fn_of()` imports it lazily);
+    without document inputs it falls back to SDPA, which masks the call's position ids."""
+
+    def attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, attention_mask: Any, scaling: float | None = None,
+               dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        if "ipt_cu_seqlens" not in kwargs:
+            return _sdpa(module, query, key, value, attention_mask, scaling, **kwargs)
+        return _varlen_call(fn_of(), query, key, value, kwargs, scaling, flash_attn), None
+
+    return attend
+
+
+def _torch_varlen() -> Any:
     from torch.nn.attention.varlen import varlen_attn
 
-    return _varlen_call(varlen_attn, query, key, value, kwargs, scaling, False), None
+    return varlen_attn
 
 
-def _flash_attn(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                value: torch.Tensor, attention_mask: Any, scaling: float | None = None,
-                dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    if "ipt_cu_seqlens" not in kwargs:
-        return _sdpa(module, query, key, value, attention_mask, scaling)
+def _flash_attn_varlen() -> Any:
     from flash_attn import flash_attn_varlen_func
 
-    return _varlen_call(flash_attn_varlen_func, query, key, value, kwargs, scaling, True), None
+    return flash_attn_varlen_func
+
+
+_varlen = _varlen_kernel(_torch_varlen, flash_attn=False)
+_flash_attn = _varlen_kernel(_flash_attn_varlen, flash_attn=True)
 
 
 _FUNCTIONS = {"flash_attn": _flash_attn, "varlen": _varlen, "flex": _flex, "sdpa": _sdpa}
