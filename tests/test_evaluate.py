@@ -86,3 +86,87 @@ def test_a_folder_without_a_model_is_refused(tasks, tmp_path):
                     f"include_path={tasks}", f"out={tmp_path / 'out'}")
     assert proc.returncode == 2
     assert "holds no usable checkpoint or Hugging Face model" in proc.stderr
+
+
+# Evaluation during training -------------------------------------------------------------
+
+def rc_tasks(data_dir, out, valid_fraction: float):
+    from ipt.config import RCTasksConfig, SourceConfig
+    from ipt.synth.rc_tasks import build
+
+    build(RCTasksConfig(source=SourceConfig(name="docstrings", id_field="id",
+                                            path=str(data_dir / "raw" / "docstrings.jsonl")),
+                        out=str(out), valid_fraction=valid_fraction, max_chars=500,
+                        max_gen_toks=32))
+    return out
+
+
+@pytest.fixture(scope="module")
+def heldout(data_dir, tmp_path_factory):
+    """The stage's tasks from the documents the test shards hold out (valid_fraction 0.05)."""
+    return rc_tasks(data_dir, tmp_path_factory.mktemp("heldout"), 0.05)
+
+
+def eval_overrides(heldout, tasks: str, every: int, limit: int | None) -> dict:
+    return {"eval.tasks": tasks, "eval.include_path": str(heldout), "eval.every": every,
+            "eval.limit": limit, "eval.batch_size": 4, "model.max_seq_len": 512}
+
+
+def test_training_evaluates_the_live_weights_without_changing_the_run(data_dir, heldout,
+                                                                       tmp_path):
+    from ipt.observe import read_metrics
+
+    tasks = "[heldout_mc_sciq,heldout_em_sciq]"
+    run = tmp_path / "run"
+    run_pretrain(tiny_overrides(data_dir, run, **{"logger.plot": True},
+                                **eval_overrides(heldout, tasks, 4, 6)))
+    rows = {r["step"]: r for r in read_metrics(run / "metrics.jsonl")}
+    scored = [s for s, r in rows.items() if "downstream/heldout_mc_sciq/acc" in r]
+    assert scored == [4, 8]
+    for key in ("downstream/heldout_mc_sciq/acc_norm", "downstream/heldout_em_sciq/exact_match",
+                "downstream/seconds", "downstream/share"):
+        assert key in rows[8]
+    assert 0 < rows[8]["downstream/share"] < 1
+    assert (run / "loss.png").exists()
+    assert "downstream evaluation: 2 runs" in (run / "train.log").read_text()
+    # the same weights, saved at step 8 and evaluated on their own, score the same
+    proc = evaluate(f"checkpoint={run / 'checkpoints'}", f"tasks={tasks}", "limit=6",
+                    f"include_path={heldout}", f"out={tmp_path / 'eval'}", "batch_size=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    alone = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
+    assert alone["heldout_mc_sciq"]["acc,none"] == rows[8]["downstream/heldout_mc_sciq/acc"]
+    assert alone["heldout_mc_sciq"]["acc_norm,none"] == \
+        rows[8]["downstream/heldout_mc_sciq/acc_norm"]
+    # and training went exactly as it does without evaluation
+    plain = tmp_path / "plain"
+    run_pretrain(tiny_overrides(data_dir, plain, **{"model.max_seq_len": 512}))
+    assert [r["loss"] for r in read_metrics(plain / "metrics.jsonl")] == \
+        [rows[s]["loss"] for s in sorted(rows)]
+
+
+@pytest.mark.slow
+def test_zero3_ranks_wait_for_rank_0_without_tripping_the_watchdog(data_dir, tmp_path):
+    from ipt.observe import read_metrics
+    from ipt.synth.rc_tasks import TASK_NAMES
+
+    # many documents (not the training hold-out: only the length of the evaluation matters)
+    heldout = rc_tasks(data_dir, tmp_path / "tasks", 0.99)
+    run = tmp_path / "run"
+    timeout = 4
+    proc = run_pretrain(tiny_overrides(data_dir, run, **{"deepspeed": "zero3",
+                                                         "train.hang_timeout_s": timeout},
+                                       **eval_overrides(heldout, f"[{','.join(TASK_NAMES)}]",
+                                                        8, None)),
+                        nproc=2, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = read_metrics(run / "metrics.jsonl")[-1]
+    assert last["downstream/seconds"] > timeout  # longer than the watchdog allows a silent rank
+    assert 0 <= last["downstream/heldout_em_sciq/exact_match"] <= 1
+
+
+def test_an_unknown_task_stops_the_run_before_training(data_dir, heldout, tmp_path):
+    proc = run_pretrain(tiny_overrides(data_dir, tmp_path / "run",
+                                       **eval_overrides(heldout, "[nope]", 4, 2)), check=False)
+    assert proc.returncode == 2
+    assert "unknown task(s) ['nope']; local tasks in include_path:" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -175,6 +175,21 @@ class LoggerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Downstream evaluation during training (`ipt.evaluate.DownstreamEval`): the live
+    weights on lm-evaluation-harness tasks, on rank 0, while the other ranks wait."""
+
+    tasks: list[str] = field(default_factory=list)  # harness or local task names; []: off
+    include_path: str | None = None  # a folder of local task YAML files
+    every: int = 0  # steps between evaluations; 0: only at the end of the run
+    num_fewshot: int = 0
+    limit: float | None = None  # examples per task (a fraction if < 1); null: all
+    batch_size: int = 16
+    max_length: int = 0  # context the harness may use; 0: the model's own
+    seed: int = 1234
+
+
+@dataclass
 class TrainConfig:
     micro_batch_size: int = 4
     global_batch_size: int = 8  # = micro_batch_size x grad accumulation x ranks
@@ -233,6 +248,7 @@ class PretrainConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 @dataclass
@@ -317,6 +333,9 @@ class SynthesizeConfig:
     synth: SynthBackendConfig = field(default_factory=SynthBackendConfig)
     rounds: int = 2  # multi-round synthesis: documents of round r chain to round r-1
     fraction: float = 1.0  # share of documents synthesized (by id hash); the rest stay raw
+    # The prepare stage's valid_fraction: the documents it will hold out (the same id hash)
+    # are never synthesized, chained or tuned on, so they stay unseen for evaluation.
+    valid_fraction: float = 0.005
     docs_per_shard: int = 1000
     max_docs: int | None = None  # read only the first documents (a sample)
     workers: int = 1  # local processes, each with its own backend
@@ -327,6 +346,25 @@ class SynthesizeConfig:
     retry_failed: bool = True  # a re-run regenerates only the documents that failed
     seed: int = 0
     progress_bar: str = "auto"
+
+
+@dataclass
+class RCTasksConfig:
+    """`data_pipeline/rc_tasks.py`: reading-comprehension tasks for lm-evaluation-harness
+    from the documents the prepare stage held out (`ipt.synth.rc_tasks`)."""
+
+    source: SourceConfig = field(default_factory=SourceConfig)  # the raw documents
+    out: str = MISSING
+    # The prepare stage's valid_fraction for this source: its held-out documents are used.
+    valid_fraction: float = 0.005
+    max_chars: int = 1200  # longer held-out documents are skipped (they must fit the model)
+    min_sentences: int = 4  # a question's sentences plus enough distractors
+    choices: int = 4
+    per_doc: int = 2  # questions per document, of different kinds where there are several
+    max_examples: int | None = None  # stop once this many multiple-choice examples exist
+    min_sentence_chars: int = 30
+    max_gen_toks: int = 64  # extractive: the answer's length limit in tokens
+    seed: int = 0
 
 
 @dataclass
@@ -402,7 +440,7 @@ class EvaluateConfig:
 
 SECTIONS: dict[str, type] = {c.__name__: c for c in (
     ModelConfig, DataConfig, MixSourceConfig, OptimConfig, ScheduleConfig, DeepSpeedConfig, LossConfig,
-    LoggerConfig, TrainConfig, SourceConfig, SynthBackendConfig, TeacherConfig, SelectConfig)}
+    LoggerConfig, TrainConfig, EvalConfig, SourceConfig, SynthBackendConfig, TeacherConfig, SelectConfig)}
 
 
 def register() -> None:
@@ -412,7 +450,7 @@ def register() -> None:
                          ("evaluate", EvaluateConfig),
                          ("demo_data", DemoDataConfig), ("prepare", PrepareConfig),
                          ("tokenizer", TokenizerConfig), ("synthesize", SynthesizeConfig),
-                         ("score", ScoreConfig)):
+                         ("score", ScoreConfig), ("rc_tasks", RCTasksConfig)):
         cs.store(name=f"{name}_schema", node=_schema_node(schema))
     OmegaConf.register_new_resolver("ipt.writable_dir", writable_dir, replace=True)
 
@@ -557,6 +595,12 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
                           f"{t.max_rollbacks} (>= 0) are out of range")
     if t.hang_timeout_s < 0:
         raise ConfigError(f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0: no limit)")
+    e = cfg.eval
+    if e.tasks and (e.every < 0 or e.num_fewshot < 0 or e.batch_size < 1
+                    or (e.limit is not None and e.limit <= 0)):
+        raise ConfigError(f"eval.every={e.every} (>= 0), eval.num_fewshot={e.num_fewshot} "
+                          f"(>= 0), eval.batch_size={e.batch_size} (>= 1) and eval.limit="
+                          f"{e.limit} (> 0 or null) are out of range")
     if cfg.schedule.name not in SCHEDULES:
         raise ConfigError(f"schedule.name={cfg.schedule.name!r}; expected one of {SCHEDULES}")
     if t.precision not in PRECISIONS:

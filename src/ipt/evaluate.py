@@ -11,15 +11,22 @@ harness's results JSON (`results.json`) and a short table (`table.md`).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import os
+import time
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as tdist
 
-from ipt.config import ConfigError, EvaluateConfig
+from ipt import quiet
+from ipt.config import ConfigError, EvalConfig, EvaluateConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +70,16 @@ def load_model(path: str) -> tuple[Any, Any, str]:
     return model.eval(), tokenizer, f"checkpoint {ckpt}"
 
 
-def task_manager(include_path: str | None) -> Any:
+def task_manager(include_path: str | None, tasks: list[str] | None = None) -> Any:
+    """The harness's task index: local tasks from `include_path`, and its own tasks unless
+    every one of `tasks` is local (indexing the harness's thousands of tasks takes seconds)."""
     from lm_eval.tasks import TaskManager
 
     if include_path is not None and not Path(include_path).is_dir():
         raise ConfigError(f"include_path={include_path} is not a folder of task YAML files")
-    return TaskManager(include_path=include_path) if include_path else TaskManager()
+    local = set(local_tasks(include_path)) if include_path else set()
+    defaults = not include_path or tasks is None or not set(tasks) <= local
+    return TaskManager(include_path=include_path, include_defaults=defaults)
 
 
 def check_tasks(tasks: list[str], manager: Any, include_path: str | None) -> None:
@@ -97,19 +108,40 @@ def local_tasks(include_path: str) -> list[str]:
     return names
 
 
-def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Run the harness; writes `out/results.json` and `out/table.md`, returns the results."""
+def require_harness() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only, never the Hub
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
+        import lm_eval  # noqa: F401
     except ImportError as e:
         raise ConfigError(f"lm-evaluation-harness is not installed ({e}); pip install "
                           "-e '.[eval]'") from e
+
+
+def harness(model: Any, tokenizer: Any, tasks: list[str], manager: Any,
+            cfg: EvaluateConfig | EvalConfig, device: str | torch.device) -> dict[str, Any]:
+    """`simple_evaluate` on a loaded model: the harness batches the requests itself
+    (`cfg.batch_size`), and a BOS token goes before every context, as in training."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, device=str(device),
+              batch_size=cfg.batch_size, max_length=cfg.max_length or None, add_bos_token=True)
+    results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot,
+                              limit=cfg.limit, task_manager=manager, log_samples=False,
+                              random_seed=cfg.seed, numpy_random_seed=cfg.seed,
+                              torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
+    if results is None:
+        raise RuntimeError("lm-evaluation-harness returned no results")
+    return results
+
+
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Run the harness; writes `out/results.json` and `out/table.md`, returns the results."""
+    require_harness()
     if not Path(cfg.checkpoint).exists():
         raise ConfigError(f"checkpoint={cfg.checkpoint} does not exist")
-    manager = task_manager(cfg.include_path)
+    manager = task_manager(cfg.include_path, list(cfg.tasks))
     tasks = list(cfg.tasks)
     check_tasks(tasks, manager, cfg.include_path)
     model, tokenizer, what = load_model(cfg.checkpoint)
@@ -117,15 +149,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                                                        else "cpu")
     log.info("evaluating %s on %s (%d-shot, batch %d)", what, tasks, cfg.num_fewshot,
              cfg.batch_size)
-    lm = HFLM(pretrained=model.to(device), tokenizer=tokenizer, device=device,
-              batch_size=cfg.batch_size, max_length=cfg.max_length or None,
-              add_bos_token=True)
-    results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot,
-                              limit=cfg.limit, task_manager=manager, log_samples=False,
-                              random_seed=cfg.seed, numpy_random_seed=cfg.seed,
-                              torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
-    if results is None:
-        raise RuntimeError("lm-evaluation-harness returned no results")
+    results = harness(model.to(device), tokenizer, tasks, manager, cfg, device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -146,3 +170,151 @@ def table(results: dict[str, dict[str, Any]], shots: int) -> str:
             err_s = f"{err:.4f}" if isinstance(err, int | float) else "-"
             rows.append(f"| {task} | {shots} | {name} | {value:.4f} | {err_s} |")
     return "\n".join(rows) + "\n"
+
+
+def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """`downstream/<task>/<metric>` for each task's scores (no standard errors, no filter
+    names): what a run logs to metrics.jsonl, wandb and TensorBoard."""
+    out = {}
+    for task, metrics in sorted(results.items()):
+        for key, value in metrics.items():
+            name = key.split(",")[0]
+            if "," in key and not name.endswith("_stderr") and isinstance(value, int | float):
+                out[f"downstream/{task}/{name}"] = float(value)
+    return out
+
+
+def plain_copy(lm: Any, device: torch.device) -> Any:
+    """The causal LM's weights in a new model of the same class, with transformers' own
+    SDPA attention: the harness pads its batches, which ipt's document kernels ignore, and
+    the training model's hooks, compiled layers and ZeRO-3 partitions stay out of it. The
+    weights must be whole (under ZeRO-3: inside `GatheredParameters`)."""
+    config = copy.deepcopy(lm.config)
+    config._attn_implementation = "sdpa"  # noqa: SLF001 - how transformers picks a kernel
+    dtype = next(lm.parameters()).dtype
+    with torch.device(device), torch.random.fork_rng(devices=[]):
+        twin = type(lm)._from_config(config, dtype=dtype)  # noqa: SLF001 - public in effect
+    source = dict(lm.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, p in twin.named_parameters(remove_duplicate=False):
+            p.copy_(source[name].detach())
+    return twin.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _random_states() -> Iterator[None]:
+    """The harness seeds Python's, NumPy's and torch's generators: put them back after, so
+    that rank 0 draws what the other ranks draw."""
+    import random
+
+    import numpy as np
+
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+class DownstreamEval:
+    """Downstream tasks on the live weights during training (`eval` config group): every
+    `every` steps and at the last step, rank 0 evaluates a copy of the model with
+    lm-evaluation-harness and adds `downstream/<task>/<metric>` to the step's metrics.
+
+    Under ZeRO-3 every rank joins the gather of the weights for the copy. The other ranks
+    then wait on a separate gloo group (no device time, no collective timeout), telling
+    their hang watchdogs they are alive; rank 0's watchdog hears from each forward of the
+    harness, so a rank that hangs for real still ends the job. While rank 0 evaluates on
+    the CPU it borrows the idle ranks' threads.
+    """
+
+    def __init__(self, cfg: EvalConfig, tokenizer: Any, max_steps: int, zero3: bool) -> None:
+        require_harness()
+        self.cfg, self.tokenizer, self.max_steps, self.zero3 = cfg, tokenizer, max_steps, zero3
+        tasks = list(cfg.tasks)
+        self.manager = task_manager(cfg.include_path, tasks)
+        check_tasks(tasks, self.manager, cfg.include_path)  # before training, on every rank
+        self.group: Any = None
+        self.seconds, self.runs, self.started = 0.0, 0, time.perf_counter()
+
+    def on_start(self, trainer: Any) -> None:
+        self.started = time.perf_counter()
+        if trainer.dist.world_size > 1:  # collective: every rank creates it
+            self.group = tdist.new_group(backend="gloo", timeout=timedelta(days=1))
+
+    def on_step(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        step = metrics["step"]
+        if step == self.max_steps or (self.cfg.every > 0 and step % self.cfg.every == 0):
+            metrics.update(self.run(trainer))
+
+    def on_end(self, trainer: Any) -> None:
+        if trainer.dist.is_main and self.runs:
+            wall = time.perf_counter() - self.started
+            log.info("downstream evaluation: %d runs, %.1f s, %.1f%% of the run's %.0f s",
+                     self.runs, self.seconds, 100 * self.seconds / wall, wall)
+
+    def run(self, trainer: Any) -> dict[str, float]:
+        start = time.perf_counter()
+        lm = trainer.engine.module.lm
+        twin = None
+        with _gathered(lm, self.zero3):
+            if trainer.dist.is_main:
+                twin = plain_copy(lm, trainer.dist.device)
+        if twin is None:
+            self._wait(trainer)
+            return {}
+        step = trainer.state.step
+        beat = twin.register_forward_pre_hook(lambda *_: trainer.watchdog.beat(step))
+        threads = torch.get_num_threads()
+        if trainer.dist.device.type == "cpu":  # the node's threads: the other ranks wait
+            torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        harness_log = logging.getLogger("lm_eval")
+        level = harness_log.level
+        harness_log.setLevel(logging.WARNING)
+        try:
+            with _random_states(), quiet.prints_to_log(log, stderr=True):
+                results = harness(twin, self.tokenizer, list(self.cfg.tasks), self.manager,
+                                  self.cfg, trainer.dist.device)["results"]
+        except Exception as e:  # noqa: BLE001 - a failed evaluation must not end the run
+            log.exception("downstream evaluation at step %d failed (%s); training goes on",
+                          step, type(e).__name__)
+            results = {}
+        finally:
+            harness_log.setLevel(level)
+            torch.set_num_threads(threads)
+            beat.remove()
+            del twin
+            if self.group is not None:
+                tdist.barrier(group=self.group)  # the others may go on
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        self.runs += 1
+        wall = time.perf_counter() - self.started
+        return {**flat_metrics(results), "downstream/seconds": seconds,
+                "downstream/share": self.seconds / wall}
+
+    def _wait(self, trainer: Any) -> None:
+        if self.group is None:
+            return
+        done = tdist.barrier(group=self.group, async_op=True)
+        while not done.is_completed():
+            trainer.watchdog.beat(trainer.state.step)
+            time.sleep(0.05)
+        done.wait()
+
+
+@contextlib.contextmanager
+def _gathered(module: torch.nn.Module, zero3: bool) -> Iterator[None]:
+    """The whole weights on every rank for the block (ZeRO-3's gather; elsewhere they are)."""
+    if not zero3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        yield

@@ -81,7 +81,8 @@ class MetricsLogger:
             self.bar.update(1)
         self.pending.append(metrics)
         step = metrics["step"]
-        due = step % self.cfg.log_every == 0 or step == self.max_steps or "val_loss" in metrics
+        due = step % self.cfg.log_every == 0 or step == self.max_steps or "val_loss" in metrics \
+            or "downstream/seconds" in metrics
         if due or not _on_device(metrics):
             self.flush()
         if due:
@@ -166,7 +167,11 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
     rows = read_metrics(metrics_path)
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    scores = sorted({k for r in rows for k in r if k.startswith("downstream/")
+                     and k.rsplit("/", 1)[1] in ("acc", "exact_match")})
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(12 if scores else 7, 4),
+                             squeeze=False)
+    ax = axes[0][0]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     ax.plot(*zip(*train, strict=True), label="train loss")
@@ -176,6 +181,16 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if scores:  # the accuracy panel: downstream tasks during training
+        acc = axes[0][1]
+        for key in scores:
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            acc.plot(*zip(*points, strict=True), "o-", label=key.removeprefix("downstream/"))
+        acc.set_xlabel("step")
+        acc.set_ylabel("accuracy / exact match")
+        acc.set_ylim(0, 1)
+        acc.grid(alpha=0.3)
+        acc.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

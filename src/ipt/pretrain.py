@@ -221,6 +221,12 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests,
     train_set: Dataset
     train_set, order, valid_sets = open_data(cfg, tokenizer_fp)
     tokenizer = tok.load(cfg.tokenizer)
+    downstream = None
+    if cfg.eval.tasks:  # its tasks are checked here, before any model is built
+        from ipt.evaluate import DownstreamEval
+
+        downstream = DownstreamEval(cfg.eval, tokenizer, cfg.train.max_steps,
+                                    cfg.deepspeed.stage == 3)
     soft_until = None  # offline KD: the loader adds soft labels to the samples before this
     if cfg.teacher.soft_labels:
         from ipt.slm import soft_labels
@@ -271,6 +277,8 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests,
     if valid_sets and cfg.train.eval_every > 0:
         callbacks.append(Evaluator(valid_sets, loss_fn, cfg.train.micro_batch_size,
                                    cfg.train.eval_batches, cfg.train.eval_every))
+    if downstream is not None:
+        callbacks.append(downstream)
     callbacks.append(Checkpointer(run_dir / "checkpoints", cfg.train.checkpoint_every,
                                   cfg.train.keep_last))
     if dist.is_main:

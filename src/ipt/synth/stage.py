@@ -6,6 +6,10 @@ Group `k` becomes `shards/shard_k.jsonl` (one record per document, in input orde
 its accounting and completion mark. Group k belongs to worker `k % num_workers`, so hosts
 split a corpus with no coordination but a shared folder.
 
+The documents the prepare stage will hold out for validation (`valid_fraction`, the same id
+hash) stay as they are (status `held_out`): never synthesized, chained or tuned on, so that
+evaluation on them (`ipt.synth.rc_tasks`) measures what a model never saw in any form.
+
 Within a group, the documents chosen for synthesis (a `fraction`, by id hash) are split into
 `rounds`. Document j of round r is chained to document j of round r-1: the earlier texts
 and their pairs go before it in the prompt as finished examples, while the prompt fits the
@@ -40,6 +44,7 @@ from typing import Any
 
 from ipt.config import ConfigError, SynthesizeConfig
 from ipt.data import sources as src
+from ipt.data.prepare import is_valid_doc
 from ipt.engine import launcher_env
 from ipt.synth import backends
 from ipt.synth import format as fmt
@@ -52,6 +57,10 @@ SAFETY_TOKENS = 8  # slack for token counts that are not exactly additive at the
 # Requests per backend call, in units of the backend's parallelism (batch or concurrency):
 # enough to keep it busy, few enough that a kill loses little before the cache has it.
 CHUNK_PER_SLOT = 4
+
+
+# What became of a document: pairs, none parsed, generation failed, left raw, held out.
+STATUSES = ("ok", "no_pairs", "failed", "raw", "held_out")
 
 
 @dataclass(frozen=True)
@@ -143,10 +152,12 @@ def synthesize_group(backend: Backend, cfg: SynthesizeConfig, k: int,
     cache = NoCache() if backend.name == "rules" else \
         Cache(out / "cache" / f"{name}.jsonl",
               f"{backend.name}|{backend.cfg.max_new_tokens}|{backend.cfg.temperature}")
-    done = run_rounds(backend, cfg, [d for d in docs if chosen(d.id, cfg.fraction, cfg.seed)],
-                      previous, cache)
+    picked = [d for d in docs if chosen(d.id, cfg.fraction, cfg.seed)
+              and not is_valid_doc(d.id, cfg.valid_fraction)]
+    done = run_rounds(backend, cfg, picked, previous, cache)
     rows = [done.get(d.id) or {"id": d.id, "source": cfg.source.name, "text": d.text,
-                               "status": "raw", "pairs": [], "synthesizer": backend.name}
+                               "status": "held_out" if is_valid_doc(d.id, cfg.valid_fraction)
+                               else "raw", "pairs": [], "synthesizer": backend.name}
             for d in docs]
     for row, d in zip(rows, docs, strict=True):
         if isinstance(d, RenamedDoc):
@@ -231,7 +242,7 @@ def account(k: int, rows: list[dict], rejects: list[src.Reject],
         if pairs:
             pair_tokens += backend.count_tokens(fmt.render_pairs(pairs))
     return {"group": k, "records": len(rows) + len(rejects), "docs": len(rows),
-            "rejected": len(rejects), **{s: status[s] for s in ("ok", "no_pairs", "failed", "raw")},
+            "rejected": len(rejects), **{s: status[s] for s in STATUSES},
             "pairs": sum(kinds.values()), "pair_tokens": pair_tokens,
             "inherited": sum(bool(r.get("inherited")) for r in rows),
             "truncated": sum(bool(r.get("truncated")) for r in rows),
@@ -395,7 +406,7 @@ def summarize(out: Path, total_groups: int, synthesizer: str) -> dict[str, Any]:
             counter.update(part.pop(key))
         total.update(part)
     if total["docs"] + total["rejected"] != total["records"] or \
-            sum(total[s] for s in ("ok", "no_pairs", "failed", "raw")) != total["docs"]:
+            sum(total[s] for s in STATUSES) != total["docs"]:
         raise RuntimeError(f"{out}: records do not add up: {dict(total)}")
     tried = total["ok"] + total["no_pairs"]
     summary = {"synthesizer": synthesizer, "groups_done": len(parts),
