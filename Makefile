@@ -14,7 +14,7 @@ DEMO_SLM  ?= runs/demo-slm
 # CI runs the slow end-to-end tests too; `make test` locally skips them (`make test-slow` runs them).
 PYTEST_SELECT := $(if $(CI),,-m "not slow")
 
-.PHONY: setup train test test-slow bench experiment-salt lint clean slurm check-latest lock
+.PHONY: setup train test test-slow bench experiment-salt experiment-ipt lint clean slurm check-latest lock
 
 setup: $(STAMP)
 
@@ -50,11 +50,19 @@ lock: check-latest
 #  3. a tiny synthesizer is trained on the mined pairs (loss on the pairs only) ...
 #  4. ... and writes pairs for held-out texts (a sample of the package descriptions)
 #  5. the mix is tokenized; a small LM (2 layers) is pre-trained on it and scores every sequence
-#  6. the model is pre-trained on 2 CPU ranks with ZeRO-1 and 2 multi-token heads, its first
+#  6. reading-comprehension tasks are made from the held-out docstrings (never trained on)
+#  7. the model is pre-trained on 2 CPU ranks with ZeRO-1 and 2 multi-token heads, its first
 #     30 steps distilled from the small LM on the hardest-but-learnable half of the data
-#     (SALT), then exported; it continues a prompt greedily, then self-speculatively
-SYNTH := $(PY) data_pipeline/synthesize.py
-PREP  := $(PY) data_pipeline/prepare.py tokenizer=$(DEMO_DATA)/tokenizer out=$(DEMO_DATA)/shards
+#     (SALT), scored on the held-out tasks every 50 steps, then exported; it continues a
+#     prompt greedily, then self-speculatively, and lm-evaluation-harness scores the export
+#     on every held-out task
+# The share of documents held out (by id hash) from every stage: validation loss, and the
+# held-out reading-comprehension tasks the model is evaluated on
+DEMO_HELDOUT ?= 0.05
+HELDOUT_TASKS := heldout_mc_sciq,heldout_mc_race,heldout_mc_unseen,heldout_boolq,heldout_em_sciq,heldout_em_unseen
+SYNTH := $(PY) data_pipeline/synthesize.py valid_fraction=$(DEMO_HELDOUT)
+PREP  := $(PY) data_pipeline/prepare.py tokenizer=$(DEMO_DATA)/tokenizer out=$(DEMO_DATA)/shards \
+	valid_fraction=$(DEMO_HELDOUT)
 train: $(STAMP)
 	$(PY) data_pipeline/demo_data.py out=$(DEMO_DATA)
 	$(SYNTH) source.path=$(DEMO_DATA)/raw/docstrings.jsonl source.id_field=id \
@@ -67,6 +75,8 @@ train: $(STAMP)
 		synth=hf synth.model=$(DEMO_SYNTH)/hf synth.context=512 synth.max_text_tokens=128 \
 		synth.max_new_tokens=128
 	$(PREP) +sources.packages_synth.path=$(DEMO_DATA)/synth/tiny
+	$(PY) data_pipeline/rc_tasks.py source.path=$(DEMO_DATA)/raw/docstrings.jsonl \
+		source.id_field=id valid_fraction=$(DEMO_HELDOUT) max_chars=700 out=$(DEMO_DATA)/rc_tasks
 	NPROC=$(NPROC) bash launch/torchrun.sh train/pretrain.py experiment=demo_slm data=demo_ipt \
 		data.root=$(DEMO_DATA) run_dir=$(DEMO_SLM)
 	NPROC=$(NPROC) bash launch/torchrun.sh data_pipeline/score.py slm=$(DEMO_SLM)/hf \
@@ -74,8 +84,10 @@ train: $(STAMP)
 		$(foreach s,docstrings_ipt packages packages_synth,+sources.$(s)=$(DEMO_DATA)/shards/$(s))
 	NPROC=$(NPROC) bash launch/torchrun.sh train/pretrain.py experiment=demo data=demo_ipt \
 		data.root=$(DEMO_DATA) run_dir=$(DEMO_RUN) teacher=kd teacher.path=$(DEMO_SLM)/hf \
-		teacher.kd_steps=30 data.select.fraction=0.5 loss=mtp loss.heads=2
+		teacher.kd_steps=30 data.select.fraction=0.5 loss=mtp loss.heads=2 eval=heldout
 	$(PY) train/sample.py model=$(DEMO_RUN)/hf prompt="Return the number of"
+	$(PY) train/evaluate.py checkpoint=$(DEMO_RUN)/hf 'tasks=[$(HELDOUT_TASKS)]' \
+		include_path=$(DEMO_DATA)/rc_tasks out=$(DEMO_RUN)/eval
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_SELECT) $(ARGS)
@@ -89,6 +101,10 @@ bench: $(STAMP)
 # SALT at toy scale: a 4-layer student with and without early KD from a 2-layer SLM (docs/salt.md)
 experiment-salt: $(STAMP)
 	$(PY) experiments/salt_kd.py $(ARGS)
+
+# Instruction pre-training against raw pre-training at equal tokens, 3 seeds (docs/evaluation.md)
+experiment-ipt: $(STAMP)
+	$(PY) experiments/ipt_vs_raw.py $(ARGS)
 
 # A one-node SLURM cluster on this machine (root; installs Debian's slurm + munge if missing)
 slurm:

@@ -64,6 +64,10 @@ def main(argv: list[str]) -> None:
         import mtp_cost
 
         results.extend(mtp_cost.run())
+    if not only or "eval" in only:
+        import eval_cost
+
+        results.append(eval_cost.run(data))
     machine = {"cpu_count": os.cpu_count(), "torch": torch.__version__,
                "platform": platform.platform(), "gpu": torch.cuda.is_available()}
     out = HERE / "results"

@@ -23,7 +23,7 @@ def test_make_train_runs_the_demo_end_to_end(tmp_path):
     console = proc.stdout + proc.stderr  # ipt's progress and results, not third-party noise
     for noise in ("Setting accelerator to", "untested optimizer", "gcc ", "built successfully",
                   "`torch.distributed.", "Processing zero checkpoint", "Loading checkpoint shards",
-                  "Setting OMP_NUM_THREADS"):
+                  "Setting OMP_NUM_THREADS", "Loading weights", "Cannot enable progress bars"):
         assert noise not in console, noise
     assert "ipt: demo-synth finished at step 120" in proc.stdout
     assert "ipt: demo-slm finished at step 100" in proc.stdout
@@ -55,3 +55,15 @@ def test_make_train_runs_the_demo_end_to_end(tmp_path):
     assert all(r["ce_2"] > 0 for r in rows) and (run / "hf" / "mtp_heads.safetensors").exists()
     assert f"[{run}/hf, greedy]" in proc.stdout and f"[{run}/hf, speculative]" in proc.stdout
     assert "speculative == greedy: True" in proc.stdout
+    # Downstream: tasks from the held-out docstrings, scored during training and at the end
+    tasks = json.loads((data / "rc_tasks" / "summary.json").read_text())
+    assert tasks["fate"]["used"] > 50 and tasks["tasks"]["heldout_mc_sciq"]["examples"] > 80
+    scored = [r for r in rows if "downstream/heldout_mc_sciq/acc" in r]
+    assert [r["step"] for r in scored] == [50, 100, 150]
+    assert scored[-1]["downstream/share"] < 0.1  # of the run's wall time (about 0.03)
+    assert "downstream evaluation: 3 runs" in log
+    table = (run / "eval" / "table.md").read_text()
+    assert table in proc.stdout and "| heldout_mc_unseen | 0 | acc |" in table
+    results = json.loads((run / "eval" / "results.json").read_text())["results"]
+    assert len(results) == 6 and all(0 <= r["acc,none"] <= 1 for n, r in results.items()
+                                     if "_em_" not in n)

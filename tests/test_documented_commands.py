@@ -83,7 +83,7 @@ COMMANDS = documented_commands()
 def test_the_docs_show_commands_of_every_kind():
     scripts = {c.script for c in COMMANDS}
     assert {"train/pretrain.py", "train/finetune.py", "train/export_hf.py", "train/sample.py",
-            "train/evaluate.py",
+            "train/evaluate.py", "data_pipeline/rc_tasks.py",
             "data_pipeline/prepare.py", "data_pipeline/synthesize.py",
             "data_pipeline/tokenizer.py", "data_pipeline/score.py"} <= scripts
 

@@ -14,7 +14,7 @@ from ipt.config import ConfigError, EvaluateConfig, RCTasksConfig, SourceConfig,
 from ipt.data.prepare import is_valid_doc
 from ipt.synth import format as fmt
 from ipt.synth import rules, templates
-from ipt.synth.rc_tasks import FORMATS, TASK_NAMES, build
+from ipt.synth.rc_tasks import FORMATS, TASK_NAMES, TEXT_TASK, build
 from ipt.synth.stage import synthesize
 
 HELD_OUT = 0.3  # a large share, so the small test corpus gives enough examples
@@ -101,10 +101,14 @@ def test_the_harness_runs_every_task(tiny_lm, tasks, tmp_path):
     from ipt.evaluate import evaluate
 
     out, summary = tasks
-    results = evaluate(EvaluateConfig(checkpoint=str(tiny_lm), tasks=TASK_NAMES,
+    results = evaluate(EvaluateConfig(checkpoint=str(tiny_lm), tasks=[*TASK_NAMES, TEXT_TASK],
                                       include_path=str(out), out=str(tmp_path), limit=3,
                                       batch_size=8))["results"]
-    assert sorted(results) == sorted(TASK_NAMES)
+    assert sorted(results) == sorted([*TASK_NAMES, TEXT_TASK])
     for name in TASK_NAMES:
         metric = "exact_match,strip" if "_em_" in name else "acc,none"
         assert 0 <= results[name][metric] <= 1, results[name]
+    # a random model over 512 tokens: about 9 bits per token, 2 to 3 bytes per token
+    assert 1 < results[TEXT_TASK]["bits_per_byte,none"] < 10
+    assert summary["tasks"][TEXT_TASK]["examples"] == sum(  # every held-out document
+        v for k, v in summary["fate"].items() if k.startswith("held_out") or k == "used")

@@ -12,6 +12,7 @@ import sys
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from ipt.mtp import decode
 from ipt.mtp.heads import HeadsError, has_heads, stored_head_type
@@ -27,6 +28,8 @@ def main(argv: list[str]) -> None:
         sys.exit(f"usage: sample.py model=<hf folder> [prompt=...] [max_new_tokens=40] "
                  f"[decode={'|'.join(MODES)}] (unknown: {sorted(unknown)})")
     path, mode = args["model"], args.get("decode", "auto")
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()  # "Loading weights": a bar is for a terminal
     if mode == "auto":  # speculative decoding is built for parallel heads
         unreadable = has_heads(path) and stored_head_type(path) is None
         mode = "both" if stored_head_type(path) == "parallel" or unreadable else "greedy"

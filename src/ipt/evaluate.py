@@ -16,6 +16,7 @@ import copy
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -125,15 +126,54 @@ def harness(model: Any, tokenizer: Any, tasks: list[str], manager: Any,
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, device=str(device),
-              batch_size=cfg.batch_size, max_length=cfg.max_length or None, add_bos_token=True)
-    results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot,
-                              limit=cfg.limit, task_manager=manager, log_samples=False,
-                              random_seed=cfg.seed, numpy_random_seed=cfg.seed,
-                              torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
+    # The harness's progress lines and one warning per truncated request, counted instead;
+    # its progress bars show on a terminal only.
+    harness_log = logging.getLogger("lm_eval")
+    level, truncated = harness_log.level, _Truncations()
+    harness_log.setLevel(logging.WARNING)
+    noisy = [logging.getLogger(f"lm_eval.{n}") for n in ("models.huggingface", "evaluator")]
+    for logger in noisy:
+        logger.addFilter(truncated)
+    bars = contextlib.nullcontext() if sys.stderr.isatty() else \
+        quiet.prints_to_log(log, stderr=True)
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, device=str(device),
+                  batch_size=cfg.batch_size, max_length=cfg.max_length or None,
+                  add_bos_token=True)
+        with bars:
+            results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot,
+                                      limit=cfg.limit, task_manager=manager, log_samples=False,
+                                      random_seed=cfg.seed, numpy_random_seed=cfg.seed,
+                                      torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
+    finally:
+        harness_log.setLevel(level)
+        for logger in noisy:
+            logger.removeFilter(truncated)
+    if truncated.count:
+        log.warning("%d requests were longer than the model's context (%d tokens) and lost "
+                    "tokens from the left", truncated.count, lm.max_length)
     if results is None:
         raise RuntimeError("lm-evaluation-harness returned no results")
     return results
+
+
+class _Truncations(logging.Filter):
+    """Counts the harness's per-request truncation warnings, and drops those it gives for
+    what ipt does on purpose: a model passed in loaded, a few-shot count set by the call."""
+
+    EXPECTED = ("`pretrained` model kwarg is not of type", "Passed an already-initialized",
+                "Overwriting default num_fewshot")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "exceeds model's maximum length" in message:
+            self.count += 1
+            return False
+        return not message.startswith(self.EXPECTED)
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -153,13 +193,27 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "table.md").write_text(table(results["results"], cfg.num_fewshot))
+    (out / "table.md").write_text(table(results["results"], cfg.num_fewshot,
+                                        chance_levels(cfg.include_path)))
     return results
 
 
-def table(results: dict[str, dict[str, Any]], shots: int) -> str:
-    """Markdown: a row per task and metric, with its standard error."""
-    rows = ["| task | shots | metric | value | stderr |", "|---|---|---|---|---|"]
+def chance_levels(include_path: str | None) -> dict[str, float]:
+    """Each local task's chance score, where the folder's `summary.json` (written by
+    `data_pipeline/rc_tasks.py`) gives it."""
+    summary = Path(include_path) / "summary.json" if include_path else None
+    if summary is None or not summary.exists():
+        return {}
+    tasks = json.loads(summary.read_text()).get("tasks", {})
+    return {name: t["chance"] for name, t in tasks.items() if "chance" in t}
+
+
+def table(results: dict[str, dict[str, Any]], shots: int,
+          chance: dict[str, float] | None = None) -> str:
+    """Markdown: a row per task and metric, with its standard error (and the task's chance
+    score, where known)."""
+    chance = chance or {}
+    rows = ["| task | shots | metric | value | stderr | chance |", "|---|---|---|---|---|---|"]
     for task, metrics in sorted(results.items()):
         for key, value in metrics.items():
             if "," not in key or key.split(",")[0].endswith("_stderr") \
@@ -168,7 +222,8 @@ def table(results: dict[str, dict[str, Any]], shots: int) -> str:
             name, filt = key.split(",", 1)
             err = metrics.get(f"{name}_stderr,{filt}")
             err_s = f"{err:.4f}" if isinstance(err, int | float) else "-"
-            rows.append(f"| {task} | {shots} | {name} | {value:.4f} | {err_s} |")
+            level = f"{chance[task]:.2f}" if task in chance else "-"
+            rows.append(f"| {task} | {shots} | {name} | {value:.4f} | {err_s} | {level} |")
     return "\n".join(rows) + "\n"
 
 
@@ -273,9 +328,6 @@ class DownstreamEval:
         threads = torch.get_num_threads()
         if trainer.dist.device.type == "cpu":  # the node's threads: the other ranks wait
             torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        harness_log = logging.getLogger("lm_eval")
-        level = harness_log.level
-        harness_log.setLevel(logging.WARNING)
         try:
             with _random_states(), quiet.prints_to_log(log, stderr=True):
                 results = harness(twin, self.tokenizer, list(self.cfg.tasks), self.manager,
@@ -285,7 +337,6 @@ class DownstreamEval:
                           step, type(e).__name__)
             results = {}
         finally:
-            harness_log.setLevel(level)
             torch.set_num_threads(threads)
             beat.remove()
             del twin

@@ -111,10 +111,12 @@ class ExportAtEnd:
             return  # stopped early: the run is not over
         if trainer.dist.is_main:
             path = self.ckpt_root / checkpoint.tag_for(trainer.state.step)
+            shown = hf_logging.is_progress_bar_enabled()
             hf_logging.disable_progress_bar()  # a bar per shard of a seconds-long step
             try:
                 export_hf(path, self.out, self.tokenizer_dir)
             finally:
-                hf_logging.enable_progress_bar()
+                if shown:
+                    hf_logging.enable_progress_bar()
             log.info("exported %s to %s", path, self.out)
         tdist.barrier()

@@ -8,7 +8,11 @@ Known noise, each harmless here:
   compiler classes log at import;
 - DeepSpeed's own prints on CPU ("... built successfully") and while consolidating ZeRO
   partitions for an export ("Processing zero checkpoint ...");
-- deprecation warnings from torch.distributed that DeepSpeed's calls trigger.
+- deprecation warnings from torch.distributed that DeepSpeed's calls trigger;
+- transformers' "Loading weights" bar for every model it loads, when stderr is not a
+  terminal (`HF_HUB_DISABLE_PROGRESS_BARS`, unless set);
+- lm-evaluation-harness's progress lines and its warnings that a pre-loaded model or a
+  default setting is used (`ipt.evaluate`).
 
 Two mechanisms, by when the noise comes. What comes at import, before a run has a log file,
 is dropped by filters or levels on the loggers that emit it (`install`, run when `ipt` is
@@ -24,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
+import sys
 from collections.abc import Iterator
 
 AT_IMPORT = {"DeepSpeed": re.compile(r"Setting accelerator to")}
@@ -55,6 +61,8 @@ def install() -> None:
             logger.addFilter(_Drop({name: rule}))
     for name in COMPILER_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    if not sys.stderr.isatty():  # progress bars are for a terminal (as ipt's own)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def route_to_log(console: logging.Handler) -> None:

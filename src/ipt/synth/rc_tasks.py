@@ -12,6 +12,9 @@ questions about each one; a question is kept when its answer is a span of the do
   of them with the true next sentence and half with another sentence of the same document.
 - **Extractive** (`mc.jsonl` again): the answer generated greedily up to a newline, scored by
   exact match.
+- **Held-out text** (`text.jsonl`, task `heldout_text`): every held-out document, scored by
+  rolling log-likelihood in bits per byte, which compares models whatever their tokenizer
+  or training data.
 
 Each is written in the prompt formats of the harness's reading-comprehension tasks (SciQ,
 RACE, BoolQ), and in `unseen`, a format no training template uses
@@ -46,6 +49,9 @@ TASKS = [("heldout_mc_sciq", "mc", "mc", "sciq"), ("heldout_mc_race", "mc", "mc"
          ("heldout_mc_unseen", "mc", "mc", "unseen"), ("heldout_boolq", "boolq", "boolq", ""),
          ("heldout_em_sciq", "mc", "em", "sciq"), ("heldout_em_unseen", "mc", "em", "unseen")]
 TASK_NAMES = [t[0] for t in TASKS]
+# The held-out documents' own text, scored by rolling log-likelihood (bits per byte): the
+# held-out raw-text loss, on the same documents whatever a model was trained on.
+TEXT_TASK = "heldout_text"
 
 
 def _norm(s: str) -> str:
@@ -111,20 +117,35 @@ def task_yaml(name: str, data: Path, kind: str, fmt: str, max_gen_toks: int) -> 
     if kind == "boolq":
         return (head + f"output_type: multiple_choice\ndoc_to_text: {json.dumps(BOOLQ_FORMAT)}\n"
                 'doc_to_choice: ["no", "yes"]\ndoc_to_target: label\n'
-                "metric_list:\n  - metric: acc\n")
+                "metric_list:\n" + _metric("acc"))
     prompt = json.dumps(FORMATS[fmt])
     if kind == "mc":
         return (head + f"output_type: multiple_choice\ndoc_to_text: {prompt}\n"
                 'doc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
-                "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+                "metric_list:\n" + _metric("acc") + _metric("acc_norm"))
     return (head + f"output_type: generate_until\ndoc_to_text: {prompt}\n"
             'doc_to_target: "{{answer}}"\ntarget_delimiter: " "\n'
             f'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: {max_gen_toks}\n'
             "  do_sample: false\n"
             "filter_list:\n  - name: strip\n    filter:\n      - function: remove_whitespace\n"
             "      - function: take_first\n"
-            "metric_list:\n  - metric: exact_match\n    ignore_case: true\n"
-            "    ignore_punctuation: true\n")
+            "metric_list:\n" + _metric("exact_match")
+            + "    ignore_case: true\n    ignore_punctuation: true\n")
+
+
+def _metric(name: str) -> str:
+    return f"  - metric: {name}\n    aggregation: mean\n    higher_is_better: true\n"
+
+
+def text_yaml(data: Path) -> str:
+    return (f"task: {TEXT_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files: {data}\n"
+            'test_split: train\noutput_type: loglikelihood_rolling\ndoc_to_text: ""\n'
+            'doc_to_target: "{{text}}"\nmetric_list:\n'
+            + "".join(f"  - metric: {m}\n    aggregation: weighted_perplexity\n"
+                      "    higher_is_better: false\n" for m in ("word_perplexity",
+                                                                 "byte_perplexity"))
+            + "  - metric: bits_per_byte\n    aggregation: bits_per_byte\n"
+            "    higher_is_better: false\n")
 
 
 def chance(kind: str, n_choices: int) -> float:
@@ -132,7 +153,8 @@ def chance(kind: str, n_choices: int) -> float:
 
 
 def build(cfg: RCTasksConfig) -> dict[str, Any]:
-    """Write `out/{mc,boolq}.jsonl`, a YAML file per task, and `summary.json`; return it."""
+    """Write `out/{mc,boolq,text}.jsonl`, a YAML file per task, and `summary.json`;
+    return the summary."""
     if not 0 < cfg.valid_fraction < 1:
         raise ConfigError(f"valid_fraction={cfg.valid_fraction} must be the prepare stage's "
                           "held-out fraction for this source, in (0, 1)")
@@ -141,7 +163,7 @@ def build(cfg: RCTasksConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     fate: Counter[str] = Counter()
-    rows: dict[str, list[dict]] = {"mc": [], "boolq": []}
+    rows: dict[str, list[dict]] = {"mc": [], "boolq": [], "text": []}
     for record in src.read(cfg.source):
         if isinstance(record, src.Reject):
             fate["rejected"] += 1
@@ -150,6 +172,7 @@ def build(cfg: RCTasksConfig) -> dict[str, Any]:
         elif cfg.max_examples is not None and len(rows["mc"]) >= cfg.max_examples:
             fate["held_out_beyond_max_examples"] += 1
         else:
+            rows["text"].append({"id": record.id, "text": record.text})
             mc, boolq, what = examples(record.id, record.text, cfg)
             rows["mc"] += mc
             rows["boolq"] += boolq
@@ -167,6 +190,8 @@ def build(cfg: RCTasksConfig) -> dict[str, Any]:
                task_yaml(name, (out / f"{data}.jsonl").resolve(), kind, fmt, cfg.max_gen_toks))
         tasks[name] = {"examples": len(rows[data]), "kind": kind, "format": fmt or "boolq",
                        "chance": chance(kind, cfg.choices)}
+    _write(out / f"{TEXT_TASK}.yaml", text_yaml((out / "text.jsonl").resolve()))
+    tasks[TEXT_TASK] = {"examples": len(rows["text"]), "kind": "text", "format": "raw"}
     summary = {"source": cfg.source.path, "valid_fraction": cfg.valid_fraction,
                "docs": sum(fate.values()), "fate": dict(sorted(fate.items())), "tasks": tasks,
                "yes_share": (sum(r["label"] for r in rows["boolq"]) / len(rows["boolq"])
