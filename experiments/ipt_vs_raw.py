@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from ipt.config import DemoDataConfig, SourceConfig  # noqa: E402
 from ipt.data import sources as src  # noqa: E402
 from ipt.data.demo import build_demo_data  # noqa: E402
+from ipt.evaluate import flat_metrics  # noqa: E402
 from ipt.synth.format import Pair  # noqa: E402
 from ipt.synth.rc_tasks import TASK_NAMES, TEXT_TASK  # noqa: E402
 from ipt.synth.templates import render_pair, rng_for  # noqa: E402
@@ -136,10 +137,12 @@ def build_data(out: Path, held_out: float) -> Path:
     return data
 
 
-def train_and_evaluate(data: Path, run_dir: Path, arm: str, seed: int, steps: int) -> dict:
+def train_and_evaluate(data: Path, run_dir: Path, arm: str, seed: int, steps: int,
+                       model: str) -> dict:
     """One arm and seed: pre-train, export, evaluate (0- and 3-shot); its scores."""
     if not (run_dir / "summary.json").exists():
-        run(["train/pretrain.py", "experiment=demo", "data=custom", f"data.root={data}",
+        run(["train/pretrain.py", "experiment=demo", f"model={model}", "data=custom",
+             f"data.root={data}",
              f"tokenizer={data}/tokenizer", f"+data.sources.{arm}.path={data}/arms/{arm}",
              f"run_dir={run_dir}", f"name={arm}-s{seed}", f"train.max_steps={steps}",
              f"train.eval_every={steps}", "train.checkpoint_every=0", "train.keep_last=1",
@@ -154,11 +157,8 @@ def train_and_evaluate(data: Path, run_dir: Path, arm: str, seed: int, steps: in
                  f"include_path={data}/rc_tasks", f"out={out}", f"num_fewshot={shots}"],
                 run_dir.with_name(f"{run_dir.name}-eval{shots}.log"))
         results = json.loads((out / "results.json").read_text())["results"]
-        for task, metrics in results.items():
-            for key, value in metrics.items():
-                name = key.split(",")[0]
-                if "," in key and not name.endswith("_stderr") and isinstance(value, float):
-                    scores[f"{task}/{name}/{shots}shot"] = value
+        for key, value in flat_metrics(results).items():
+            scores[f"{key.removeprefix('downstream/')}/{shots}shot"] = value
     return scores
 
 
@@ -198,6 +198,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--held-out", type=float, default=0.1)
     ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--model", default="tiny", help="a model config (configs/model/)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "exp-ipt"))
     args = ap.parse_args()
 
@@ -205,15 +206,15 @@ def main() -> None:
     data = build_data(out, args.held_out)
     jobs = {(arm, seed): out / f"{arm}-s{seed}" for seed in args.seeds for arm in ARMS}
     with ThreadPoolExecutor(args.parallel) as pool:
-        futures = {key: pool.submit(train_and_evaluate, data, d, key[0], key[1], args.steps)
-                   for key, d in jobs.items()}
+        futures = {key: pool.submit(train_and_evaluate, data, d, key[0], key[1], args.steps,
+                                    args.model) for key, d in jobs.items()}
         runs = {key: f.result() for key, f in futures.items()}
     tasks = json.loads((data / "rc_tasks" / "summary.json").read_text())
     chance = {n: t["chance"] for n, t in tasks["tasks"].items() if "chance" in t}
     table = summarize(runs, chance)
     corpora = {a: json.loads((data / "arms" / a / "summary.json").read_text()) for a in ARMS}
     result = {"steps": args.steps, "seeds": args.seeds, "held_out": args.held_out,
-              "model": "tiny (4 layers, hidden 128)", "global_batch": 32, "seq_len": 256,
+              "model": args.model, "global_batch": 32, "seq_len": 256,
               "tokens_per_run": args.steps * 32 * 256,
               "corpora": {a: {k: v for k, v in c.items() if k.endswith(("_docs", "_tokens"))}
                           for a, c in corpora.items()},

@@ -1,12 +1,16 @@
-"""Downstream evaluation with lm-evaluation-harness: a checkpoint of any ZeRO stage, or a
-Hugging Face folder, on named harness tasks or local YAML tasks, offline.
+"""Downstream evaluation with lm-evaluation-harness, offline, on named harness tasks or
+local YAML tasks (such as those `data_pipeline/rc_tasks.py` writes):
 
-    python train/evaluate.py checkpoint=runs/demo/checkpoints tasks=[rc_mc] \
-        include_path=data/demo/eval_tasks out=runs/demo/eval
+- `evaluate`: a checkpoint of any ZeRO stage, an ipt run or a Hugging Face folder
+  (`train/evaluate.py`), with the harness's results JSON and a short table written to `out`:
 
-The model goes to the harness as a loaded `transformers` module (`HFLM(pretrained=model)`),
-so nothing is written or downloaded; the harness batches the requests itself. `out` gets the
-harness's results JSON (`results.json`) and a short table (`table.md`).
+      python train/evaluate.py checkpoint=runs/demo tasks=[heldout_mc_sciq] \
+          include_path=data/demo/rc_tasks out=runs/demo/eval
+
+- `DownstreamEval`: the live weights during training (the `eval` config group).
+
+The model goes to the harness loaded (`HFLM(pretrained=model)`), so nothing is written or
+downloaded, and the harness batches the requests itself.
 """
 
 from __future__ import annotations
@@ -215,11 +219,7 @@ def table(results: dict[str, dict[str, Any]], shots: int,
     chance = chance or {}
     rows = ["| task | shots | metric | value | stderr | chance |", "|---|---|---|---|---|---|"]
     for task, metrics in sorted(results.items()):
-        for key, value in metrics.items():
-            if "," not in key or key.split(",")[0].endswith("_stderr") \
-                    or not isinstance(value, int | float):
-                continue
-            name, filt = key.split(",", 1)
+        for name, filt, value in scores(metrics):
             err = metrics.get(f"{name}_stderr,{filt}")
             err_s = f"{err:.4f}" if isinstance(err, int | float) else "-"
             level = f"{chance[task]:.2f}" if task in chance else "-"
@@ -227,16 +227,20 @@ def table(results: dict[str, dict[str, Any]], shots: int,
     return "\n".join(rows) + "\n"
 
 
+def scores(metrics: dict[str, Any]) -> Iterator[tuple[str, str, float]]:
+    """(metric, filter, value) for each score of one task's harness results (`acc,none`),
+    standard errors and bookkeeping entries left out."""
+    for key, value in metrics.items():
+        name, _, filt = key.partition(",")
+        if filt and not name.endswith("_stderr") and isinstance(value, int | float):
+            yield name, filt, float(value)
+
+
 def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """`downstream/<task>/<metric>` for each task's scores (no standard errors, no filter
-    names): what a run logs to metrics.jsonl, wandb and TensorBoard."""
-    out = {}
-    for task, metrics in sorted(results.items()):
-        for key, value in metrics.items():
-            name = key.split(",")[0]
-            if "," in key and not name.endswith("_stderr") and isinstance(value, int | float):
-                out[f"downstream/{task}/{name}"] = float(value)
-    return out
+    """`downstream/<task>/<metric>` for each task's scores: what a run logs to
+    metrics.jsonl, wandb and TensorBoard."""
+    return {f"downstream/{task}/{name}": value for task, metrics in sorted(results.items())
+            for name, _, value in scores(metrics)}
 
 
 def plain_copy(lm: Any, device: torch.device) -> Any:
