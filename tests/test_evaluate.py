@@ -4,6 +4,7 @@ folder or a checkpoint, with clear errors for bad input."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -59,9 +60,15 @@ def test_a_hugging_face_folder_is_evaluated_on_local_tasks(tiny_lm, tasks, tmp_p
     assert "| rc_mc | 0 | acc |" in proc.stdout
 
 
-def test_a_checkpoint_is_evaluated_as_its_trained_weights(data_dir, tasks, tmp_path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def run(data_dir, tmp_path_factory):
+    """A 2-step run with its checkpoint."""
+    run = tmp_path_factory.mktemp("run")
     run_pretrain(tiny_overrides(data_dir, run, **{"train.max_steps": 2, "train.eval_every": 0}))
+    return run
+
+
+def test_a_checkpoint_is_evaluated_as_its_trained_weights(run, tasks, tmp_path):
     proc = evaluate(f"checkpoint={run / 'checkpoints'}", "tasks=[rc_mc]", "num_fewshot=1",
                     f"include_path={tasks}", f"out={tmp_path / 'eval'}", "limit=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -78,6 +85,27 @@ def test_bad_tasks_get_one_clear_line_and_exit_2(tiny_lm, tasks, tmp_path, args,
     proc = evaluate(f"checkpoint={tiny_lm}", f"include_path={tasks}", f"out={tmp_path}", *args)
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def test_a_checkpoint_whose_tokenizer_changed_is_refused(data_dir, run, tasks, tmp_path):
+    from ipt.data import tokenizer as tok
+
+    other = tmp_path / "other_tokenizer"
+    texts = [json.loads(line)["text"] for line in
+             (data_dir / "raw" / "docstrings.jsonl").read_text().splitlines()[:200]]
+    tok.train_sentencepiece(texts, other, 400)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(next((run / "checkpoints").glob("step_*")), ckpt)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state["config"]["tokenizer"] = str(other)  # as if its tokenizer had been retrained
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["trainer_state.json"] = (ckpt / "trainer_state.json").stat().st_size
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    proc = evaluate(f"checkpoint={ckpt}", "tasks=[rc_mc]", f"include_path={tasks}",
+                    f"out={tmp_path / 'out'}")
+    assert proc.returncode == 2
+    assert f"{other} is now {tok.fingerprint(other)}: it changed since" in proc.stderr
 
 
 def test_a_folder_without_a_model_is_refused(tasks, tmp_path):
@@ -114,15 +142,22 @@ def eval_overrides(heldout, tasks: str, every: int, limit: int | None) -> dict:
 
 def test_training_evaluates_the_live_weights_without_changing_the_run(data_dir, heldout,
                                                                        tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from ipt.observe import read_metrics
 
     tasks = "[heldout_mc_sciq,heldout_em_sciq]"
     run = tmp_path / "run"
-    run_pretrain(tiny_overrides(data_dir, run, **{"logger.plot": True},
+    run_pretrain(tiny_overrides(data_dir, run, **{"logger.plot": True,
+                                                  "logger.tensorboard": True},
                                 **eval_overrides(heldout, tasks, 4, 6)))
     rows = {r["step"]: r for r in read_metrics(run / "metrics.jsonl")}
     scored = [s for s, r in rows.items() if "downstream/heldout_mc_sciq/acc" in r]
     assert scored == [4, 8]
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("downstream/heldout_mc_sciq/acc")] == \
+        [(s, pytest.approx(rows[s]["downstream/heldout_mc_sciq/acc"])) for s in scored]
     for key in ("downstream/heldout_mc_sciq/acc_norm", "downstream/heldout_em_sciq/exact_match",
                 "downstream/seconds", "downstream/share"):
         assert key in rows[8]

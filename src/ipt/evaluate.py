@@ -55,6 +55,9 @@ def load_model(path: str) -> tuple[Any, Any, str]:
         except (OSError, ValueError) as e:
             raise ConfigError(f"checkpoint={path} has no usable tokenizer ({e})") from e
         hf: Any = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
+        if len(tokenizer) > hf.config.vocab_size:
+            raise ConfigError(f"checkpoint={path}: its tokenizer has {len(tokenizer)} tokens, "
+                              f"the model only {hf.config.vocab_size}: they do not match")
         return hf.eval(), tokenizer, f"Hugging Face folder {p}"
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     try:
@@ -67,6 +70,11 @@ def load_model(path: str) -> tuple[Any, Any, str]:
     if not tokenizer_dir or not Path(tokenizer_dir).exists():
         raise ConfigError(f"checkpoint {ckpt} names tokenizer {tokenizer_dir!r}, which is not "
                           "there; export it with train/export_hf.py and evaluate the export")
+    trained_with, now = state.get("tokenizer_fingerprint"), tok.fingerprint(tokenizer_dir)
+    if trained_with and trained_with != now:
+        raise ConfigError(f"checkpoint {ckpt} was trained with tokenizer {trained_with}, but "
+                          f"{tokenizer_dir} is now {now}: it changed since; evaluate an export, "
+                          "which keeps its own tokenizer")
     model, _ = load_checkpoint(ckpt)
     tokenizer = tok.load(tokenizer_dir)
     if model.config.vocab_size != len(tokenizer):
