@@ -199,6 +199,7 @@ def test_zero3_ranks_wait_for_rank_0_without_tripping_the_watchdog(data_dir, tmp
     assert 0 <= last["downstream/heldout_em_sciq/exact_match"] <= 1
 
 
+@pytest.mark.slow
 def test_an_unknown_task_stops_the_run_before_training(data_dir, heldout, tmp_path):
     proc = run_pretrain(tiny_overrides(data_dir, tmp_path / "run",
                                        **eval_overrides(heldout, "[nope]", 4, 2)), check=False)

@@ -96,6 +96,7 @@ def test_a_source_without_usable_held_out_documents_is_refused(data_dir, tmp_pat
         build(RCTasksConfig(source=source(data_dir), out=str(tmp_path), valid_fraction=0))
 
 
+@pytest.mark.slow
 def test_the_harness_runs_every_task(tiny_lm, tasks, tmp_path):
     pytest.importorskip("lm_eval")
     from ipt.evaluate import evaluate

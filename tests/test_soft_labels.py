@@ -167,6 +167,7 @@ def test_the_side_file_costs_what_the_spec_says_per_token(labelled):
     assert np.dtype(meta["ids_dtype"]).itemsize == 2
 
 
+@pytest.mark.slow
 def test_offline_kd_resumes_exactly_inside_the_kd_phase_and_the_decay(labelled, tmp_path):
     opts = {"teacher.soft_labels": "true", "teacher.kd_steps": 3, "teacher.switch": "linear",
             "teacher.decay_steps": 2, "train.max_steps": 7, "train.checkpoint_every": 2}
