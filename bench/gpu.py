@@ -58,13 +58,15 @@ class StepClock:
 
     def on_start(self, trainer: Any) -> None:
         self.tokens_per_step = trainer.global_batch * trainer.seq_len
-        self.flops_per_token = trainer.flops_per_token
+        self.trainer = trainer
+        self.flops = 0.0
 
     def on_step(self, trainer: Any, metrics: dict[str, Any]) -> None:
         step = metrics["step"]
         if step == self.warmup:
             sync()
             self.t0 = time.perf_counter()
+            self.flops = -trainer.flops_done
             if GPU:
                 torch.cuda.reset_peak_memory_stats()
                 self._caught = warnings.catch_warnings(record=True)
@@ -79,16 +81,18 @@ class StepClock:
         if step == self.warmup + self.measure:
             sync()
             self.t1 = time.perf_counter()
+            self.flops += trainer.flops_done  # the measured steps' (each at its own length)
 
     def on_end(self, trainer: Any) -> None:
         pass
 
     def result(self) -> dict[str, Any]:
-        tps = self.tokens_per_step * self.measure / (self.t1 - self.t0)
+        seconds = self.t1 - self.t0
+        tokens = self.tokens_per_step * self.measure
         peak = peak_flops(None)
-        return {"tokens_per_s": tps, "step_time_s": (self.t1 - self.t0) / self.measure,
-                "mfu": self.flops_per_token * tps / peak if peak else None,
-                "flops_per_token": self.flops_per_token,
+        return {"tokens_per_s": tokens / seconds, "step_time_s": seconds / self.measure,
+                "mfu": self.flops / seconds / peak if peak else None,
+                "flops_per_token": self.flops / tokens,
                 "peak_mem_gb": peak_mem_gb(), "host_syncs_per_step": self.syncs}
 
 

@@ -81,3 +81,21 @@ def test_a_misspelled_key_of_an_own_source_is_named():
     with pytest.raises(ConfigError, match="data.sources.web.wieght"):
         load(["data=custom", "tokenizer=data/tok", "data.sources.web.path=x",
               "data.sources.web.wieght=0.5"])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data.decompose.min_len=48"], "min_len=48 and max_len=256 must be powers of two"),
+    (["data.decompose.min_len=512"], "min_len <= max_len"),
+    (["data.decompose.curriculum=grow"], "curriculum='grow' must be one of"),
+    (["data.decompose.cycles=0"], "cycles=0 >= 1"),
+    (["data.decompose.max_len=1024", "train.micro_batch_size=2"],
+     "a micro-batch holds .* 512 tokens, which is not a whole number of .*max_len=1024"),
+    (["data.decompose.max_len=512", "model.max_seq_len=256"], "max_len=512 exceeds model"),
+    (["teacher=kd", "teacher.path=x", "teacher.kd_steps=5", "teacher.soft_labels=true"],
+     "teacher.soft_labels=true reads soft labels stored per packed sequence"),
+], ids=["min_len", "order", "curriculum", "cycles", "micro-batch", "model", "soft-labels"])
+def test_dataset_decomposition_settings_are_checked(overrides, message):
+    cfg = load(["data.packing=decompose", "data.seq_len=256", "model.max_seq_len=2048",
+                "train.micro_batch_size=4", "train.global_batch_size=8", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, world_size=1)

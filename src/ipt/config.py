@@ -65,14 +65,29 @@ class SelectConfig:
 
 
 @dataclass
+class DecomposeConfig:
+    """Dataset Decomposition (`data.packing=decompose`, `ipt.data.decompose`): every sequence
+    is one piece of one document, of a power of two from min_len to max_len tokens; each
+    step draws one length, and a curriculum orders the lengths (docs/data.md)."""
+
+    min_len: int = 64  # shorter document tails are dropped (counted and logged)
+    max_len: int | None = None  # null: data.seq_len
+    curriculum: str = "grow_p2"  # natural | uniform | grow_linear | grow_p2
+    cycles: int = 1  # the curriculum repeats this many times per epoch
+
+
+@dataclass
 class DataConfig:
     """What the trainer reads: prepared sources, mixed, packed and ordered."""
 
     root: str | None = None  # a folder the paths below may interpolate (${data.root})
     # name -> MixSourceConfig fields (checked by `to_object`; see ENTRY_TYPES)
     sources: dict[str, Any] = field(default_factory=dict)
+    # Tokens per sequence; with packing=decompose, a step's tokens are still
+    # train.global_batch_size x seq_len, in sequences of the step's own length.
     seq_len: int = 256
-    packing: str = "bestfit"  # bestfit | concat
+    packing: str = "bestfit"  # bestfit | concat | decompose
+    decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
     # Tokens attend only within their own document; false lets them see the whole sequence.
     doc_masking: bool = True
     # The most times a source's sequences may repeat within one epoch of the mixture.
@@ -376,9 +391,11 @@ class ScoreConfig:
     slm: str = MISSING
     tokenizer: str = MISSING  # the tokenizer the shards were prepared with
     sources: dict[str, str] = field(default_factory=dict)  # name -> prepared source folder
-    # The packing of the run that will use the scores (the scores are per packed sequence).
+    # The packing of the run that will use the scores (the scores are per packed sequence,
+    # or per piece with packing=decompose and its decompose.min_len and max_len).
     seq_len: int = 256
     packing: str = "bestfit"
+    decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
     doc_masking: bool = True
     top_k: int = 10
     scores: bool = True  # the per-sequence statistics data selection uses
@@ -440,7 +457,8 @@ class EvaluateConfig:
 
 SECTIONS: dict[str, type] = {c.__name__: c for c in (
     ModelConfig, DataConfig, MixSourceConfig, OptimConfig, ScheduleConfig, DeepSpeedConfig, LossConfig,
-    LoggerConfig, TrainConfig, EvalConfig, SourceConfig, SynthBackendConfig, TeacherConfig, SelectConfig)}
+    LoggerConfig, TrainConfig, EvalConfig, SourceConfig, SynthBackendConfig, TeacherConfig, SelectConfig,
+    DecomposeConfig)}
 
 
 def register() -> None:
@@ -495,7 +513,8 @@ def writable_dir(path: str) -> str:
 SCHEDULES = ("cosine", "wsd", "constant")
 # The statistics of the scoring stage, in the column order of its files (`ipt.slm.score`).
 SCORE_COLUMNS = ("median_topk_loss", "mean_loss", "frac_topk")
-PACKINGS = ("bestfit", "concat")
+PACKINGS = ("bestfit", "concat", "decompose")
+CURRICULA = ("natural", "uniform", "grow_linear", "grow_p2")  # `ipt.data.decompose`
 PRECISIONS = ("auto", "fp32", "bf16")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
@@ -644,6 +663,8 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
                               "teacher.kd_steps it follows")
     if cfg.data.packing not in PACKINGS:
         raise ConfigError(f"data.packing={cfg.data.packing!r}; expected one of {PACKINGS}")
+    if cfg.data.packing == "decompose":
+        check_decompose(cfg)
     paths = [("tokenizer", cfg.tokenizer), ("model.init_from", cfg.model.init_from)]
     paths += [(f"data.sources.{name}.path", f"{m.path}/train")
               for name, m in cfg.data.sources.items()]
@@ -651,3 +672,38 @@ def validate(cfg: PretrainConfig, world_size: int) -> int:
         if path is not None and not Path(path).exists():
             raise ConfigError(f"{key}={path!r} does not exist")
     return t.global_batch_size // per_step
+
+
+def max_len(data: DataConfig | ScoreConfig) -> int:
+    """The longest piece of Dataset Decomposition: data.decompose.max_len, or seq_len."""
+    return data.decompose.max_len or data.seq_len
+
+
+def _power_of_two(n: int) -> bool:
+    return n >= 1 and not n & (n - 1)
+
+
+def check_decompose(cfg: PretrainConfig) -> None:
+    """`data.packing=decompose`: lengths, micro-batches that hold whole pieces, no offline
+    soft labels (they are stored per packed sequence)."""
+    d, t = cfg.data.decompose, cfg.train
+    longest = max_len(cfg.data)
+    if not (_power_of_two(d.min_len) and _power_of_two(longest)) or d.min_len > longest:
+        raise ConfigError(f"data.decompose.min_len={d.min_len} and max_len={longest} must be "
+                          "powers of two, min_len <= max_len")
+    if d.curriculum not in CURRICULA or d.cycles < 1:
+        raise ConfigError(f"data.decompose.curriculum={d.curriculum!r} must be one of "
+                          f"{CURRICULA}, and cycles={d.cycles} >= 1")
+    if t.micro_batch_size * cfg.data.seq_len % longest:
+        raise ConfigError(
+            f"a micro-batch holds train.micro_batch_size x data.seq_len = "
+            f"{t.micro_batch_size * cfg.data.seq_len} tokens, which is not a whole number of "
+            f"data.decompose.max_len={longest} pieces; make it a multiple of {longest}")
+    if longest > cfg.model.max_seq_len and cfg.model.init_from is None:
+        raise ConfigError(f"data.decompose.max_len={longest} exceeds model.max_seq_len="
+                          f"{cfg.model.max_seq_len}")
+    if cfg.teacher.soft_labels:
+        raise ConfigError(
+            "teacher.soft_labels=true reads soft labels stored per packed sequence, and "
+            "data.packing=decompose trains on pieces of documents instead; distil from the "
+            "teacher online (teacher.soft_labels=false) or pack with bestfit")

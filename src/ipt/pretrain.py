@@ -6,10 +6,12 @@ Read top to bottom, this is the whole job: ranks, data, model, engine, resume, c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -18,9 +20,16 @@ from torch.utils.data import Dataset
 
 from ipt import attention, checkpoint, quiet
 from ipt.checkpoint import CheckpointError, TrainerState
-from ipt.config import ConfigError, PretrainConfig, validate
+from ipt.config import ConfigError, PretrainConfig, max_len, validate
 from ipt.data import tokenizer as tok
-from ipt.data.loader import Concat, MixtureOrder, PackedShards, train_loader
+from ipt.data.decompose import (
+    DecomposedOrder,
+    DecomposedShards,
+    EarlyPhase,
+    PieceBatches,
+    piece_ids,
+)
+from ipt.data.loader import Concat, MixtureOrder, PackedShards, load, train_loader
 from ipt.data.shards import ShardSet
 from ipt.engine import Dist, build_engine, init_distributed
 from ipt.export import ExportAtEnd
@@ -30,6 +39,7 @@ from ipt.model import build_model, checkpoint_layers, compile_layers, flops_per_
 from ipt.mtp.heads import MTPModel, attach
 from ipt.observe import MetricsLogger, peak_flops
 from ipt.schedule import lr_multiplier
+from ipt.slm import select
 from ipt.slm.kd import DistillationLoss, kd_weight
 from ipt.slm.select import SelectedOrder, selected_order
 from ipt.trainer import Checkpointer, Evaluator, Stopped, StopRequests, Trainer
@@ -59,45 +69,110 @@ def prepare_run_dir(cfg: PretrainConfig, dist: Dist) -> Path:
     return run_dir
 
 
-def open_split(key: str, path: Path, tokenizer_fp: str, cfg: PretrainConfig) -> PackedShards:
+def open_shards(key: str, path: Path, tokenizer_fp: str, cfg: PretrainConfig) -> ShardSet:
     shards = ShardSet(path)
     if shards.tokenizer_fingerprint != tokenizer_fp:
         raise ConfigError(f"{key}={path} was tokenized with tokenizer "
                           f"{shards.tokenizer_fingerprint}, but tokenizer={cfg.tokenizer} is "
                           f"{tokenizer_fp}; re-run the prepare stage or point at the right one")
+    return shards
+
+
+def open_split(key: str, path: Path, tokenizer_fp: str, cfg: PretrainConfig) -> PackedShards:
+    """One split of a source in packed sequences. (Validation under Dataset Decomposition
+    too: best-fit sequences of seq_len, one fixed measure whatever the curriculum.)"""
     d = cfg.data
-    return PackedShards(shards, d.seq_len, d.packing, d.doc_masking)
+    packing = "bestfit" if d.packing == "decompose" else d.packing
+    return PackedShards(open_shards(key, path, tokenizer_fp, cfg), d.seq_len, packing,
+                        d.doc_masking)
 
 
-def open_data(cfg: PretrainConfig, tokenizer_fp: str) -> tuple[Concat, MixtureOrder | SelectedOrder,
+Order = MixtureOrder | SelectedOrder | DecomposedOrder | EarlyPhase
+
+
+def open_data(cfg: PretrainConfig, tokenizer_fp: str) -> tuple[Concat, Order,
                                                                 dict[str, PackedShards]]:
     """The mixture of training sources in its global order, and each source's validation set."""
-    names, train, valid = [], [], {}
-    for name, source in cfg.data.sources.items():
+    names, dirs, valid = [], [], {}
+    train: list[Any] = []
+    d = cfg.data
+    decomposed = d.packing == "decompose"
+    for name, source in d.sources.items():
         key = f"data.sources.{name}.path"
         names.append(name)
-        train.append(open_split(key, Path(source.path) / "train", tokenizer_fp, cfg))
+        dirs.append(Path(source.path))
+        if decomposed:
+            shards = open_shards(key, Path(source.path) / "train", tokenizer_fp, cfg)
+            train.append(DecomposedShards(shards, d.decompose.min_len, max_len(d)))
+        else:
+            train.append(open_split(key, Path(source.path) / "train", tokenizer_fp, cfg))
         held_out = Path(source.path) / "valid"
         if held_out.is_dir() and any(held_out.glob("*.json")):
             valid[name] = open_split(key, held_out, tokenizer_fp, cfg)
     weights = [cfg.data.sources[n].weight for n in names]
     fingerprint = hashlib.sha256(repr([(n, p.fingerprint, w) for n, p, w in
                                        zip(names, train, weights, strict=True)]).encode())
-    full = MixtureOrder([len(p) for p in train], weights, cfg.data.seed,
-                        fingerprint.hexdigest()[:16], cfg.data.max_repeat, names)
-    order: MixtureOrder | SelectedOrder = full
+    fp = fingerprint.hexdigest()[:16]
     sel = cfg.data.select
+    steps = sel.steps if sel.steps is not None else cfg.teacher.kd_steps
+    order: Order
+    if decomposed:
+        order = decomposed_order(cfg, train, names, dirs, weights, fp)
+    else:
+        order = MixtureOrder([len(p) for p in train], weights, cfg.data.seed, fp,
+                             cfg.data.max_repeat, names)
+        if sel.fraction is not None:
+            order = selected_order(order, train, dirs, names, weights, sel, cfg.data.seed, steps * cfg.train.global_batch_size,
+                                   cfg.data.max_repeat)
     if sel.fraction is not None:
-        steps = sel.steps if sel.steps is not None else cfg.teacher.kd_steps
-        dirs = [Path(cfg.data.sources[n].path) for n in names]
-        order = selected_order(full, train, dirs, names, weights, sel, cfg.data.seed,
-                               steps * cfg.train.global_batch_size, cfg.data.max_repeat)
         log.info("data selection: the first %d steps draw from the %s %.0f%% of each source "
                  "by %s", steps, sel.mode, 100 * sel.fraction, sel.column)
     for name, part in zip(names, train, strict=True):
-        log.info("source %s: %d sequences (%.1f%% filled), weight %s", name, len(part),
-                 100 * part.fill, cfg.data.sources[name].weight)
+        weight = cfg.data.sources[name].weight
+        if isinstance(part, DecomposedShards):
+            log.info("source %s: %d pieces of %s tokens, %.1f%% of its tokens in none "
+                     "(tails under data.decompose.min_len), weight %s", name, len(part),
+                     "/".join(map(str, part.lengths[::-1])), 100 * part.dropped_share, weight)
+        else:
+            log.info("source %s: %d sequences (%.1f%% filled), weight %s", name, len(part),
+                     100 * part.fill, weight)
     return Concat(train), order, valid
+
+
+def decomposed_order(cfg: PretrainConfig, parts: list[DecomposedShards], names: list[str],
+                     dirs: list[Path], weights: list[float],
+                     fingerprint: str) -> DecomposedOrder | EarlyPhase:
+    """Dataset Decomposition's steps; with data selection, its first steps from the
+    selected pieces only."""
+    d = cfg.data
+    order = functools.partial(
+        DecomposedOrder, weights=weights, tokens_per_step=cfg.train.global_batch_size * d.seq_len,
+        curriculum=d.decompose.curriculum, cycles=d.decompose.cycles, seed=d.seed,
+        max_repeat=d.max_repeat, names=names)
+    full = order(piece_ids(parts), fingerprint=fingerprint)
+    log.info("Dataset Decomposition: %d steps per epoch, curriculum %s x %d; %.1f%% of the "
+             "pieces' tokens are left out of each epoch (whole steps only: a bucket's last "
+             "partial step, and the remainders of its cycles)", full.epoch_steps,
+             d.decompose.curriculum, d.decompose.cycles, 100 * full.left_out)
+    sel = cfg.data.select
+    if sel.fraction is None:
+        return full
+    steps = sel.steps if sel.steps is not None else cfg.teacher.kd_steps
+    chosen = select.selections(full.key, parts, dirs, names, sel)
+    early = order(piece_ids(parts, chosen),
+                  fingerprint=f"{full.key:x}:{select.digest(chosen)}:{steps}")
+    return EarlyPhase(early, full, steps)
+
+
+def data_order(cfg: PretrainConfig) -> dict[str, Any]:
+    """What Dataset Decomposition's steps depend on besides the data (empty otherwise)."""
+    d = cfg.data
+    if d.packing != "decompose":
+        return {}
+    return {"packing": d.packing, "data.decompose.min_len": d.decompose.min_len,
+            "data.decompose.max_len": max_len(d), "data.decompose.curriculum":
+            d.decompose.curriculum, "data.decompose.cycles": d.decompose.cycles,
+            "tokens per step": cfg.train.global_batch_size * d.seq_len, "data.seed": d.seed}
 
 
 def as_dict(cfg: PretrainConfig) -> dict:
@@ -125,6 +200,15 @@ def resume(engine, candidates: list[Path], fresh: TrainerState, dist: Dist) -> T
     for path in candidates:
         saved = checkpoint.read_state(path)
         checkpoint.check_compatible(saved, fresh.model_config, path)
+        if saved.data_order and saved.data_order != fresh.data_order:
+            raise CheckpointError(
+                f"checkpoint {path} was trained on another order of pieces ("
+                + "; ".join(f"{k}: checkpoint {saved.data_order.get(k)}, config "
+                            f"{fresh.data_order.get(k)}" for k in sorted(
+                                {*saved.data_order, *fresh.data_order})
+                            if saved.data_order.get(k) != fresh.data_order.get(k))
+                + "), so its steps cannot continue; keep those settings, or use a new run_dir "
+                "or train.resume=never")
         for what in ("data_fingerprint", "tokenizer_fingerprint"):
             if getattr(saved, what) != getattr(fresh, what):
                 raise CheckpointError(
@@ -255,7 +339,7 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests,
         log.info("attention: %s (model.attn_implementation=%s), %s; activation checkpointing "
                  "of %d layers, %d compiled", kernel, cfg.model.attn_implementation,
                  t.precision, recomputed, compiled)
-    fresh = TrainerState(data_fingerprint=f"{order.key:016x}",
+    fresh = TrainerState(data_fingerprint=f"{order.key:016x}", data_order=data_order(cfg),
                          tokenizer_fingerprint=tokenizer_fp, world_size=dist.world_size,
                          model_config={**lm.config.to_dict(), "mtp_heads": extra_heads,
                                        "mtp_head_type": cfg.loss.head_type if extra_heads
@@ -269,10 +353,16 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests,
     loss_fn = build_loss(cfg.loss, tokenizer.eos_token_id)
     if cfg.teacher.enabled:
         loss_fn = distillation(cfg, dist, state.step, loss_fn, len(tokenizer), kernel)
-    batches = train_loader(train_set, order, state.consumed_samples,
-                           cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                           dist.rank, dist.world_size, cfg.data.num_workers,
-                           pin_memory=dist.device.type == "cuda", soft_until=soft_until)
+    pin = dist.device.type == "cuda"
+    if isinstance(order, DecomposedOrder | EarlyPhase):  # a step's pieces, by steps consumed
+        steps_done = state.consumed_samples // cfg.train.global_batch_size
+        batches = load(train_set, PieceBatches(order, steps_done, grad_accum, dist.rank,
+                                               dist.world_size), cfg.data.num_workers, pin)
+    else:
+        batches = train_loader(train_set, order, state.consumed_samples,
+                               cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                               dist.rank, dist.world_size, cfg.data.num_workers,
+                               pin_memory=pin, soft_until=soft_until)
     callbacks: list = []
     if valid_sets and cfg.train.eval_every > 0:
         callbacks.append(Evaluator(valid_sets, loss_fn, cfg.train.micro_batch_size,
@@ -299,11 +389,13 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests,
     anomalies = None if t.on_anomaly == "none" else AnomalyPolicy(
         LossAnomalies(t.spike_sigma, t.spike_window, t.max_anomalies_in_row), t.on_anomaly,
         rollback, t.max_rollbacks)
+    flops = functools.partial(flops_per_token, lm, extra_heads=extra_heads,
+                              head_params=head_params)  # of a sequence length
     trainer = Trainer(engine, loss_fn, batches, state, dist, grad_accum,
                       cfg.train.global_batch_size, cfg.data.seq_len, cfg.train.max_steps,
-                      callbacks, flops_per_token(lm, cfg.data.seq_len, extra_heads, head_params),
-                      peak_flops(cfg.logger.peak_flops), cfg.train.stop_after, stop_requests,
-                      cfg.train.hang_timeout_s, anomalies, cfg.logger.log_every)
+                      callbacks, flops, peak_flops(cfg.logger.peak_flops), cfg.train.stop_after,
+                      stop_requests, cfg.train.hang_timeout_s, anomalies, cfg.logger.log_every,
+                      variable_length=cfg.data.packing == "decompose")
     if dist.is_main:
         log.info("training %s: %s params, %d ranks, grad accumulation %d, from step %d",
                  cfg.name, f"{sum(p.numel() for p in model.parameters()):,}", dist.world_size,

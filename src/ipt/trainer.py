@@ -18,7 +18,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -90,15 +90,20 @@ class Trainer:
     def __init__(self, engine: Any, loss_fn: Loss,
                  batches: Iterator[dict[str, torch.Tensor]], state: TrainerState, dist: Dist,
                  grad_accum: int, global_batch: int, seq_len: int, max_steps: int,
-                 callbacks: list[Any], flops_per_token: float = 0.0,
+                 callbacks: list[Any], flops_per_token: Callable[[int], float] | None = None,
                  peak_flops: float | None = None, stop_after: int | None = None,
                  stop_requests: StopRequests | None = None, hang_timeout: float = 0.0,
-                 anomalies: AnomalyPolicy | None = None, read_every: int = 1) -> None:
+                 anomalies: AnomalyPolicy | None = None, read_every: int = 1,
+                 variable_length: bool = False) -> None:
         self.engine, self.loss_fn, self.batches = engine, loss_fn, batches
         self.state, self.dist = state, dist
         self.grad_accum, self.global_batch, self.seq_len = grad_accum, global_batch, seq_len
         self.max_steps, self.callbacks = max_steps, callbacks
+        # training FLOPs per token at a sequence length (`ipt.model.flops_per_token`), and
+        # those of every step so far: with Dataset Decomposition each step has its own length
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.flops_done = 0.0
+        self.variable_length = variable_length  # log each step's sequence length
         self.stop_after = stop_after
         self.stop_requests = stop_requests or StopRequests()
         self.watchdog = HangWatchdog(hang_timeout, dist.rank)
@@ -109,7 +114,7 @@ class Trainer:
         self.optimizer = engine.basic_optimizer
         if anomalies is not None and not isinstance(self.optimizer, SkippableAdamW):
             raise TypeError("loss anomaly handling needs the engine built with SkippableAdamW")
-        self._last_sync: tuple[float, int] | None = None  # (time, step) of the last read
+        self._last_sync: tuple[float, int, float] | None = None  # (time, step, flops) at the last read
         self.finished = False  # reached max_steps
         self.stopped: str | None = None  # why the run stopped early (every rank agrees)
         self.failed: Exception | None = None  # raised after the step's callbacks
@@ -186,14 +191,18 @@ class Trainer:
         elapsed = time.perf_counter() - start
         self.state.step += 1
         self.state.consumed_samples += self.global_batch
-        tokens = self.global_batch * self.seq_len
+        tokens = self.global_batch * self.seq_len  # as many at every length
         self.state.tokens_seen += tokens
-        tokens_per_s = self._throughput(tokens, elapsed, synced)
+        length = int(micro_batches[0]["input_ids"].shape[-1])
+        flops = tokens * self.flops_per_token(length) if self.flops_per_token else 0.0
+        self.flops_done += flops
+        tokens_per_s, flops_per_s = self._throughput(tokens, flops, elapsed, synced)
         grad_norm = self.engine.get_global_grad_norm()
         if read and isinstance(grad_norm, torch.Tensor):
             grad_norm = float(grad_norm)
         metrics: dict[str, Any] = {
             "step": self.state.step,
+            **({"seq_len": length} if self.variable_length else {}),
             **means,
             "lr": lr,
             "grad_norm": grad_norm,
@@ -204,9 +213,8 @@ class Trainer:
             "data_wait": waited / elapsed,
             "peak_mem_gb": peak_memory_gb(),
         }
-        if self.peak_flops and tokens_per_s is not None:
-            metrics["mfu"] = (self.flops_per_token * tokens_per_s
-                              / (self.peak_flops * self.dist.world_size))
+        if self.peak_flops and self.flops_per_token and flops_per_s is not None:
+            metrics["mfu"] = flops_per_s / (self.peak_flops * self.dist.world_size)
         if anomaly is None and self.anomalies is not None and grad_norm is not None \
                 and not math.isfinite(grad_norm):
             # DeepSpeed has already skipped this update (an overflow); the action still applies
@@ -220,17 +228,22 @@ class Trainer:
             self.state.health = self.anomalies.detector.state_dict()
         return metrics
 
-    def _throughput(self, tokens: int, elapsed: float, synced: float | None) -> float | None:
-        """Tokens per second. The host's clock says how long a step took only where it
-        waited for the device: at a read, the rate over the steps since the last read (the
-        first time, this step's); between reads, None (the host runs ahead of the device)."""
-        last, self._last_sync = self._last_sync, (synced, self.state.step) if synced else \
-            self._last_sync
-        if synced is None:
-            return None if self.read_every > 1 else tokens / elapsed
-        if last is None or self.read_every == 1:
-            return tokens / elapsed
-        return tokens * (self.state.step - last[1]) / (synced - last[0])
+    def _throughput(self, tokens: int, flops: float, elapsed: float,
+                    synced: float | None) -> tuple[float | None, float | None]:
+        """Tokens and training FLOPs per second. The host's clock says how long a step took
+        only where it waited for the device: at a read, the rates over the steps since the
+        last read (the first time, this step's); between reads, None (the host runs ahead of
+        the device)."""
+        last = self._last_sync
+        if synced is not None:
+            self._last_sync = (synced, self.state.step, self.flops_done)
+        if synced is None and self.read_every > 1:
+            return None, None
+        if synced is None or last is None or self.read_every == 1:
+            return tokens / elapsed, flops / elapsed
+        seconds = synced - last[0]
+        return tokens * (self.state.step - last[1]) / seconds, \
+            (self.flops_done - last[2]) / seconds
 
     def _step_means(self, totals: dict[str, Any], read: bool) -> dict[str, Any]:
         """The step's metrics averaged over micro-batches and ranks, in one tensor on the

@@ -1,6 +1,6 @@
-"""Dataset Decomposition: documents cut into power-of-two pieces, and the order of buckets.
-
-(Spec: `dataset_decomposition.md`. Not wired into training yet: issue 17 builds on this.)
+"""Dataset Decomposition (`data.packing=decompose`): every sequence is one piece of one
+document, of a power-of-two length, and each step draws one length (spec:
+`dataset_decomposition.md`; docs/data.md).
 
 **Pieces.** A document of n tokens is cut from its start, largest piece first: as many pieces
 of `max_len` as fit, then one piece for each set bit of the remainder, from the highest down
@@ -20,17 +20,30 @@ number of whole global batches its pieces fill; a curriculum orders those batche
 
 In every curriculum batch 0 comes from the longest bucket, so a run that does not fit in
 memory fails at its first step. Everything is a pure function of the seed and the epoch.
+
+**Steps.** Every step holds the same number of tokens, `global_batch_size x seq_len`: at
+length L that is `global_batch_size x seq_len / L` pieces. Each rank takes its contiguous
+slice of them, cut into the same number of micro-batches as always (the engine's gradient
+accumulation is fixed), each of `micro_batch_size x seq_len / L` pieces. Sources mix by
+tokens: source i's pieces are repeated or subsampled by one factor, so that it holds its
+weight's share of an epoch's tokens and keeps its own spread of lengths. The loader's state
+is the number of steps consumed: resuming, on any number of ranks, continues with the next
+step's pieces.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset
 
-from ipt.config import ConfigError
-
-CURRICULA = ("natural", "uniform", "grow_linear", "grow_p2")
+from ipt.config import CURRICULA, ConfigError
+from ipt.data.packing import piece
+from ipt.data.shards import ShardError, ShardSet
 
 
 def _log2(n: int, name: str) -> int:
@@ -116,3 +129,206 @@ def bucket_order(batches: dict[int, int], curriculum: str, cycles: int,
         longest = int(np.nonzero(order == order.max())[0][0])
         order[[0, longest]] = order[[longest, 0]]  # an out-of-memory error shows at once
     return order
+
+
+class DecomposedShards(Dataset):
+    """One source's shards in pieces. Item i is one piece, as a sequence of its own length;
+    the pieces are numbered bucket by bucket, longest first (`ranges`)."""
+
+    def __init__(self, shards: ShardSet, min_len: int, max_len: int) -> None:
+        self.shards, self.min_len, self.max_len = shards, min_len, max_len
+        self.doc_starts: list[np.ndarray] = []
+        self.total = self.dropped = 0
+        rows: dict[int, list[np.ndarray]] = {}  # length -> [m, 3] (shard, token offset, end?)
+        for k, shard in enumerate(shards.shards):
+            ends = shard.doc_ends.astype(np.int64)
+            starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+            self.doc_starts.append(starts)
+            cut = decompose(ends - starts, min_len, max_len)
+            self.total, self.dropped = self.total + cut.total, self.dropped + cut.dropped
+            for length, at in cut.starts.items():
+                base = starts[at[:, 0]] + at[:, 1]
+                ends_doc = base + length == ends[at[:, 0]]
+                rows.setdefault(length, []).append(
+                    np.stack([np.full(len(at), k), base, ends_doc], axis=1))
+        self.lengths = sorted((L for L, r in rows.items() if sum(map(len, r))), reverse=True)
+        if not self.lengths:
+            raise ShardError(f"{shards.directory}: no document has {min_len} tokens, so no "
+                             f"piece fits a bucket (data.decompose.min_len={min_len})")
+        self.rows = np.concatenate([a for L in self.lengths for a in rows[L]])
+        counts = [sum(map(len, rows[L])) for L in self.lengths]
+        edges = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.ranges = {L: (int(edges[i]), int(edges[i + 1])) for i, L in enumerate(self.lengths)}
+        self._edges = edges[1:]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def length_of(self, index: int) -> int:
+        return self.lengths[int(np.searchsorted(self._edges, index, side="right"))]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        k, base, ends_doc = (int(v) for v in self.rows[index])
+        shard = self.shards.shards[k]
+        arrays = piece(shard.tokens, base, self.length_of(index), bool(ends_doc),
+                       shard.channels.get("loss_mask"))
+        return {name: torch.from_numpy(a) for name, a in arrays.items()}
+
+    @property
+    def dropped_share(self) -> float:
+        """Share of the tokens in no piece (document tails shorter than `min_len`)."""
+        return self.dropped / max(1, self.total)
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.shards.fingerprint}-D{self.min_len}-{self.max_len}"
+
+    @property
+    def score_options(self) -> str:
+        """The options of data_pipeline/score.py that score these pieces."""
+        return (f"packing=decompose decompose.min_len={self.min_len} "
+                f"decompose.max_len={self.max_len}")
+
+
+class DecomposedOrder:
+    """Which pieces each step trains on: step s of the endless stream is `batch(s)`, a
+    length L and the global indices of `tokens_per_step / L` pieces of that length.
+
+    `sources[i]` maps each length to the global indices of source i's pieces of that length
+    (in the concatenation of the sources' datasets). Epoch e is a pure function of
+    (seed, fingerprint, settings, e): each bucket's pieces, mixed by the sources' weights,
+    in a seeded shuffle, cut into whole batches (the remainder is left out of this epoch),
+    and the steps' lengths in the curriculum's order (`bucket_order`).
+    """
+
+    def __init__(self, sources: Sequence[dict[int, np.ndarray]], weights: Sequence[float],
+                 tokens_per_step: int, curriculum: str, cycles: int, seed: int,
+                 fingerprint: str, max_repeat: float = float("inf"),
+                 names: Sequence[str] | None = None) -> None:
+        if len(sources) != len(weights) or not sources:
+            raise ValueError("one weight per source, and at least one source")
+        if any(w <= 0 for w in weights):
+            raise ConfigError(f"mixture weights must be > 0, got {list(weights)}")
+        if curriculum not in CURRICULA or cycles < 1:
+            raise ConfigError(f"curriculum={curriculum!r} must be one of {CURRICULA}, and "
+                              f"cycles={cycles} >= 1")
+        self.sources, self.tokens_per_step = list(sources), tokens_per_step
+        self.curriculum, self.cycles = curriculum, cycles
+        self.lengths = sorted({L for s in sources for L in s if len(s[L])})
+        if any(tokens_per_step % L for L in self.lengths):
+            raise ConfigError(f"a step's {tokens_per_step} tokens do not divide into pieces of "
+                              f"{max(self.lengths)}")
+        tokens = np.array([sum(L * len(a) for L, a in s.items()) for s in sources], np.float64)
+        w = np.asarray(weights, dtype=np.float64)
+        factor = w / w.sum() * tokens.sum() / np.maximum(tokens, 1)
+        for name, f in zip(names or map(str, range(len(sources))), factor, strict=True):
+            if f > max_repeat:
+                raise ConfigError(
+                    f"source {name}: its weight asks for {f:.1f}x its tokens per epoch, more "
+                    f"than data.max_repeat={max_repeat}; lower its weight, add data, or raise "
+                    "data.max_repeat")
+        # pieces per epoch, per source and bucket: each source's pieces scaled by its factor
+        self.counts = [{L: int(round(f * len(s.get(L, ())))) for L in self.lengths}
+                       for f, s in zip(factor, sources, strict=True)]
+        self.batches = {L: sum(c[L] for c in self.counts) // (tokens_per_step // L)
+                        for L in self.lengths}
+        self.epoch_steps = sum(n if curriculum == "natural" else n // cycles * cycles
+                               for n in self.batches.values())
+        if self.epoch_steps == 0:
+            raise ConfigError(
+                f"the pieces do not fill one step of {tokens_per_step} tokens in any bucket "
+                f"(pieces per bucket: { {L: sum(c[L] for c in self.counts) for L in self.lengths} }); "
+                "lower train.global_batch_size or data.decompose.cycles, or add data")
+        settings = f"{seed}:{fingerprint}:{tokens_per_step}:{curriculum}:{cycles}"
+        self.key = int.from_bytes(hashlib.sha256(settings.encode()).digest()[:8], "little")
+        self._epoch = -1
+        self._steps = np.empty(0, dtype=np.int64)  # the epoch's lengths, step by step
+        self._nth = np.empty(0, dtype=np.int64)  # which batch of its bucket each step is
+        self._tables: dict[int, np.ndarray] = {}
+
+    @property
+    def left_out(self) -> float:
+        """Share of an epoch's pieces' tokens that fill no whole step (see `bucket_order`)."""
+        pieces = sum(L * c[L] for c in self.counts for L in self.lengths)
+        return 1 - self.epoch_steps * self.tokens_per_step / max(1, pieces)
+
+    def _rng(self, *path: int) -> np.random.Generator:
+        return np.random.Generator(np.random.PCG64([self.key, *path]))
+
+    def _load(self, epoch: int) -> None:
+        tables = {}
+        for L in self.lengths:
+            picks = []
+            for i, (source, counts) in enumerate(zip(self.sources, self.counts, strict=True)):
+                have, n = source.get(L, np.empty(0, np.int64)), counts[L]
+                if n == 0:
+                    continue
+                passes = -(-n // len(have))  # a new permutation for every repetition
+                drawn = np.concatenate([self._rng(epoch, L, i, p).permutation(len(have))
+                                        for p in range(passes)])[:n]
+                picks.append(have[drawn])
+            mixed = np.concatenate(picks)
+            tables[L] = mixed[self._rng(epoch, L).permutation(len(mixed))]
+        steps = bucket_order(self.batches, self.curriculum, self.cycles, self._rng(epoch))
+        nth = np.empty_like(steps)
+        for L in self.lengths:
+            at = np.nonzero(steps == L)[0]
+            nth[at] = np.arange(len(at))
+        self._epoch, self._steps, self._nth, self._tables = epoch, steps, nth, tables
+
+    def batch(self, step: int) -> tuple[int, np.ndarray]:
+        """The length and the global piece indices of step `step` (0-based)."""
+        epoch, t = divmod(step, self.epoch_steps)
+        if epoch != self._epoch:
+            self._load(epoch)
+        L = int(self._steps[t])
+        size = self.tokens_per_step // L
+        j = int(self._nth[t])
+        return L, self._tables[L][j * size:(j + 1) * size]
+
+
+class PieceBatches:
+    """Index lists of this rank's micro-batches, from step `step` onwards: its contiguous
+    slice of each step's pieces, in `micro_batches` equal parts."""
+
+    def __init__(self, order: DecomposedOrder | EarlyPhase, step: int, micro_batches: int, rank: int,
+                 world_size: int) -> None:
+        self.order, self.step, self.micro_batches = order, step, micro_batches
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.step
+        while True:
+            _, ids = self.order.batch(step)
+            mine = np.split(ids, self.world_size)[self.rank]
+            for part in np.split(mine, self.micro_batches):
+                yield part.tolist()
+            step += 1
+
+
+def piece_ids(parts: Sequence[DecomposedShards],
+              keep: Sequence[np.ndarray] | None = None) -> list[dict[int, np.ndarray]]:
+    """Each source's pieces by length, as indices into the concatenation of the sources;
+    with `keep`, only those pieces of each source (indices within the source)."""
+    out, offset = [], 0
+    for i, part in enumerate(parts):
+        ids = {}
+        for L, (lo, hi) in part.ranges.items():
+            local = np.arange(lo, hi, dtype=np.int64) if keep is None else \
+                keep[i][(keep[i] >= lo) & (keep[i] < hi)].astype(np.int64)
+            ids[L] = local + offset
+        out.append(ids)
+        offset += len(part)
+    return out
+
+
+class EarlyPhase:
+    """Steps before `until` from the order `early`, the rest from `full`, which goes on at
+    step `until` (SALT's data selection, `ipt.slm.select`)."""
+
+    def __init__(self, early: DecomposedOrder, full: DecomposedOrder, until: int) -> None:
+        self.early, self.full, self.until = early, full, until
+        self.key = early.key  # the data fingerprint a checkpoint records
+
+    def batch(self, step: int) -> tuple[int, np.ndarray]:
+        return (self.early if step < self.until else self.full).batch(step)

@@ -72,6 +72,12 @@ class PackedShards(Dataset):
     def fingerprint(self) -> str:
         return f"{self.shards.fingerprint}-L{self.seq_len}-{self.how}-m{int(self.doc_masking)}"
 
+    @property
+    def score_options(self) -> str:
+        """The options of data_pipeline/score.py that score these sequences."""
+        return (f"seq_len={self.seq_len} packing={self.how} "
+                f"doc_masking={str(self.doc_masking).lower()}")
+
 
 class Concat(Dataset):
     """Sources one after another: global index = source offset + index within the source."""
@@ -271,6 +277,13 @@ def train_loader(dataset: Dataset, order: Order, consumed: int, global_batch: in
     """
     batches = RankBatches(order, consumed, global_batch, micro_batch, rank, world_size,
                           soft_until)
+    return load(dataset, batches, num_workers, pin_memory)
+
+
+def load(dataset: Dataset, batches: Iterable[list[Any]], num_workers: int = 0,
+         pin_memory: bool = False) -> Prefetcher:
+    """The micro-batches of `batches` (lists of dataset indices), assembled and collated
+    ahead of the step (see `train_loader`); `close()` it when done."""
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
                         collate_fn=stack, pin_memory=pin_memory,
                         persistent_workers=num_workers > 0,

@@ -112,16 +112,33 @@ def assemble(tokens: np.ndarray, doc_starts: np.ndarray, doc_lens: np.ndarray, p
     at = 0
     for s in packing.segments(i):
         d, start, n = int(packing.doc[s]), int(packing.start[s]), int(packing.length[s])
-        base = int(doc_starts[d]) + start
-        ids[at:at + n] = tokens[base:base + n]
-        # targets: the next token of the same document (which may lie past the segment, in
-        # the document's next piece); a document's last token (its EOS) has none
-        got = n - 1 if start + n == int(doc_lens[d]) else n
-        labels[at:at + got] = tokens[base + 1:base + 1 + got]
-        if loss_mask is not None:
-            labels[at:at + got][loss_mask[base + 1:base + 1 + got] == 0] = IGNORE
+        _put(ids[at:at + n], labels[at:at + n], tokens, int(doc_starts[d]) + start,
+             start + n == int(doc_lens[d]), loss_mask)
         positions[at:at + n] = np.arange(n) if doc_masking else np.arange(at, at + n)
         at += n
     if at < seq_len:  # padding gets positions of its own, so it forms its own "document"
         positions[at:] = np.arange(seq_len - at) if doc_masking else np.arange(at, seq_len)
     return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def piece(tokens: np.ndarray, base: int, n: int, ends_document: bool,
+          loss_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a sequence that is one piece of one document: `n` tokens from flat
+    offset `base` of a shard (Dataset Decomposition, `ipt.data.decompose`)."""
+    ids = np.empty(n, dtype=np.int64)
+    labels = np.full(n, IGNORE, dtype=np.int64)
+    _put(ids, labels, tokens, base, ends_document, loss_mask)
+    return {"input_ids": ids, "labels": labels, "position_ids": np.arange(n, dtype=np.int64)}
+
+
+def _put(ids: np.ndarray, labels: np.ndarray, tokens: np.ndarray, base: int,
+         ends_document: bool, loss_mask: np.ndarray | None) -> None:
+    """Fill a segment's input ids and targets from the tokens at flat offset `base`."""
+    n = len(ids)
+    ids[:] = tokens[base:base + n]
+    # targets: the next token of the same document (which may lie past the segment, in the
+    # document's next piece); a document's last token (its EOS) has none
+    got = n - 1 if ends_document else n
+    labels[:got] = tokens[base + 1:base + 1 + got]
+    if loss_mask is not None:
+        labels[:got][loss_mask[base + 1:base + 1 + got] == 0] = IGNORE

@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from ipt.attention import kernel_of, model_inputs
-from ipt.config import SCORE_COLUMNS, ConfigError, ScoreConfig, TeacherConfig
+from ipt.config import SCORE_COLUMNS, ConfigError, ScoreConfig, TeacherConfig, max_len
 from ipt.data import tokenizer as tok
+from ipt.data.decompose import DecomposedShards
 from ipt.data.loader import PackedShards, stack, to_device, unstack
 from ipt.data.shards import ShardSet
 from ipt.engine import launcher_env, set_threads
@@ -62,7 +63,7 @@ def sequence_scores(logits: torch.Tensor, labels: torch.Tensor, k: int) -> np.nd
     return out
 
 
-def scores_path(source_dir: Path, data: PackedShards) -> Path:
+def scores_path(source_dir: Path, data: Any) -> Path:
     return source_dir / "scores" / f"{data.fingerprint}.npy"
 
 
@@ -92,7 +93,8 @@ def _settings(where: Path, settings: dict[str, Any]) -> None:
 class _Scores:
     """Scores: a block's rows in `parts/`, merged into one file when every block is in."""
 
-    def __init__(self, source_dir: Path, data: PackedShards, cfg: ScoreConfig) -> None:
+    def __init__(self, source_dir: Path, data: PackedShards | DecomposedShards,
+                 cfg: ScoreConfig) -> None:
         self.final = scores_path(source_dir, data)
         self.parts = self.final.parent / "parts" / data.fingerprint
         self.cfg, self.sequences, self.fingerprint = cfg, len(data), data.fingerprint
@@ -181,11 +183,16 @@ def score_source(model: Any, source_dir: Path, cfg: ScoreConfig, rank: int,
     if shards.tokenizer_fingerprint != tokenizer_fp:
         raise ConfigError(f"{source_dir} was tokenized with another tokenizer than "
                           f"tokenizer={cfg.tokenizer!r}")
-    data = PackedShards(shards, cfg.seq_len, cfg.packing, cfg.doc_masking)
+    data: PackedShards | DecomposedShards
+    if cfg.packing == "decompose":  # Dataset Decomposition's pieces, one score each
+        data = DecomposedShards(shards, cfg.decompose.min_len, max_len(cfg))
+    else:
+        data = PackedShards(shards, cfg.seq_len, cfg.packing, cfg.doc_masking)
     outputs: dict[str, Any] = {}
     if cfg.scores:
         outputs["scores"] = _Scores(source_dir, data, cfg)
     if cfg.soft_labels:
+        assert isinstance(data, PackedShards)  # (`score` refuses them for pieces)
         outputs["soft_labels"] = _SoftLabels(source_dir, data, cfg, tokenizer_fp,
                                              int(model.config.vocab_size))
     todo = [o for o in outputs.values() if not o.finished()]
@@ -199,12 +206,13 @@ def score_source(model: Any, source_dir: Path, cfg: ScoreConfig, rank: int,
         writers = [o.begin(b, end - start, cfg.seq_len) for o in need]
         for a in range(start, end, cfg.batch_size):
             items = [data[i] for i in range(a, min(a + cfg.batch_size, end))]
-            batch = to_device(unstack(stack(items)), model.device)  # with its documents
-            with torch.no_grad():
-                logits = model(input_ids=batch["input_ids"],
-                               **model_inputs(batch, kernel_of(model))).logits
-            for w in writers:
-                w.add(logits, batch["labels"].to(logits.device))
+            for run in _same_length(items):  # (pieces of one length each)
+                batch = to_device(unstack(stack(run)), model.device)  # with its documents
+                with torch.no_grad():
+                    logits = model(input_ids=batch["input_ids"],
+                                   **model_inputs(batch, kernel_of(model))).logits
+                for w in writers:
+                    w.add(logits, batch["labels"].to(logits.device))
             if bar is not None:
                 bar.update(len(items))
         for w in writers:
@@ -212,6 +220,17 @@ def score_source(model: Any, source_dir: Path, cfg: ScoreConfig, rank: int,
     if bar is not None:
         bar.close()
     return {what: o.finish(len(blocks)) for what, o in outputs.items()}
+
+
+def _same_length(items: list[dict[str, torch.Tensor]]) -> list[list[dict[str, torch.Tensor]]]:
+    """Consecutive items in runs of one sequence length (a batch is one tensor)."""
+    runs: list[list[dict[str, torch.Tensor]]] = []
+    for item in items:
+        if runs and len(runs[-1][0]["input_ids"]) == len(item["input_ids"]):
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
 
 
 def _progress(cfg: ScoreConfig, name: str, total: int, rank: int) -> Any:
@@ -231,6 +250,10 @@ def score(cfg: ScoreConfig) -> dict[str, dict[str, str | None]]:
                           "+sources.web=data/shards/web")
     if not cfg.scores and not cfg.soft_labels:
         raise ConfigError("nothing to do: scores=false and soft_labels=0")
+    if cfg.packing == "decompose" and cfg.soft_labels:
+        raise ConfigError("soft_labels are stored per packed sequence, and packing=decompose "
+                          "scores pieces of documents; score the pieces without them "
+                          "(soft_labels=0), or store soft labels for a bestfit packing")
     if cfg.soft_labels < 0 or cfg.top_k < 1:
         raise ConfigError(f"soft_labels={cfg.soft_labels} must be >= 0 (0: none) and "
                           f"top_k={cfg.top_k} >= 1")

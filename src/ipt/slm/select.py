@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -21,13 +22,25 @@ from ipt.data.loader import MixtureOrder, PackedShards
 from ipt.slm.score import COLUMNS, scores_path
 
 
-def load_scores(name: str, source_dir: Path, data: PackedShards, column: str) -> np.ndarray:
+class Scored(Protocol):
+    """A source's training sequences (packed, or Dataset Decomposition's pieces)."""
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def score_options(self) -> str: ...  # the options of data_pipeline/score.py that score them
+
+    def __len__(self) -> int: ...
+
+
+def load_scores(name: str, source_dir: Path, data: Scored, column: str) -> np.ndarray:
     path = scores_path(source_dir, data)
     if not path.exists():
         raise ConfigError(
             f"data.select: source {name} has no scores for its packing ({path.name}); run "
-            f"data_pipeline/score.py slm=<small LM> +sources.{name}={source_dir} seq_len={data.seq_len} "
-            f"packing={data.how} doc_masking={str(data.doc_masking).lower()}")
+            f"data_pipeline/score.py slm=<small LM> +sources.{name}={source_dir} "
+            f"{data.score_options}")
     scores = np.load(path)
     if scores.shape != (len(data), len(COLUMNS)):
         raise ConfigError(f"data.select: {path} holds {scores.shape[0]} scores for "
@@ -53,10 +66,9 @@ class SelectedOrder:
     def __init__(self, full: MixtureOrder, selected: Sequence[np.ndarray],
                  weights: Sequence[float], seed: int, until: int, max_repeat: float,
                  names: Sequence[str]) -> None:
-        digest = hashlib.sha256(b"".join(s.tobytes() for s in selected)).hexdigest()[:16]
         self.full, self.until = full, until
         self.early = MixtureOrder([len(s) for s in selected], weights, seed,
-                                  f"{full.key:x}:{digest}:{until}", max_repeat, names)
+                                  f"{full.key:x}:{digest(selected)}:{until}", max_repeat, names)
         self.back = np.concatenate([s + start for s, start in
                                     zip(selected, full.starts, strict=True)])
         self.key = self.early.key  # the data fingerprint a checkpoint records
@@ -65,11 +77,21 @@ class SelectedOrder:
         return int(self.back[self.early[k]]) if k < self.until else self.full[k]
 
 
+def selections(key: int, parts: Sequence[Scored], dirs: Sequence[Path],
+               names: Sequence[str], cfg: SelectConfig) -> list[np.ndarray]:
+    """Each source's selected sequences (indices within the source); `key` seeds sampling."""
+    rng = np.random.Generator(np.random.PCG64([key, 7]))
+    return [choose(load_scores(n, d, p, cfg.column), cfg, rng)
+            for n, d, p in zip(names, dirs, parts, strict=True)]
+
+
+def digest(selected: Sequence[np.ndarray]) -> str:
+    return hashlib.sha256(b"".join(s.tobytes() for s in selected)).hexdigest()[:16]
+
+
 def selected_order(full: MixtureOrder, parts: Sequence[PackedShards],
                    dirs: Sequence[Path], names: Sequence[str], weights: Sequence[float],
                    cfg: SelectConfig, seed: int, until: int,
                    max_repeat: float) -> SelectedOrder:
-    rng = np.random.Generator(np.random.PCG64([full.key, 7]))
-    selected = [choose(load_scores(n, d, p, cfg.column), cfg, rng)
-                for n, d, p in zip(names, dirs, parts, strict=True)]
+    selected = selections(full.key, parts, dirs, names, cfg)
     return SelectedOrder(full, selected, weights, seed, until, max_repeat, names)
