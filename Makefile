@@ -14,7 +14,7 @@ DEMO_SLM  ?= runs/demo-slm
 # CI runs the slow end-to-end tests too; `make test` locally skips them (`make test-slow` runs them).
 PYTEST_SELECT := $(if $(CI),,-m "not slow")
 
-.PHONY: setup train test test-slow bench experiment-salt experiment-ipt lint clean slurm check-latest lock
+.PHONY: setup train test test-slow bench experiment-salt experiment-ipt experiment-dd lint clean slurm check-latest lock
 
 setup: $(STAMP)
 
@@ -101,6 +101,10 @@ bench: $(STAMP)
 # SALT at toy scale: a 4-layer student with and without early KD from a 2-layer SLM (docs/salt.md)
 experiment-salt: $(STAMP)
 	$(PY) experiments/salt_kd.py $(ARGS)
+
+# Dataset Decomposition (grow_p2) against best-fit packing at the same tokens, 2 seeds (docs/data.md)
+experiment-dd: $(STAMP)
+	$(PY) experiments/dd_vs_bestfit.py $(ARGS)
 
 # Instruction pre-training against raw pre-training at equal tokens, 3 seeds (docs/evaluation.md)
 experiment-ipt: $(STAMP)

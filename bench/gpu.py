@@ -16,6 +16,8 @@ losses, callbacks), it writes one record per measurement to `--out`:
   weights, fused AdamW), and the trainer's ratio to it; the trainer again under ZeRO-0, to
   see what ZeRO-1's machinery costs on one GPU;
 - 350m at 2048;
+- Dataset Decomposition: 1b on pieces of 64 to 8192 tokens (4096 tokens per sequence slot),
+  against best-fit at 4096 and at 8192 with the same tokens per step;
 - kd and mtp: online KD from a teacher a quarter of the student's size, and 4-head MTP,
   as step-time ratios to next-token beside their FLOP ratios;
 - profile: where the best 1b step spends its GPU time, by kernel.
@@ -58,11 +60,13 @@ class StepClock:
 
     def on_start(self, trainer: Any) -> None:
         self.tokens_per_step = trainer.global_batch * trainer.seq_len
-        self.trainer = trainer
         self.flops = 0.0
+        self.lengths: list[int] = []  # each measured step's, under Dataset Decomposition
 
     def on_step(self, trainer: Any, metrics: dict[str, Any]) -> None:
         step = metrics["step"]
+        if self.warmup < step <= self.warmup + self.measure and "seq_len" in metrics:
+            self.lengths.append(int(metrics["seq_len"]))
         if step == self.warmup:
             sync()
             self.t0 = time.perf_counter()
@@ -93,7 +97,8 @@ class StepClock:
         return {"tokens_per_s": tokens / seconds, "step_time_s": seconds / self.measure,
                 "mfu": self.flops / seconds / peak if peak else None,
                 "flops_per_token": self.flops / tokens,
-                "peak_mem_gb": peak_mem_gb(), "host_syncs_per_step": self.syncs}
+                "peak_mem_gb": peak_mem_gb(), "host_syncs_per_step": self.syncs,
+                **({"step_lengths": self.lengths} if self.lengths else {})}
 
 
 GPU = torch.cuda.is_available()
@@ -333,6 +338,7 @@ def main() -> None:
     # in order of importance: what the budget cuts comes last
     measure("350m", trainer_run, args, "350m", "350m", 2048 if not args.quick else 512,
             best_opts)
+    decomposition(args, measure, seq, eager)
     student = compose(args, Path(args.work) / "probe", "1b", seq, {}).model
     if args.quick:
         student.num_layers, student.hidden_size, student.intermediate_size = 2, 512, 1536
@@ -358,6 +364,26 @@ def main() -> None:
     save()
     print(f"bench/gpu.py: {len(records)} records in {time.perf_counter() - start:.0f} s -> "
           f"{args.out}")
+
+
+def decomposition(args: argparse.Namespace, measure: Any, seq: int,
+                  packed: dict[str, Any] | None) -> None:
+    """Dataset Decomposition at 1b: pieces of 64 to 2 x seq tokens (a 4096-token step's
+    micro-batch holds two 8192-token pieces, or many short ones), in the `natural` order, so
+    the measured steps sample the epoch's mix of lengths; against best-fit at seq (`packed`,
+    the eager run) and at 2 x seq with the same tokens per micro-batch and step. Eager:
+    compiling would recompile for each new length inside the few measured steps."""
+    long = 2 * seq
+    half = max(1, args.micro_batch // 2)
+    wide = measure("1b-bestfit-2x", trainer_run, args, "1b-bestfit-2x", "1b", long, {
+        "train.micro_batch_size": half, "train.global_batch_size": half * args.accum})
+    dd = measure("1b-decompose", trainer_run, args, "1b-decompose", "1b", seq, {
+        "model.max_seq_len": long, "data.packing": "decompose", "data.decompose.min_len": 64,
+        "data.decompose.max_len": long, "data.decompose.curriculum": "natural"})
+    if dd and "tokens_per_s" in dd:
+        for base, key in ((packed, f"ratio_to_bestfit_{seq}"), (wide, f"ratio_to_bestfit_{long}")):
+            if base and "tokens_per_s" in base:
+                dd[key] = dd["tokens_per_s"] / base["tokens_per_s"]
 
 
 def profile(args: argparse.Namespace, seq: int, opts: dict[str, Any]) -> dict[str, Any]:

@@ -68,6 +68,10 @@ def main(argv: list[str]) -> None:
         import eval_cost
 
         results.append(eval_cost.run(data))
+    if not only or "decompose" in only:
+        import decompose
+
+        results.append(decompose.run(data))
     machine = {"cpu_count": os.cpu_count(), "torch": torch.__version__,
                "platform": platform.platform(), "gpu": torch.cuda.is_available()}
     out = HERE / "results"

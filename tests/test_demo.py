@@ -25,8 +25,8 @@ def test_make_train_runs_the_demo_end_to_end(tmp_path):
                   "`torch.distributed.", "Processing zero checkpoint", "Loading checkpoint shards",
                   "Setting OMP_NUM_THREADS", "Loading weights", "Cannot enable progress bars"):
         assert noise not in console, noise
-    assert "ipt: demo-synth finished at step 120" in proc.stdout
-    assert "ipt: demo-slm finished at step 100" in proc.stdout
+    assert "ipt: demo-synth finished at step 90" in proc.stdout
+    assert "ipt: demo-slm finished at step 70" in proc.stdout
     assert "ipt: demo finished at step 150" in proc.stdout
     mined = json.loads((data / "synth" / "rules" / "summary.json").read_text())
     assert 0.15 < (mined["ok"] + mined["no_pairs"]) / mined["docs"] < 0.25

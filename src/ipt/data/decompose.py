@@ -137,13 +137,11 @@ class DecomposedShards(Dataset):
 
     def __init__(self, shards: ShardSet, min_len: int, max_len: int) -> None:
         self.shards, self.min_len, self.max_len = shards, min_len, max_len
-        self.doc_starts: list[np.ndarray] = []
         self.total = self.dropped = 0
         rows: dict[int, list[np.ndarray]] = {}  # length -> [m, 3] (shard, token offset, end?)
         for k, shard in enumerate(shards.shards):
             ends = shard.doc_ends.astype(np.int64)
             starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
-            self.doc_starts.append(starts)
             cut = decompose(ends - starts, min_len, max_len)
             self.total, self.dropped = self.total + cut.total, self.dropped + cut.dropped
             for length, at in cut.starts.items():
@@ -291,8 +289,8 @@ class PieceBatches:
     """Index lists of this rank's micro-batches, from step `step` onwards: its contiguous
     slice of each step's pieces, in `micro_batches` equal parts."""
 
-    def __init__(self, order: DecomposedOrder | EarlyPhase, step: int, micro_batches: int, rank: int,
-                 world_size: int) -> None:
+    def __init__(self, order: DecomposedOrder | EarlyPhase, step: int, micro_batches: int,
+                 rank: int, world_size: int) -> None:
         self.order, self.step, self.micro_batches = order, step, micro_batches
         self.rank, self.world_size = rank, world_size
 

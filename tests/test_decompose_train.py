@@ -1,0 +1,97 @@
+"""Training on Dataset Decomposition's pieces: with SALT's selection and teacher and
+multi-token heads, killed and resumed exactly, on another number of ranks, and refused a
+resume with other settings."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from ipt.config import DecomposeConfig, ScoreConfig
+from ipt.data.decompose import DecomposedShards
+from ipt.data.shards import ShardSet
+from ipt.observe import read_metrics
+from ipt.slm.score import score
+
+from .conftest import run_pretrain, tiny_overrides
+from .test_resume import kill_after_step, losses
+
+SOURCES = ("docstrings", "packages")
+# 8 x 64 tokens a step, in pieces of 16, 32 or 64 tokens; micro-batches of 2 x 64 tokens
+DD = {"data.packing": "decompose", "data.decompose.min_len": 16,
+      "data.decompose.curriculum": "grow_p2", "data.decompose.cycles": 2}
+
+
+@pytest.fixture(scope="module")
+def scored_pieces(data_dir, tiny_lm, tmp_path_factory):
+    """A copy of the session's data whose pieces the tiny LM has scored."""
+    root = tmp_path_factory.mktemp("scored_pieces")
+    shutil.copytree(data_dir / "tokenizer", root / "tokenizer")
+    for n in SOURCES:
+        shutil.copytree(data_dir / "shards" / n, root / "shards" / n)
+    score(ScoreConfig(slm=str(tiny_lm), tokenizer=str(root / "tokenizer"), seq_len=64,
+                      packing="decompose", decompose=DecomposeConfig(min_len=16),
+                      sources={n: str(root / "shards" / n) for n in SOURCES},
+                      progress_bar="never", block_size=512))
+    return root
+
+
+def test_pieces_train_with_selection_a_teacher_and_mtp_heads(scored_pieces, tiny_lm, tmp_path):
+    pieces = DecomposedShards(ShardSet(scored_pieces / "shards" / "docstrings" / "train"), 16, 64)
+    (scores,) = (scored_pieces / "shards" / "docstrings" / "scores").glob("*.npy")
+    assert scores.name.endswith("-D16-64.npy") and np.load(scores).shape == (len(pieces), 3)
+
+    run = tmp_path / "run"
+    proc = run_pretrain(tiny_overrides(scored_pieces, run, **DD, **{
+        "train.max_steps": 8, "teacher": "kd", "teacher.path": tiny_lm, "teacher.kd_steps": 4,
+        "data.select.fraction": 0.5, "loss": "mtp", "loss.heads": 2,
+        "logger.peak_flops": 1e12}))
+    log = proc.stderr
+    assert "data selection: the first 4 steps draw from the top 50%" in log
+    assert "Dataset Decomposition:" in log and "steps per epoch, curriculum grow_p2 x 2" in log
+    assert "source docstrings:" in log and "pieces of 16/32/64 tokens" in log
+    rows = read_metrics(run / "metrics.jsonl")
+    assert rows[0]["seq_len"] == 64  # the longest first: too little memory shows at once
+    assert {r["seq_len"] for r in rows} <= {16, 32, 64} and len({r["seq_len"] for r in rows}) > 1
+    assert [r["tokens"] for r in rows] == [512 * s for s in range(1, 9)]  # whatever the length
+    assert all(r["kd"] > 0 for r in rows[:4]) and all(r["ce_2"] > 0 for r in rows)
+    assert all(r["mfu"] > 0 for r in rows)
+    assert rows[-1]["val_loss"] > 0
+
+
+@pytest.mark.slow
+def test_pieces_resume_bitwise_then_on_another_world_size_and_refuse_other_settings(
+        data_dir, tmp_path):
+    """Killed with SIGKILL and resumed on 2 ranks: the same losses, bit for bit. Then on 1
+    rank: the same pieces in the same steps (losses equal up to the order of sums). A resume
+    with another curriculum is refused with the reason."""
+    opts = {**DD, "train.max_steps": 16, "train.checkpoint_every": 4, "train.eval_every": 0,
+            "train.keep_last": 4}
+    ref_dir, run_dir, moved_dir = tmp_path / "reference", tmp_path / "run", tmp_path / "moved"
+    run_pretrain(tiny_overrides(data_dir, ref_dir, **opts), nproc=2)
+
+    died_at = kill_after_step(tiny_overrides(data_dir, run_dir, **opts), 2, run_dir, 6)
+    assert died_at < 16
+    run_pretrain(tiny_overrides(data_dir, run_dir, **opts), nproc=2)
+    ref, got = losses(ref_dir), losses(run_dir)
+    assert sorted(got) == list(range(1, 17))
+    assert got == ref  # exact float equality, every step, loss and grad norm
+
+    # the checkpoint of step 8, resumed on 1 rank
+    proc = run_pretrain(tiny_overrides(data_dir, moved_dir, **opts, **{
+        "train.resume": ref_dir / "checkpoints" / "step_00000008"}), nproc=1)
+    assert "at step 8" in proc.stderr
+    moved = losses(moved_dir)
+    assert sorted(moved) == list(range(9, 17))
+    for step in moved:
+        assert moved[step][0] == pytest.approx(ref[step][0], rel=1e-5), step
+    lengths = {r["step"]: r["seq_len"] for r in read_metrics(ref_dir / "metrics.jsonl")}
+    assert all(r["seq_len"] == lengths[r["step"]] for r in read_metrics(moved_dir / "metrics.jsonl"))
+
+    proc = run_pretrain(tiny_overrides(data_dir, run_dir, **{
+        **opts, "data.decompose.curriculum": "uniform", "train.max_steps": 20}), check=False)
+    assert proc.returncode != 0
+    assert "data.decompose.curriculum: checkpoint grow_p2, config uniform" in proc.stderr, \
+        proc.stderr[-2000:]
