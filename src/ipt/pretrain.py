@@ -122,8 +122,8 @@ def open_data(cfg: PretrainConfig, tokenizer_fp: str) -> tuple[Concat, Order,
         order = MixtureOrder([len(p) for p in train], weights, cfg.data.seed, fp,
                              cfg.data.max_repeat, names)
         if sel.fraction is not None:
-            order = selected_order(order, train, dirs, names, weights, sel, cfg.data.seed, steps * cfg.train.global_batch_size,
-                                   cfg.data.max_repeat)
+            order = selected_order(order, train, dirs, names, weights, sel, cfg.data.seed,
+                                   steps * cfg.train.global_batch_size, cfg.data.max_repeat)
     if sel.fraction is not None:
         log.info("data selection: the first %d steps draw from the %s %.0f%% of each source "
                  "by %s", steps, sel.mode, 100 * sel.fraction, sel.column)
