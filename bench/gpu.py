@@ -374,7 +374,10 @@ def decomposition(args: argparse.Namespace, measure: Any, seq: int,
     the eager run) and at 2 x seq with the same tokens per micro-batch and step. Eager:
     compiling would recompile for each new length inside the few measured steps."""
     long = 2 * seq
-    half = max(1, args.micro_batch // 2)
+    if args.micro_batch % 2:  # a micro-batch must hold whole pieces of 2 x seq tokens
+        print("bench/gpu.py: Dataset Decomposition skipped: --micro-batch must be even")
+        return
+    half = args.micro_batch // 2
     wide = measure("1b-bestfit-2x", trainer_run, args, "1b-bestfit-2x", "1b", long, {
         "train.micro_batch_size": half, "train.global_batch_size": half * args.accum})
     dd = measure("1b-decompose", trainer_run, args, "1b-decompose", "1b", seq, {
