@@ -8,9 +8,10 @@ Per sequence, over the positions that have a target (loss masks and document end
 - `frac_topk`: the share of targets inside the top-k.
 
 The sequences are the trainer's own: the source's shards packed with the same `seq_len`,
-packing and document masking, so the scores file is named by that packing's fingerprint
-(`{source}/scores/{fingerprint}.npy`, float32 [sequences, 3]) and the trainer finds it, or
-finds that it does not match. Work is cut into blocks of `block_size` sequences; block b goes
+packing and document masking, or with `packing=decompose` Dataset Decomposition's pieces of
+the same `decompose.min_len` and `max_len` (one score per piece). The scores file is named
+by that fingerprint (`{source}/scores/{fingerprint}.npy`, float32 [sequences, 3]), so the
+trainer finds it, or finds that it does not match. Work is cut into blocks of `block_size` sequences; block b goes
 to rank `b % world_size` (torchrun or srun set them), finished blocks are kept in
 `scores/parts/`, so a killed run goes on, and the last rank to finish merges them.
 

@@ -5,7 +5,9 @@ the selected sequences of each source: the top `fraction` by score (hard but lea
 `fraction` of them sampled without replacement with the scores as logits. The mixture
 weights and the repetition rule hold within the selection. After that, the stream is the
 ordinary mixture order. Both are pure functions of (seed, scores, fingerprints), so the
-loader's single counter still resumes exactly, on any number of ranks.
+loader's single counter still resumes exactly, on any number of ranks. Under Dataset
+Decomposition the same choice is made among each source's scored pieces, and the first
+steps follow a decomposed order of the selected pieces (`ipt.data.decompose.EarlyPhase`).
 """
 
 from __future__ import annotations
