@@ -1,6 +1,6 @@
 """What downstream evaluation during training costs (`make bench ARGS=eval`).
 
-The demo's pre-training recipe (`experiment=demo`: 150 steps on 2 CPU ranks, ZeRO-1) on the
+The demo's pre-training recipe (`experiment=demo`, at 150 steps: 2 CPU ranks, ZeRO-1) on the
 demo's raw shards, without evaluation and with `eval=heldout` (3 held-out tasks, 64 examples
 each, every 50 steps), one run after the other in the same benchmark. The tasks come from
 the documents the shards hold out (`data_pipeline/rc_tasks.py`). Reported: the ratio of the
@@ -33,7 +33,8 @@ def rc_tasks(data: Path, out: Path) -> Path:
 def train(data: Path, run_dir: Path, extra: list[str]) -> tuple[float, dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "train" / "pretrain.py"), "experiment=demo", f"data.root={data}",
-           f"run_dir={run_dir}", "train.threads_per_rank=1", "logger.progress_bar=never",
+           f"run_dir={run_dir}", "train.max_steps=150", "train.eval_every=50", "eval.every=50",
+           "train.threads_per_rank=1", "logger.progress_bar=never",
            "logger.plot=false", "train.export_at_end=false", "train.checkpoint_every=0",
            *extra]
     start = time.perf_counter()

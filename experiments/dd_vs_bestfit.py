@@ -13,8 +13,9 @@ validation set: best-fit sequences of 1024 tokens of the held-out documents. Rep
 seed: the final validation loss, the validation curve and the run's wall time.
 
 Every run is the real entry point (`train/pretrain.py`, one process, one thread, DeepSpeed
-ZeRO-1), `--parallel` at a time. Results go to experiments/results/dd_vs_bestfit.json and a
-table on stdout; docs/data.md records them.
+ZeRO-1), `--parallel` at a time. Results go to experiments/results/dd_vs_bestfit.json (with
+`--steps` other than 180: dd_vs_bestfit_<steps>.json) and a table on stdout; docs/data.md
+records them.
 """
 
 from __future__ import annotations
@@ -58,8 +59,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=180)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--parallel", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "runs" / "exp-dd"))
+    ap.add_argument("--out", default=None, help="run folders (default: runs/exp-dd, or "
+                    "runs/exp-dd-<steps> with other --steps)")
     args = ap.parse_args()
+    args.out = args.out or str(ROOT / "runs" / ("exp-dd" + ("" if args.steps == 180
+                                                            else f"-{args.steps}")))
 
     data = build_demo_data(DemoDataConfig(out=str(ROOT / "data" / "demo")))
     out = Path(args.out)
@@ -86,7 +90,8 @@ def main() -> None:
               "arms": {arm: " ".join(extra) for arm, extra in ARMS.items()}, "runs": rows}
     dest = ROOT / "experiments" / "results"
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "dd_vs_bestfit.json").write_text(json.dumps(result, indent=1))
+    name = "dd_vs_bestfit" + ("" if args.steps == 180 else f"_{args.steps}")
+    (dest / f"{name}.json").write_text(json.dumps(result, indent=1))
     print(f"tiny model, {args.steps} steps x 8 x 1024 tokens; validation: best-fit 1024")
     print("seed  arm       final val loss  wall s")
     for r in sorted(rows, key=lambda r: (r["seed"], r["arm"])):

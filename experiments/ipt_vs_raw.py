@@ -115,11 +115,8 @@ def build_data(out: Path, held_out: float) -> Path:
         run(["data_pipeline/prepare.py", f"tokenizer={tok}", f"out={data}/shards",
              f"+sources.synth_tuning.path={data}/synth/rules",
              "+sources.synth_tuning.format=synth_tuning", *common], logs / "prepare_tuning.log")
-        # the synthesizer of the recorded results: 120 steps (the demo now trains 90)
         run(["train/finetune.py", "experiment=synth_demo", f"data.root={data}",
-             f"run_dir={synth_model}", "train.max_steps=120", "train.eval_every=60",
-             "train.checkpoint_every=60", "schedule.warmup_steps=12",
-             "logger.progress_bar=never", "logger.plot=false"],
+             f"run_dir={synth_model}", "logger.progress_bar=never", "logger.plot=false"],
             logs / "synth_finetune.log", threads=2)
     if not (data / "synth" / "tiny" / "summary.json").exists():
         run(["data_pipeline/synthesize.py", f"source.path={data}/raw/packages",

@@ -98,3 +98,6 @@ def test_pieces_resume_bitwise_then_on_another_world_size_and_refuse_other_setti
     assert proc.returncode != 0
     assert "data.decompose.curriculum: checkpoint grow_p2, config uniform" in proc.stderr, \
         proc.stderr[-2000:]
+    proc = run_pretrain(tiny_overrides(data_dir, run_dir, **{
+        **opts, "data.packing": "bestfit", "train.max_steps": 20}), check=False)
+    assert proc.returncode != 0 and "packing: checkpoint decompose, config bestfit" in proc.stderr

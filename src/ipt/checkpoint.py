@@ -46,8 +46,8 @@ class TrainerState:
     consumed_samples: int = 0  # global samples consumed, over all ranks
     tokens_seen: int = 0
     data_fingerprint: str = ""
-    # the settings the sample order depends on beyond the data (Dataset Decomposition's),
-    # so that a resume with other ones is refused with the reason
+    # the settings the sample order depends on beyond the data (the packing, and Dataset
+    # Decomposition's), so that a resume with other ones is refused with the reason
     data_order: dict[str, Any] = field(default_factory=dict)
     tokenizer_fingerprint: str = ""
     world_size: int = 1

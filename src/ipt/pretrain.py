@@ -165,10 +165,11 @@ def decomposed_order(cfg: PretrainConfig, parts: list[DecomposedShards], names: 
 
 
 def data_order(cfg: PretrainConfig) -> dict[str, Any]:
-    """What Dataset Decomposition's steps depend on besides the data (empty otherwise)."""
+    """What the sample order depends on besides the data: the packing, and under Dataset
+    Decomposition the settings its steps are made with."""
     d = cfg.data
     if d.packing != "decompose":
-        return {}
+        return {"packing": d.packing}
     return {"packing": d.packing, "data.decompose.min_len": d.decompose.min_len,
             "data.decompose.max_len": max_len(d), "data.decompose.curriculum":
             d.decompose.curriculum, "data.decompose.cycles": d.decompose.cycles,
