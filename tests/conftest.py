@@ -5,9 +5,11 @@ as one process or under torchrun, in a subprocess."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,3 +104,20 @@ def wandb_records(run_file: Path):
             record.ParseFromString(b"".join(chunks))
             chunks = []
             yield record
+
+
+def scored_copy(data_dir: Path, slm: Path, root: Path, **options: Any) -> tuple[Path, dict]:
+    """A copy of the session's tokenizer and its two sources under `root`, put through the
+    scoring stage with the small LM `slm` and `ScoreConfig` options (the shared data stays
+    as it is); the copy, and what the stage returned."""
+    from ipt.config import ScoreConfig
+    from ipt.slm.score import score
+
+    shutil.copytree(data_dir / "tokenizer", root / "tokenizer")
+    sources = ("docstrings", "packages")
+    for n in sources:
+        shutil.copytree(data_dir / "shards" / n, root / "shards" / n)
+    out = score(ScoreConfig(slm=str(slm), tokenizer=str(root / "tokenizer"), seq_len=64,
+                            sources={n: str(root / "shards" / n) for n in sources},
+                            progress_bar="never", **options))
+    return root, out

@@ -4,21 +4,17 @@ resume with other settings."""
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
-from ipt.config import DecomposeConfig, ScoreConfig
+from ipt.config import DecomposeConfig
 from ipt.data.decompose import DecomposedShards
 from ipt.data.shards import ShardSet
 from ipt.observe import read_metrics
-from ipt.slm.score import score
 
-from .conftest import run_pretrain, tiny_overrides
+from .conftest import run_pretrain, scored_copy, tiny_overrides
 from .test_resume import kill_after_step, losses
 
-SOURCES = ("docstrings", "packages")
 # 8 x 64 tokens a step, in pieces of 16, 32 or 64 tokens; micro-batches of 2 x 64 tokens
 DD = {"data.packing": "decompose", "data.decompose.min_len": 16,
       "data.decompose.curriculum": "grow_p2", "data.decompose.cycles": 2}
@@ -27,15 +23,9 @@ DD = {"data.packing": "decompose", "data.decompose.min_len": 16,
 @pytest.fixture(scope="module")
 def scored_pieces(data_dir, tiny_lm, tmp_path_factory):
     """A copy of the session's data whose pieces the tiny LM has scored."""
-    root = tmp_path_factory.mktemp("scored_pieces")
-    shutil.copytree(data_dir / "tokenizer", root / "tokenizer")
-    for n in SOURCES:
-        shutil.copytree(data_dir / "shards" / n, root / "shards" / n)
-    score(ScoreConfig(slm=str(tiny_lm), tokenizer=str(root / "tokenizer"), seq_len=64,
-                      packing="decompose", decompose=DecomposeConfig(min_len=16),
-                      sources={n: str(root / "shards" / n) for n in SOURCES},
-                      progress_bar="never", block_size=512))
-    return root
+    return scored_copy(data_dir, tiny_lm, tmp_path_factory.mktemp("scored_pieces"),
+                       packing="decompose", decompose=DecomposeConfig(min_len=16),
+                       block_size=512)[0]
 
 
 def test_pieces_train_with_selection_a_teacher_and_mtp_heads(scored_pieces, tiny_lm, tmp_path):

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ipt.config import ScoreConfig, SelectConfig
+from ipt.config import SelectConfig
 from ipt.data.loader import MixtureOrder
-from ipt.slm.score import score
 from ipt.slm.select import SelectedOrder, choose
 
-from .conftest import run_pretrain, tiny_overrides
+from .conftest import run_pretrain, scored_copy, tiny_overrides
 
 
 def test_top_selection_takes_the_highest_scores_and_ranks_nan_last():
@@ -43,16 +42,7 @@ def test_the_early_samples_come_only_from_the_selection_then_the_full_mixture():
 @pytest.fixture(scope="module")
 def scored(data_dir, tiny_lm, tmp_path_factory):
     """A copy of the session's data with scores (the shared data stays unscored)."""
-    import shutil
-
-    root = tmp_path_factory.mktemp("scored")
-    shutil.copytree(data_dir / "tokenizer", root / "tokenizer")
-    for n in ("docstrings", "packages"):
-        shutil.copytree(data_dir / "shards" / n, root / "shards" / n)
-    score(ScoreConfig(slm=str(tiny_lm), tokenizer=str(root / "tokenizer"), seq_len=64,
-                      sources={n: str(root / "shards" / n) for n in ("docstrings", "packages")},
-                      progress_bar="never", block_size=256))
-    return root
+    return scored_copy(data_dir, tiny_lm, tmp_path_factory.mktemp("scored"), block_size=256)[0]
 
 
 def test_training_draws_its_early_steps_from_the_selection(scored, tmp_path):

@@ -20,7 +20,7 @@ from ipt.slm import soft_labels
 from ipt.slm.kd import kd_losses, offline_probs, online_probs
 from ipt.slm.score import score
 
-from .conftest import run_pretrain, tiny_overrides
+from .conftest import run_pretrain, scored_copy, tiny_overrides
 from .test_kd import setup
 
 SOURCES = ("docstrings", "packages")
@@ -56,14 +56,8 @@ def test_a_top_k_teacher_is_its_distribution_truncated_and_renormalised():
 @pytest.fixture(scope="module")
 def labelled(data_dir, tiny_lm, tmp_path_factory):
     """A copy of the session's data with top-16 soft labels for 64-token packing."""
-    root = tmp_path_factory.mktemp("labelled")
-    shutil.copytree(data_dir / "tokenizer", root / "tokenizer")
-    for n in SOURCES:
-        shutil.copytree(data_dir / "shards" / n, root / "shards" / n)
-    out = score(ScoreConfig(slm=str(tiny_lm), tokenizer=str(root / "tokenizer"), seq_len=64,
-                            sources={n: str(root / "shards" / n) for n in SOURCES},
-                            scores=False, soft_labels=16, block_size=128,
-                            progress_bar="never"))
+    root, out = scored_copy(data_dir, tiny_lm, tmp_path_factory.mktemp("labelled"),
+                            scores=False, soft_labels=16, block_size=128)
     assert all(set(v) == {"soft_labels"} and v["soft_labels"] for v in out.values())
     return root
 
