@@ -180,8 +180,7 @@ def bare_run(args: argparse.Namespace, model_name: str, seq: int,
     from ipt.data import tokenizer as tok
     from ipt.data.loader import to_device, train_loader
     from ipt.losses import build_loss
-    from ipt.model import build_model, compile_layers, flops_per_token
-    from ipt.mtp.heads import MTPModel
+    from ipt.model import FusedLM, build_model, compile_layers, flops_per_token
     from ipt.pretrain import open_data
 
     cfg = compose(args, Path(args.work) / "bare", model_name, seq, extra)
@@ -191,7 +190,7 @@ def bare_run(args: argparse.Namespace, model_name: str, seq: int,
     kernel = attention.choose(cfg.model.attn_implementation, dev, DTYPE)
     torch.manual_seed(0)
     lm = build_model(cfg.model, len(tokenizer), kernel=kernel)
-    model = MTPModel(lm, torch.nn.ModuleList()).to(dev)
+    model = FusedLM(lm).to(dev)
     if cfg.train.compile:
         compile_layers(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, fused=GPU)

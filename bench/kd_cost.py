@@ -79,7 +79,7 @@ def step_time(hidden: int = 256, steps: int = 12) -> dict:
 def _peak(kind: str) -> float:
     """Runs in a child: peak RSS (MiB) of one KD loss forward and backward above the RSS
     before it (the earlier peak, from start-up, must be lower: asserted)."""
-    from ipt.slm.kd import kd_losses, online_probs
+    from ipt.losses.kd import kd_losses, online_probs
 
     torch.manual_seed(0)
     n, seq, vocab = 4, 512, 32_000

@@ -48,10 +48,10 @@ def _arm(name: str, vocab: int, hidden: int, seq: int):
     if name == "ntp":
         return lm, NextTokenLoss()
     n = int(name[3:].split("-")[0])
-    from ipt.mtp.loss import MTPLoss
+    from ipt.losses import FusedLoss
 
     cfg = LossConfig(name="mtp", heads=n, memory_efficient=not name.endswith("naive"))
-    return attach(lm, n - 1, None), MTPLoss(cfg, eos_id=2)
+    return attach(lm, n - 1, None), FusedLoss(cfg, eos_id=2)
 
 
 def _peak(name: str, vocab: int = 32_000, hidden: int = 256, batch: int = 4,

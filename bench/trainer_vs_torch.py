@@ -20,8 +20,7 @@ from ipt.data.loader import MixtureOrder, PackedShards, to_device, train_loader
 from ipt.data.shards import ShardSet
 from ipt.engine import build_engine, init_distributed
 from ipt.losses import build_loss
-from ipt.model import build_model
-from ipt.mtp.heads import MTPModel
+from ipt.model import FusedLM, build_model
 from ipt.schedule import lr_multiplier
 from ipt.trainer import Trainer
 
@@ -70,14 +69,14 @@ def run(data: Path, stage: int = 1, threads: int = 2, rounds: int = 5,
     vocab = int(ds.shards.shards[0].meta["vocab_size"])
 
     torch.manual_seed(0)
-    bare = MTPModel(build_model(cfg.model, vocab), torch.nn.ModuleList())
+    bare = FusedLM(build_model(cfg.model, vocab))
     o = cfg.optim
     opt = torch.optim.AdamW(bare.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                             weight_decay=o.weight_decay, foreach=True)
     bare_batches = train_loader(ds, order, 0, 8, 8, 0, 1, cfg.data.num_workers)
 
     torch.manual_seed(0)
-    model = MTPModel(build_model(cfg.model, vocab), torch.nn.ModuleList())
+    model = FusedLM(build_model(cfg.model, vocab))
     engine = build_engine(model, cfg, 1, lr_multiplier(cfg.schedule, 10**6))
     trainer = Trainer(engine, LOSS, train_loader(ds, order, 0, 8, 8, 0, 1,
                                                             cfg.data.num_workers),

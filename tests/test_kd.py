@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 from ipt.config import ConfigError, TeacherConfig
 from ipt.losses import IGNORE
+from ipt.losses.kd import kd_losses, online_probs
 from ipt.observe import read_metrics
 from ipt.slm import teacher
-from ipt.slm.kd import kd_losses, kd_weight, online_probs
+from ipt.slm.kd import kd_weight
 
 from .conftest import run_pretrain, tiny_overrides
 

@@ -19,12 +19,13 @@ from ipt.config import ConfigError, LossConfig, ModelConfig, register, to_object
 from ipt.data.packing import assemble, pack_concat
 from ipt.export import load_checkpoint
 from ipt.losses import IGNORE, NextTokenLoss
+from ipt.losses.fused import FusedLoss as MTPLoss
+from ipt.losses.fused import head_targets
+from ipt.losses.kd import KDTerm, online_probs
 from ipt.model import build_model
 from ipt.mtp import decode
 from ipt.mtp.heads import HEADS_FILE, HeadsError, MTPModel, attach, load_heads, new_heads
-from ipt.mtp.loss import KDTerm, MTPLoss, head_targets
 from ipt.observe import read_metrics
-from ipt.slm.kd import online_probs
 
 from .conftest import ROOT, run_pretrain, tiny_overrides
 

@@ -15,9 +15,9 @@ from ipt.config import ConfigError, ScoreConfig
 from ipt.data import tokenizer as tok
 from ipt.data.loader import Concat, PackedShards
 from ipt.data.shards import ShardSet
+from ipt.losses.kd import kd_losses, offline_probs, online_probs
 from ipt.observe import read_metrics
 from ipt.slm import soft_labels
-from ipt.slm.kd import kd_losses, offline_probs, online_probs
 from ipt.slm.score import score
 
 from .conftest import run_pretrain, scored_copy, tiny_overrides

@@ -14,11 +14,10 @@ import torch
 from ipt.config import LossConfig, ModelConfig
 from ipt.data.loader import stack, to_device, unstack
 from ipt.losses import IGNORE, build_loss
+from ipt.losses.kd import KDTerm, online_probs
 from ipt.model import build_model, checkpoint_layers, compile_layers
 from ipt.mtp.heads import attach
-from ipt.mtp.loss import KDTerm
 from ipt.observe import read_metrics
-from ipt.slm.kd import online_probs
 
 from .conftest import ROOT, run_pretrain, tiny_overrides
 

@@ -18,8 +18,6 @@ from typing import Any
 
 import torch
 
-ANOMALY_ACTIONS = ("skip", "stop", "rollback", "none")
-
 
 class SkippableAdamW(torch.optim.AdamW):
     """AdamW whose `step()` does nothing while `skip` is set.

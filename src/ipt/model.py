@@ -1,5 +1,6 @@
 """Llama-family causal LMs from `transformers`: built from a config or loaded for continual
-pre-training, with the attention kernel chosen by what the machine has."""
+pre-training, with the attention kernel chosen by what the machine has; and `FusedLM`, the
+module the training engine wraps, whose forward is the loss."""
 
 from __future__ import annotations
 
@@ -136,3 +137,46 @@ def compile_layers(model: torch.nn.Module) -> int:
     for layer in layers:
         layer.forward = torch.compile(layer.forward)
     return len(layers)
+
+
+class FusedLM(torch.nn.Module):
+    """The module the training engine wraps: `model` and `lm_head` (the causal LM's own
+    modules, so their state-dict keys stay the causal LM's). Its forward is the fused
+    unembedding and loss of its heads' hidden states (`ipt.losses.fused`): here head 1 alone;
+    a technique that adds heads extends `hidden` (`ipt.mtp.heads.MTPModel`)."""
+
+    def __init__(self, lm: PreTrainedModel) -> None:
+        super().__init__()
+        self.model, self.lm_head = lm.model, lm.lm_head
+        self.config = lm.config
+        object.__setattr__(self, "lm", lm)  # the whole causal LM, not registered twice
+        # The fused loss reads the unembedding directly rather than calling its module: under
+        # ZeRO-3 this keeps it gathered for the whole forward (elsewhere it is a no-op).
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        register_external_parameter(self, self.lm_head.weight)
+
+    def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+               past: Any = None, head_past: Any = None, heads: bool = True,
+               documents: dict[str, Any] | None = None) -> list[torch.Tensor]:
+        """The normed hidden states of every head, [batch, seq, hidden] each, head 1 first
+        (head 1's alone when not `heads`). `past` / `head_past`: KV caches of the model and
+        of any extra heads, when decoding; `documents`: position ids and the attention
+        kernel's document inputs (`ipt.attention.model_inputs`), which replace
+        `position_ids`."""
+        inputs = dict(documents) if documents is not None else {"position_ids": position_ids}
+        out = self.model(input_ids=input_ids, use_cache=past is not None,
+                         **cache_kwargs(self.model, past), **inputs)
+        return [out.last_hidden_state]
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, scales: list[Any],
+                documents: dict[str, Any] | None = None, kd: Any = None,
+                memory_efficient: bool = True, chunk_size: int = 1024,
+                heads: bool = True) -> Any:
+        """The weighted loss of every head (`ipt.losses.fused`), or of head 1 alone when not
+        `heads`: run inside the engine's forward, so ZeRO-3 gathers what it uses and sees one
+        forward and one backward. `documents`: see `hidden`."""
+        from ipt.losses.fused import heads_loss
+
+        hs = self.hidden(input_ids, heads=heads, documents=documents)
+        return heads_loss(hs, self.lm_head, targets, scales, kd, memory_efficient, chunk_size)

@@ -35,8 +35,8 @@ from ipt.engine import Dist, build_engine, init_distributed
 from ipt.export import ExportAtEnd
 from ipt.health import AnomalyPolicy, LossAnomalies
 from ipt.losses import Loss, build_loss
-from ipt.model import build_model, checkpoint_layers, compile_layers, flops_per_token
-from ipt.mtp.heads import MTPModel, attach
+from ipt.model import FusedLM, build_model, checkpoint_layers, compile_layers, flops_per_token
+from ipt.mtp.heads import attach
 from ipt.observe import MetricsLogger, peak_flops
 from ipt.schedule import lr_multiplier
 from ipt.slm import select
@@ -329,10 +329,13 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests,
     head_params = None
     # The engine wraps the LM with its fused unembedding and loss (`ipt.mtp.heads`), with
     # the extra heads of multi-token prediction or none.
-    model = attach(lm, extra_heads, cfg.model.init_from, cfg.loss.head_type) if extra_heads \
-        else MTPModel(lm, torch.nn.ModuleList())
+    model: FusedLM
     if extra_heads:
-        head_params = sum(p.numel() for p in model.mtp_heads[0].parameters())
+        mtp_model = attach(lm, extra_heads, cfg.model.init_from, cfg.loss.head_type)
+        head_params = sum(p.numel() for p in mtp_model.mtp_heads[0].parameters())
+        model = mtp_model
+    else:
+        model = FusedLM(lm)
     t = cfg.train
     recomputed = checkpoint_layers(model, t.activation_checkpointing, t.ac_every)
     compiled = compile_layers(model) if t.compile else 0

@@ -33,12 +33,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from ipt.model import CACHE_KWARGS, cache_kwargs
+from ipt.config import HEAD_TYPES
+from ipt.model import CACHE_KWARGS, FusedLM, cache_kwargs
 
 HEADS_FILE = "mtp_heads.safetensors"
 HEADS_CONFIG = "mtp_config.json"
 PREFIX = "mtp_heads."
-HEAD_TYPES = ("parallel", "sequential")
 
 
 class HeadsError(ValueError):
@@ -85,25 +85,17 @@ def head_type_of(heads: nn.ModuleList) -> str:
     return "sequential" if len(heads) and isinstance(heads[0], SequentialModule) else "parallel"
 
 
-class MTPModel(nn.Module):
-    """The module the training engine wraps: `model`, `lm_head` (the causal LM's own modules,
-    so their state-dict keys stay the causal LM's) and `mtp_heads`."""
+class MTPModel(FusedLM):
+    """`FusedLM` with `mtp_heads`: its hidden states are head 1's, then each extra head's."""
 
     def __init__(self, lm: PreTrainedModel, heads: nn.ModuleList) -> None:
-        super().__init__()
-        self.model, self.lm_head, self.mtp_heads = lm.model, lm.lm_head, heads
-        self.config = lm.config
-        object.__setattr__(self, "lm", lm)  # the whole causal LM, not registered twice
+        super().__init__(lm)
+        self.mtp_heads = heads
         self.head_type = head_type_of(heads)
         self._seen: tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None = None
         self._capturing = False
         if len(heads):
             lm.model.layers[-1].register_forward_hook(self._capture, with_kwargs=True)
-        # The fused loss reads the unembedding directly rather than calling its module: under
-        # ZeRO-3 this keeps it gathered for the whole forward (elsewhere it is a no-op).
-        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-
-        register_external_parameter(self, self.lm_head.weight)
 
     @property
     def n(self) -> int:
@@ -120,18 +112,13 @@ class MTPModel(nn.Module):
     def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                past: Any = None, head_past: Any = None, heads: bool = True,
                documents: dict[str, Any] | None = None) -> list[torch.Tensor]:
-        """The normed hidden states of every head, [batch, seq, hidden] each, head 1 first
-        (head 1's alone when not `heads`). `past` / `head_past`: KV caches of the model and
-        of the heads, when decoding; `documents`: position ids and the attention kernel's
-        document inputs (`ipt.attention.model_inputs`), which replace `position_ids`."""
-        inputs = dict(documents) if documents is not None else {"position_ids": position_ids}
+        """See `FusedLM.hidden`; the extra heads read what the last layer read (captured by
+        its forward hook) and keep their own KV cache, `head_past`."""
         self._capturing = True
         try:
-            out = self.model(input_ids=input_ids, use_cache=past is not None,
-                             **cache_kwargs(self.model, past), **inputs)
+            hs = super().hidden(input_ids, position_ids, past, documents=documents)
         finally:
             self._capturing = False
-        hs = [out.last_hidden_state]
         if heads and len(self.mtp_heads):
             assert self._seen is not None, "the last layer's hook did not run"
             z, h, kwargs = self._seen
@@ -151,18 +138,6 @@ class MTPModel(nn.Module):
                     out = head(z, **kwargs)
                     hs.append(self.model.norm(out[0] if isinstance(out, tuple) else out))
         return hs
-
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, scales: list[Any],
-                documents: dict[str, Any] | None = None, kd: Any = None,
-                memory_efficient: bool = True, chunk_size: int = 1024,
-                heads: bool = True) -> Any:
-        """The weighted loss of every head (see `ipt.mtp.loss`), or of head 1 alone when not
-        `heads`: run inside the engine's forward, so ZeRO-3 gathers what it uses and sees one
-        forward and one backward. `documents`: see `hidden`."""
-        from ipt.mtp.loss import heads_loss
-
-        hs = self.hidden(input_ids, heads=heads, documents=documents)
-        return heads_loss(hs, self.lm_head, targets, scales, kd, memory_efficient, chunk_size)
 
 
 def attach(lm: PreTrainedModel, extra: int, init_from: str | None,

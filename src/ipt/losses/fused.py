@@ -1,4 +1,4 @@
-"""The multi-token prediction loss (`loss=mtp`):
+"""The fused unembedding and cross-entropy of one or more heads (`loss=ntp`: one; `loss=mtp`: n):
 
     L = sum_i w_i * CE_i          (loss.reduction=sum)   or   the same / n   (mean)
 
@@ -18,7 +18,7 @@ runs over chunks of positions and computes, in its forward, the loss and its gra
 respect to the heads' hidden states and the unembedding weight. Logits exist one chunk at a
 time for every head; what is kept for the backward is the hidden states' gradient and the
 unembedding's (an fp32 [vocab, hidden] buffer). Nothing is recomputed.
-See docs/design-notes.md.
+See docs/design-notes.md. (The heads themselves are `ipt.mtp`'s.)
 
 With a teacher (SALT), head 1's term is (1 - w) * CE + w * KD, computed the same way.
 """
@@ -26,25 +26,15 @@ With a teacher (SALT), head 1's term is (1 - w) * CE + w * KD, computed the same
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ipt.attention import kernel_of, model_inputs
-from ipt.config import ConfigError, LossConfig
-from ipt.losses import IGNORE, LossOutput
-from ipt.slm.kd import TeacherProbs, chunk_grad, kd_losses
-
-
-@dataclass
-class KDTerm:
-    """Distillation on head 1: the teacher's distribution per chunk, temperature, weight."""
-
-    probs: TeacherProbs
-    tau: float
-    w: float
+from ipt.config import LossConfig
+from ipt.losses.base import IGNORE, LossOutput
+from ipt.losses.kd import KDTerm, chunk_grad, kd_losses
 
 
 def head_targets(input_ids: torch.Tensor, labels: torch.Tensor, n: int,
@@ -156,9 +146,11 @@ def heads_loss(hs: list[torch.Tensor], lm_head: torch.nn.Module, targets: torch.
                               chunk_size, torch.is_grad_enabled())
 
 
-class MTPLoss:
-    """n-head loss through the engine's MTP model. In evaluation only head 1 runs and the
-    loss is its CE, so `val_loss` means the same with and without extra heads."""
+class FusedLoss:
+    """The loss of `cfg.heads` heads through the engine's model (`ipt.model.FusedLM`, or
+    one with extra heads attached): next-token loss is its one-head case. In evaluation only
+    head 1 runs and the loss is its CE, so `val_loss` means the same with and without extra
+    heads."""
 
     takes_kd = True  # DistillationLoss hands it the teacher for head 1
 
@@ -203,28 +195,3 @@ class MTPLoss:
         if not training:
             loss = per_head[0].float()
         return LossOutput(loss, metrics, found[0])
-
-
-def check(cfg: LossConfig) -> None:
-    """What the schema cannot say about an MTP loss config."""
-    from ipt.mtp.heads import HEAD_TYPES
-
-    if cfg.heads < 1:
-        raise ConfigError(f"loss.heads={cfg.heads}: there must be at least one head (head 1 "
-                          "is the next-token head)")
-    if cfg.head_type not in HEAD_TYPES:
-        raise ConfigError(f"loss.head_type={cfg.head_type!r}; built: {HEAD_TYPES}")
-    for key in ("weights", "later_weights"):
-        w = getattr(cfg, key)
-        if w is not None and (len(w) != cfg.heads or any(x < 0 for x in w)):
-            raise ConfigError(f"loss.{key}={list(w)} must give one weight >= 0 per head "
-                              f"(loss.heads={cfg.heads})")
-    if (cfg.later_weights is None) != (cfg.later_from_step is None):
-        raise ConfigError("loss.later_weights and loss.later_from_step go together: set both "
-                          "(or neither)")
-    if cfg.later_from_step is not None and cfg.later_from_step < 0:
-        raise ConfigError(f"loss.later_from_step={cfg.later_from_step} must be >= 0 (optimizer "
-                          "steps done before the later weights apply)")
-    if cfg.reduction not in ("sum", "mean") or cfg.chunk_size < 1:
-        raise ConfigError(f"loss.reduction={cfg.reduction!r} must be sum or mean, "
-                          f"loss.chunk_size={cfg.chunk_size} >= 1")
