@@ -117,6 +117,7 @@ slurm:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src train data_pipeline tests bench experiments
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports  # the layers of docs/design-notes.md ([tool.importlinter])
 
 clean:
 	rm -rf runs outputs multirun $(LATEST_VENV)

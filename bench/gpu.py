@@ -179,14 +179,14 @@ def bare_run(args: argparse.Namespace, model_name: str, seq: int,
     weights, fused AdamW, gradient clipping; no DeepSpeed, no trainer."""
     from ipt.data import tokenizer as tok
     from ipt.data.loader import to_device, train_loader
+    from ipt.data.sampling import Packed, open_train
     from ipt.losses import build_loss
     from ipt.model import FusedLM, build_model, compile_layers, flops_per_token
-    from ipt.pretrain import open_data
 
     cfg = compose(args, Path(args.work) / "bare", model_name, seq, extra)
     dev = DEVICE
     tokenizer = tok.load(cfg.tokenizer)
-    train, order, _ = open_data(cfg, tok.fingerprint(cfg.tokenizer))
+    data = open_train(cfg, tok.fingerprint(cfg.tokenizer), Packed(cfg))
     kernel = attention.choose(cfg.model.attn_implementation, dev, DTYPE)
     torch.manual_seed(0)
     lm = build_model(cfg.model, len(tokenizer), kernel=kernel)
@@ -197,8 +197,9 @@ def bare_run(args: argparse.Namespace, model_name: str, seq: int,
     loss_fn = build_loss(cfg.loss, tokenizer.eos_token_id)
     t = cfg.train
     accum = t.global_batch_size // t.micro_batch_size
-    batches = train_loader(train, order, 0, t.global_batch_size, t.micro_batch_size, 0, 1,
-                           pin_memory=GPU)
+    assert data.dataset is not None
+    batches = train_loader(data.dataset, data.order, 0, t.global_batch_size,
+                           t.micro_batch_size, 0, 1, pin_memory=GPU)
     t0 = 0.0
     try:
         for step in range(args.warmup + args.measure):

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from ipt.config import ModelConfig, SourceConfig, SynthBackendConfig, SynthesizeConfig
+from ipt.data import pairs as fmt
 from ipt.data import tokenizer as tok
 from ipt.model import build_model
-from ipt.synth import format as fmt
-from ipt.synth.backends import Request, TokenCounter
+from ipt.synth.backend import Request, TokenCounter
 from ipt.synth.hf import Generator
 from ipt.synth.openai import OpenAIBackend
 from ipt.synth.rules import Miner

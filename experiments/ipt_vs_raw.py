@@ -41,10 +41,10 @@ sys.path.insert(0, str(ROOT / "src"))
 from ipt.config import DemoDataConfig, SourceConfig  # noqa: E402
 from ipt.data import sources as src  # noqa: E402
 from ipt.data.demo import build_demo_data  # noqa: E402
+from ipt.data.pairs import Pair  # noqa: E402
+from ipt.data.templates import render_pair, rng_for  # noqa: E402
 from ipt.evaluate import flat_metrics  # noqa: E402
-from ipt.synth.format import Pair  # noqa: E402
 from ipt.synth.rc_tasks import TASK_NAMES, TEXT_TASK  # noqa: E402
-from ipt.synth.templates import render_pair, rng_for  # noqa: E402
 
 ARMS = ("vanilla", "instruct", "mix")
 FEW_SHOT_TASKS = ["heldout_mc_sciq", "heldout_mc_unseen", "heldout_boolq", "heldout_em_sciq"]

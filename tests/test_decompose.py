@@ -6,16 +6,9 @@ import numpy as np
 import pytest
 
 from ipt.config import CURRICULA, ConfigError
-from ipt.data.decompose import (
-    DecomposedOrder,
-    DecomposedShards,
-    EarlyPhase,
-    PieceBatches,
-    bucket_order,
-    decompose,
-    piece_ids,
-)
+from ipt.data.pieces import DecomposedShards, decompose
 from ipt.data.shards import ShardError, ShardSet, ShardWriter
+from ipt.decompose.order import DecomposedOrder, EarlyPhase, PieceBatches, bucket_order, piece_ids
 from ipt.losses import IGNORE
 
 

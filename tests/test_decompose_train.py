@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ipt.config import DecomposeConfig
-from ipt.data.decompose import DecomposedShards
+from ipt.data.pieces import DecomposedShards
 from ipt.data.shards import ShardSet
 from ipt.observe import read_metrics
 

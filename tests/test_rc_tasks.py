@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from ipt.config import ConfigError, EvaluateConfig, RCTasksConfig, SourceConfig, SynthesizeConfig
+from ipt.data import pairs as fmt
+from ipt.data import templates
 from ipt.data.prepare import is_valid_doc
-from ipt.synth import format as fmt
-from ipt.synth import rules, templates
+from ipt.synth import rules
 from ipt.synth.rc_tasks import FORMATS, TASK_NAMES, TEXT_TASK, build
 from ipt.synth.stage import synthesize
 

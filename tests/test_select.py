@@ -7,7 +7,8 @@ import pytest
 
 from ipt.config import SelectConfig
 from ipt.data.loader import MixtureOrder
-from ipt.slm.select import SelectedOrder, choose
+from ipt.data.sampling import SelectedOrder
+from ipt.slm.select import choose
 
 from .conftest import run_pretrain, scored_copy, tiny_overrides
 

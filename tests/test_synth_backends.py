@@ -17,7 +17,7 @@ import pytest
 
 from ipt.config import ConfigError, SourceConfig, SynthBackendConfig, SynthesizeConfig
 from ipt.synth import backends
-from ipt.synth.backends import Request
+from ipt.synth.backend import Request
 from ipt.synth.hf import Generator
 from ipt.synth.server import make_server
 from ipt.synth.stage import synthesize

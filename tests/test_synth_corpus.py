@@ -10,11 +10,11 @@ import pytest
 
 from ipt.config import ConfigError, PrepareConfig, SourceConfig, SynthesizeConfig
 from ipt.data import sources as src
+from ipt.data import templates
 from ipt.data import tokenizer as tok
+from ipt.data.pairs import Pair
 from ipt.data.prepare import prepare
 from ipt.data.shards import Shard
-from ipt.synth import templates
-from ipt.synth.format import Pair
 from ipt.synth.stage import synthesize
 
 PAIRS = [Pair("Which colour is the sky?\nOptions:\n- blue\n- green\n- red", "blue"),

@@ -1,7 +1,7 @@
 """The released synthesizer's format: prompts byte for byte, and parsing of imperfect output."""
 
-from ipt.synth import format as fmt
-from ipt.synth.format import Pair
+from ipt.data import pairs as fmt
+from ipt.data.pairs import Pair
 
 
 def test_a_finished_example_matches_the_released_layout_exactly():

@@ -15,7 +15,7 @@ from transformers.utils import logging as hf_logging
 
 from ipt import checkpoint, quiet
 from ipt.checkpoint import CheckpointError
-from ipt.mtp import heads as mtp
+from ipt.techniques import TECHNIQUES, state_prefixes
 
 log = logging.getLogger(__name__)
 
@@ -49,28 +49,24 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def load_checkpoint(ckpt: str | Path) -> tuple[PreTrainedModel, dict[str, torch.Tensor]]:
     """The trained causal LM of a checkpoint, as a plain `transformers` module in fp32, and
-    the weights of its extra MTP heads (`mtp_heads.*`; empty without them)."""
+    the weights that are its techniques' (the extra MTP heads, `mtp_heads.*`; empty without
+    them)."""
     return _load(resolve_checkpoint(ckpt))
-
-
-def head_type(ckpt: Path) -> str:
-    """The MTP head type a checkpoint was trained with (its resolved config)."""
-    loss = checkpoint.read_state(ckpt).config.get("loss") or {}
-    return str(loss.get("head_type", "parallel"))
 
 
 def _load(path: Path) -> tuple[PreTrainedModel, dict[str, torch.Tensor]]:
     config = AutoConfig.from_pretrained(path / "hf_config")
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = consolidated_state_dict(path)
-    heads = {k: state.pop(k) for k in [k for k in state if k.startswith(mtp.PREFIX)]}
+    owned = state_prefixes()
+    extra = {k: state.pop(k) for k in [k for k in state if k.startswith(owned)]}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise CheckpointError(f"{path} does not fit its model config: missing {missing}, "
                               f"unexpected {unexpected}")
     model.tie_weights()
-    return model.eval(), heads
+    return model.eval(), extra
 
 
 def load_checkpoint_model(ckpt: str | Path) -> PreTrainedModel:
@@ -78,16 +74,19 @@ def load_checkpoint_model(ckpt: str | Path) -> PreTrainedModel:
 
 
 def export_hf(ckpt: str | Path, out: str | Path, tokenizer_dir: str | Path) -> Path:
-    """A Hugging Face folder `transformers` loads as it is; MTP heads, if the model has any,
-    go beside it (`mtp_heads.safetensors`, `mtp_config.json`)."""
+    """A Hugging Face folder `transformers` loads as it is; what a technique keeps, it writes
+    beside it (MTP heads, if the model has any: `mtp_heads.safetensors`, `mtp_config.json`)."""
     out = Path(out)
     path = resolve_checkpoint(ckpt)
-    model, heads = _load(path)
+    model, extra = _load(path)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.config.use_cache = True
     model.save_pretrained(tmp, safe_serialization=True)
-    mtp.save_heads(heads, model.config, tmp, head_type(path))
+    run_config = checkpoint.read_state(path).config
+    for kind in TECHNIQUES.values():
+        kind.export({k: v for k, v in extra.items() if kind.state_prefix
+                     and k.startswith(kind.state_prefix)}, model.config, tmp, run_config)
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

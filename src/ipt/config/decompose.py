@@ -17,7 +17,7 @@ CURRICULA = ("natural", "uniform", "grow_linear", "grow_p2")  # `ipt.decompose`
 
 @dataclass
 class DecomposeConfig:
-    """Dataset Decomposition (`data.packing=decompose`, `ipt.data.decompose`): every sequence
+    """Dataset Decomposition (`data.packing=decompose`, `ipt.decompose`): every sequence
     is one piece of one document, of a power of two from min_len to max_len tokens; each
     step draws one length, and a curriculum orders the lengths (docs/data.md)."""
 

@@ -16,34 +16,18 @@ import gzip
 import json
 import lzma
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ipt.config import ConfigError, SourceConfig
+from ipt.data import augmented
+from ipt.data.records import Doc, Record, Reject
 
 FORMATS = ("auto", "jsonl", "parquet", "text", "hf", "hf_disk", "synth", "synth_tuning")
-SYNTH_FORMATS = ("synth", "synth_tuning")  # the synthesize stage's output (`ipt.synth.corpus`)
+SYNTH_FORMATS = ("synth", "synth_tuning")  # the synthesize stage's output (`ipt.data.augmented`)
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.bz2", ".jsonl.xz",
                   ".jsonl.zst")
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
-
-
-@dataclass(frozen=True)
-class Doc:
-    id: str
-    text: str
-    # Character spans of `text` whose tokens are trained on (SFT-style data); None: all.
-    loss_spans: tuple[tuple[int, int], ...] | None = None
-
-
-@dataclass(frozen=True)
-class Reject:
-    id: str  # the location, when the record has no readable id
-    reason: str
-
-
-Record = Doc | Reject
 
 
 def detect_format(path: Path) -> str:
@@ -85,9 +69,7 @@ def check(spec: SourceConfig) -> str:
         raise ConfigError(f"source {spec.name}: path={spec.path!r} does not exist")
     fmt = detect_format(path) if spec.format == "auto" else spec.format
     if fmt in SYNTH_FORMATS:
-        from ipt.synth import corpus
-
-        corpus.check(spec)
+        augmented.check(spec)
     if fmt in ("jsonl", "parquet", "text") and not files_of(path, fmt):
         raise ConfigError(f"source {spec.name}: no {fmt} files under {spec.path}")
     return fmt
@@ -133,9 +115,8 @@ def read(spec: SourceConfig) -> Iterator[Record]:
         for f in files_of(root, fmt):
             yield _text_file(f, f"{spec.name}/{_rel(f, root)}")
     elif fmt in SYNTH_FORMATS:
-        from ipt.synth import corpus
-
-        yield from corpus.read_augmented(spec) if fmt == "synth" else corpus.read_tuning(spec)
+        yield from augmented.read_augmented(spec) if fmt == "synth" \
+            else augmented.read_tuning(spec)
     else:
         yield from _hf(spec, fmt)
 

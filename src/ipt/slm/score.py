@@ -35,8 +35,8 @@ import torch
 from ipt.attention import kernel_of, model_inputs
 from ipt.config import SCORE_COLUMNS, ConfigError, ScoreConfig, TeacherConfig, max_len
 from ipt.data import tokenizer as tok
-from ipt.data.decompose import DecomposedShards
 from ipt.data.loader import PackedShards, stack, to_device, unstack
+from ipt.data.pieces import DecomposedShards
 from ipt.data.shards import ShardSet
 from ipt.engine import launcher_env, set_threads
 from ipt.losses import IGNORE

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ipt.config import ConfigError, SynthBackendConfig
-from ipt.synth.backends import Request, Result, TokenCounter
+from ipt.synth.backend import Request, Result, TokenCounter
 
 log = logging.getLogger(__name__)
 

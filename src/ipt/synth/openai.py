@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from ipt.config import ConfigError, SynthBackendConfig
-from ipt.synth.backends import Request, Result, TokenCounter
+from ipt.synth.backend import Request, Result, TokenCounter
 
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504}
 

@@ -33,8 +33,8 @@ from typing import Any
 
 from ipt.config import ConfigError, RCTasksConfig
 from ipt.data import sources as src
+from ipt.data.pairs import options_of
 from ipt.data.prepare import is_valid_doc
-from ipt.synth.format import options_of
 from ipt.synth.rules import Miner, sentences
 
 # Prompt formats, as harness `doc_to_text` templates (the harness adds " " + the answer).

@@ -18,7 +18,7 @@ import re
 import zlib
 from collections.abc import Iterator
 
-from ipt.synth.format import OPTIONS, Pair
+from ipt.data.pairs import OPTIONS, Pair
 
 ENTAIL = ("Yes", "Therefore", "Thus", "Accordingly", "Hence", "For this reason")
 CONTRADICT = ("No", "However", "But", "On the contrary", "In contrast", "Whereas")

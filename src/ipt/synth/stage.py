@@ -43,13 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from ipt.config import ConfigError, SynthesizeConfig
+from ipt.data import pairs as fmt
 from ipt.data import sources as src
+from ipt.data.pairs import Pair
 from ipt.data.prepare import is_valid_doc
 from ipt.engine import launcher_env
 from ipt.synth import backends
-from ipt.synth import format as fmt
-from ipt.synth.backends import Backend, Request, Result
-from ipt.synth.format import Pair
+from ipt.synth.backend import Backend, Request, Result
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import hashlib
 import random
 from collections.abc import Sequence
 
-from ipt.synth import format as fmt
-from ipt.synth.format import Pair
+from ipt.data import pairs as fmt
+from ipt.data.pairs import Pair
 
 LEAD_INS = ["", "", "Answer these questions:", "Now answer the following questions.",
             "Questions about the text above:", "Based on the text, answer the questions below.",

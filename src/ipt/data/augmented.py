@@ -1,7 +1,7 @@
 """The synthesize stage's output as a source of the prepare stage (`ipt.data.sources`).
 
 - format `synth`: pre-training text. Each chain of linked entries (a document and the ones
-  that inherited from it) becomes one M-shot example rendered by `ipt.synth.templates`;
+  that inherited from it) becomes one M-shot example rendered by `ipt.data.templates`;
   documents left raw, or whose synthesis failed or parsed to nothing, become their raw text.
 - format `synth_tuning`: synthesizer tuning data in the released format. `shots` one-shot
   examples of the same source are concatenated into one sequence, with the loss only on the
@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ipt.config import ConfigError, SourceConfig
-from ipt.data.sources import Doc, Record, Reject
-from ipt.synth import format as fmt
-from ipt.synth.format import Pair
-from ipt.synth.templates import render_chain
+from ipt.data import pairs as fmt
+from ipt.data.pairs import Pair
+from ipt.data.records import Doc, Record, Reject
+from ipt.data.templates import render_chain
 
 
 def check(spec: SourceConfig) -> None:
