@@ -22,7 +22,7 @@ from ipt.engine import build_engine, init_distributed
 from ipt.losses import build_loss
 from ipt.model import FusedLM, build_model
 from ipt.schedule import lr_multiplier
-from ipt.trainer import Trainer
+from ipt.trainer import Trainer, TrainerOptions
 
 # Both sides run the trainer's default loss: the fused next-token loss over the LM wrapped
 # without extra heads, with document masking.
@@ -79,8 +79,8 @@ def run(data: Path, stage: int = 1, threads: int = 2, rounds: int = 5,
     model = FusedLM(build_model(cfg.model, vocab))
     engine = build_engine(model, cfg, 1, lr_multiplier(cfg.schedule, 10**6))
     trainer = Trainer(engine, LOSS, train_loader(ds, order, 0, 8, 8, 0, 1,
-                                                            cfg.data.num_workers),
-                      TrainerState(), dist, 1, 8, cfg.data.seq_len, 10**6, [])
+                                                 cfg.data.num_workers),
+                      TrainerState(), dist, [], TrainerOptions(1, 8, cfg.data.seq_len, 10**6))
     bare_steps(bare, opt, bare_batches, 3, o.grad_clip)  # warm-up both
     trainer_steps(trainer, 3)
     ours, theirs = [], []

@@ -81,8 +81,12 @@ def tiny_lm(data_dir, tmp_path_factory) -> Path:
 
 
 def wandb_records(run_file: Path):
-    """The records of an offline wandb run file (`run-<id>.wandb`): LevelDB-log framing
-    (32 KiB blocks, 7-byte chunk headers) around protobuf `Record`s."""
+    """The records of an offline wandb run file (`run-<id>.wandb`), as wandb's own protobuf
+    `Record`s. wandb 0.31 (the newest release) has no reader for the file, in Python or on its
+    command line, and no offline API (`wandb.beta.LocalApi`, proposed in wandb/wandb#12745,
+    should replace this once released). So the LevelDB-log framing (32 KiB blocks, 7-byte
+    chunk headers) is read here, after checking the file's magic; the records inside are
+    parsed by wandb's own schema."""
     import struct
 
     from wandb.proto import wandb_internal_pb2

@@ -69,9 +69,10 @@ def launcher_env() -> dict[str, int]:
 
 
 def slurm_rendezvous() -> dict[str, str]:
-    """MASTER_ADDR/PORT for ranks started by `srun` itself (no torchrun): the address SLURM
-    has for the allocation's first node (its NodeAddr, which need not be its name), and the
-    port launch/slurm.sbatch would derive from the job id."""
+    """MASTER_ADDR/PORT of a SLURM job: the address SLURM has for the allocation's first node
+    (its NodeAddr, which need not be its name), and a port from the job id (MASTER_PORT, if
+    set, wins). For ranks started by `srun` itself, and for launch/slurm.sbatch
+    (`python -m ipt.engine rendezvous`): the formula is written here only."""
     import subprocess
 
     env = os.environ
@@ -81,8 +82,11 @@ def slurm_rendezvous() -> dict[str, str]:
                               check=True).stdout
 
     first = scontrol("show", "hostnames", env["SLURM_JOB_NODELIST"]).split()[0]
-    fields = dict(f.split("=", 1) for f in scontrol("show", "node", "-o", first).split()
-                  if "=" in f)
+    try:
+        fields = dict(f.split("=", 1) for f in scontrol("show", "node", "-o", first).split()
+                      if "=" in f)
+    except subprocess.CalledProcessError:  # no node record to read: its name must do
+        fields = {}
     return {"MASTER_ADDR": fields.get("NodeAddr") or first,
             "MASTER_PORT": env.get("MASTER_PORT", str(20000 + int(env["SLURM_JOB_ID"]) % 20000))}
 
@@ -180,3 +184,11 @@ def build_engine(model: torch.nn.Module, cfg: PretrainConfig, grad_accum: int, l
                                            lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, grad_accum))
     return engine
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["rendezvous"]:
+        sys.exit("usage: python -m ipt.engine rendezvous  (inside a SLURM job)")
+    print(" ".join(f"{k}={v}" for k, v in slurm_rendezvous().items()))

@@ -30,7 +30,14 @@ from ipt.observe import MetricsLogger, peak_flops
 from ipt.schedule import lr_multiplier
 from ipt.technique import Flops, Setup, Technique
 from ipt.techniques import configured
-from ipt.trainer import Checkpointer, Evaluator, Stopped, StopRequests, Trainer
+from ipt.trainer import (
+    Checkpointer,
+    Evaluator,
+    Stopped,
+    StopRequests,
+    Trainer,
+    TrainerOptions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -250,11 +257,13 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests,
     flops: Flops = functools.partial(flops_per_token, lm)  # of a sequence length
     for technique in techniques:
         flops = technique.flops(flops, lm)
-    trainer = Trainer(engine, loss_fn, batches, state, dist, grad_accum,
-                      cfg.train.global_batch_size, cfg.data.seq_len, cfg.train.max_steps,
-                      callbacks, flops, peak_flops(cfg.logger.peak_flops), cfg.train.stop_after,
-                      stop_requests, cfg.train.hang_timeout_s, anomalies, cfg.logger.log_every,
-                      variable_length=sampling.variable_length)
+    options = TrainerOptions(
+        grad_accum, t.global_batch_size, cfg.data.seq_len, t.max_steps, flops_per_token=flops,
+        peak_flops=peak_flops(cfg.logger.peak_flops), stop_after=t.stop_after,
+        hang_timeout=t.hang_timeout_s, read_every=cfg.logger.log_every,
+        variable_length=sampling.variable_length)
+    trainer = Trainer(engine, loss_fn, batches, state, dist, callbacks, options, stop_requests,
+                      anomalies)
     if dist.is_main:
         log.info("training %s: %s params, %d ranks, grad accumulation %d, from step %d",
                  cfg.name, f"{sum(p.numel() for p in model.parameters()):,}", dist.world_size,

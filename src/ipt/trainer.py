@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -86,31 +87,45 @@ class Callback(Protocol):
     def on_end(self, trainer: Trainer) -> None: ...
 
 
+@dataclass
+class TrainerOptions:
+    """How the loop runs: the shape of a step, when it ends, and what it measures."""
+
+    grad_accum: int  # micro-batches per rank per step
+    global_batch: int  # sequences per step, all ranks together
+    seq_len: int
+    max_steps: int
+    # training FLOPs per token at a sequence length (`ipt.model.flops_per_token`), for MFU
+    flops_per_token: Callable[[int], float] | None = None
+    peak_flops: float | None = None  # of one device, for MFU
+    stop_after: int | None = None  # stop (checkpointed) after this many steps in this process
+    hang_timeout: float = 0.0  # seconds a step may take before the watchdog ends the run
+    # Without anomaly handling, the step's metrics (and stop requests) are read on the host
+    # every `read_every` steps only; with it, every step (its check needs the loss).
+    read_every: int = 1
+    variable_length: bool = False  # steps of different sequence lengths: log each one's
+
+
 class Trainer:
     def __init__(self, engine: Any, loss_fn: Loss,
                  batches: Iterator[dict[str, torch.Tensor]], state: TrainerState, dist: Dist,
-                 grad_accum: int, global_batch: int, seq_len: int, max_steps: int,
-                 callbacks: list[Any], flops_per_token: Callable[[int], float] | None = None,
-                 peak_flops: float | None = None, stop_after: int | None = None,
-                 stop_requests: StopRequests | None = None, hang_timeout: float = 0.0,
-                 anomalies: AnomalyPolicy | None = None, read_every: int = 1,
-                 variable_length: bool = False) -> None:
+                 callbacks: list[Any], options: TrainerOptions,
+                 stop_requests: StopRequests | None = None,
+                 anomalies: AnomalyPolicy | None = None) -> None:
+        o = options
         self.engine, self.loss_fn, self.batches = engine, loss_fn, batches
-        self.state, self.dist = state, dist
-        self.grad_accum, self.global_batch, self.seq_len = grad_accum, global_batch, seq_len
-        self.max_steps, self.callbacks = max_steps, callbacks
-        # training FLOPs per token at a sequence length (`ipt.model.flops_per_token`), and
-        # those of every step so far: with Dataset Decomposition each step has its own length
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.state, self.dist, self.callbacks = state, dist, callbacks
+        self.grad_accum, self.global_batch, self.seq_len = o.grad_accum, o.global_batch, o.seq_len
+        self.max_steps = o.max_steps
+        # FLOPs of every step so far: with Dataset Decomposition each step has its own length
+        self.flops_per_token, self.peak_flops = o.flops_per_token, o.peak_flops
         self.flops_done = 0.0
-        self.variable_length = variable_length  # log each step's sequence length
-        self.stop_after = stop_after
+        self.variable_length = o.variable_length
+        self.stop_after = o.stop_after
         self.stop_requests = stop_requests or StopRequests()
-        self.watchdog = HangWatchdog(hang_timeout, dist.rank)
+        self.watchdog = HangWatchdog(o.hang_timeout, dist.rank)
         self.anomalies = anomalies
-        # Without anomaly handling, the step's metrics (and stop requests) are read on the
-        # host every `read_every` steps only; with it, every step (its check needs the loss).
-        self.read_every = 1 if anomalies is not None else max(1, read_every)
+        self.read_every = 1 if anomalies is not None else max(1, o.read_every)
         self.optimizer = engine.basic_optimizer
         if anomalies is not None and not isinstance(self.optimizer, SkippableAdamW):
             raise TypeError("loss anomaly handling needs the engine built with SkippableAdamW")

@@ -15,7 +15,7 @@ from ipt.config import ModelConfig, PretrainConfig
 from ipt.engine import build_engine, init_distributed
 from ipt.losses import IGNORE, NextTokenLoss
 from ipt.model import build_model
-from ipt.trainer import Trainer
+from ipt.trainer import Trainer, TrainerOptions
 
 VOCAB, SEQ, MICRO, ACCUM = 64, 16, 2, 2
 
@@ -56,8 +56,8 @@ def main(out: str) -> None:
     batches = iter([{"input_ids": ids[list(mine)[m:m + MICRO]],
                      "labels": labels[list(mine)[m:m + MICRO]]}
                     for m in range(0, MICRO * ACCUM, MICRO)])
-    trainer = Trainer(engine, NextTokenLoss(), batches, TrainerState(), dist, ACCUM, 8, SEQ, 1,
-                      [])
+    trainer = Trainer(engine, NextTokenLoss(), batches, TrainerState(), dist, [],
+                      TrainerOptions(ACCUM, 8, SEQ, 1))
     trainer.train_step()
     if dist.rank == 0:
         reference = model()

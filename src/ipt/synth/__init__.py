@@ -1,0 +1,18 @@
+"""Instruction synthesis (spec: `instruction_pretraining.md`; docs/synthesis.md).
+
+What it adds: pipeline stages, not run hooks. The synthesize stage writes instruction-response
+pairs about raw documents; the prepare stage reads its output as a source like any other
+(`ipt.data.augmented`, with the shared pair format `ipt.data.pairs` and its templates
+`ipt.data.templates`), so a pre-training run needs nothing from this package. The
+reading-comprehension tasks for evaluation are made here too.
+
+Config groups: the synthesize and rc_tasks stages' schemas (`ipt.config.synth`).
+
+Files:
+- `stage.py`: the synthesize stage (sharded, resumable);
+- `backend.py`: what a backend is; `backends.py`: the rule-based miner and the registry;
+- `hf.py`, `openai.py`, `server.py`: a local `transformers` model, an OpenAI-compatible
+  server, and a small such server for a local model;
+- `rules.py`: the rule-based miner;
+- `rc_tasks.py`: held-out reading-comprehension tasks.
+"""
