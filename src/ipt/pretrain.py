@@ -17,6 +17,7 @@ import torch.distributed as tdist
 from omegaconf import OmegaConf
 
 from ipt import attention, checkpoint, quiet
+from ipt.callbacks import Checkpointer, Evaluator
 from ipt.checkpoint import CheckpointError, TrainerState
 from ipt.config import ConfigError, PretrainConfig, validate
 from ipt.data import tokenizer as tok
@@ -30,14 +31,7 @@ from ipt.observe import MetricsLogger, peak_flops
 from ipt.schedule import lr_multiplier
 from ipt.technique import Flops, Setup, Technique
 from ipt.techniques import configured
-from ipt.trainer import (
-    Checkpointer,
-    Evaluator,
-    Stopped,
-    StopRequests,
-    Trainer,
-    TrainerOptions,
-)
+from ipt.trainer import Stopped, StopRequests, Trainer, TrainerOptions
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ reading-comprehension tasks for evaluation are made here too.
 Config groups: the synthesize and rc_tasks stages' schemas (`ipt.config.synth`).
 
 Files:
-- `stage.py`: the synthesize stage (sharded, resumable);
+- `stage.py`: the synthesize stage (sharded, resumable), and `cache.py`, its generations;
 - `backend.py`: what a backend is; `backends.py`: the rule-based miner and the registry;
 - `hf.py`, `openai.py`, `server.py`: a local `transformers` model, an OpenAI-compatible
   server, and a small such server for a local model;

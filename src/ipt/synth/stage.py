@@ -50,13 +50,11 @@ from ipt.data.prepare import is_valid_doc
 from ipt.engine import launcher_env
 from ipt.synth import backends
 from ipt.synth.backend import Backend, Request, Result
+from ipt.synth.cache import Cache, NoCache
 
 log = logging.getLogger(__name__)
 
 SAFETY_TOKENS = 8  # slack for token counts that are not exactly additive at the seams
-# Requests per backend call, in units of the backend's parallelism (batch or concurrency):
-# enough to keep it busy, few enough that a kill loses little before the cache has it.
-CHUNK_PER_SLOT = 4
 
 
 # What became of a document: pairs, none parsed, generation failed, left raw, held out.
@@ -93,53 +91,6 @@ def worker_share(cfg: SynthesizeConfig) -> tuple[int, int]:
     if not 0 <= index < count:
         raise ConfigError(f"worker_index={index} must be in [0, num_workers={count})")
     return index, count
-
-
-class Cache:
-    """Generations already paid for, one append-only jsonl file per group."""
-
-    def __init__(self, path: Path, salt: str) -> None:
-        self.path, self.salt = path, salt
-        self.done: dict[str, Result] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # the line a kill cut short
-                self.done[row["key"]] = Result(row["text"], finish=row["finish"])
-
-    def key(self, prompt: str) -> str:
-        return hashlib.sha256(f"{self.salt}\n{prompt}".encode()).hexdigest()
-
-    def generate(self, backend: Backend, requests: list[Request]) -> list[Result]:
-        results: list[Result | None] = [self.done.get(self.key(r.prompt)) for r in requests]
-        todo = [i for i, r in enumerate(results) if r is None]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        c = backend.cfg
-        size = CHUNK_PER_SLOT * (c.batch_size if c.kind == "hf" else c.concurrency)
-        for start in range(0, len(todo), size):
-            chunk = todo[start:start + size]
-            fresh = backend.generate([requests[i] for i in chunk])
-            with self.path.open("a") as f:
-                for i, res in zip(chunk, fresh, strict=True):
-                    results[i] = res
-                    if res.text is not None:
-                        key = self.key(requests[i].prompt)
-                        self.done[key] = res
-                        f.write(json.dumps({"key": key, "text": res.text,
-                                            "finish": res.finish}) + "\n")
-        return [r for r in results if r is not None]
-
-
-class NoCache(Cache):
-    """The rules miner costs nothing to rerun."""
-
-    def __init__(self) -> None:
-        self.done = {}
-
-    def generate(self, backend: Backend, requests: list[Request]) -> list[Result]:
-        return backend.generate(requests)
 
 
 def synthesize_group(backend: Backend, cfg: SynthesizeConfig, k: int,
