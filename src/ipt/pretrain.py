@@ -1,7 +1,10 @@
 """`pretrain(cfg)`: build everything a run needs from its config, resume, train, export.
 
-Read top to bottom, this is the whole job: ranks, data, model, engine, resume, callbacks, loop.
-`train/pretrain.py` is a Hydra wrapper around it and the tests call it the same way.
+Read top to bottom, this is the whole job: ranks, the configured techniques, data, model,
+engine, resume, loss, callbacks, loop. It names no technique: each one changes the run
+through its hooks (`ipt.technique`), composed here in the registry's order
+(`ipt.techniques`). `train/pretrain.py` is a Hydra wrapper around it and the tests call it
+the same way.
 """
 
 from __future__ import annotations
@@ -61,11 +64,11 @@ def prepare_run_dir(cfg: PretrainConfig, dist: Dist) -> Path:
 def open_data(setup: Setup, techniques: list[Technique]) -> tuple[Sampling, TrainData]:
     """How the run cuts and orders its data (a technique's way, or packed sequences), and
     the training sources opened that way, with what the techniques change in them."""
-    found = [s for t in techniques if (s := t.sampling(setup)) is not None]
+    found = {t.name: s for t in techniques if (s := t.sampling(setup)) is not None}
     if len(found) > 1:
-        raise ConfigError(f"{len(found)} techniques each cut the data their own way; "
-                          "configure one of them")
-    sampling = found[0] if found else Packed(setup.cfg)
+        raise ConfigError(f"the techniques {', '.join(found)} each cut the data their own "
+                          "way, and a run reads it one way; configure one of them")
+    sampling = next(iter(found.values())) if found else Packed(setup.cfg)
     data = open_train(setup.cfg, setup.tokenizer_fp, sampling)
     for t in techniques:
         data = t.data(data, sampling, setup)
@@ -74,10 +77,11 @@ def open_data(setup: Setup, techniques: list[Technique]) -> tuple[Sampling, Trai
 
 def build_module(lm: Any, techniques: list[Technique], setup: Setup) -> FusedLM:
     """What the engine wraps: the LM with its fused loss, or a technique's version of it."""
-    found = [m for t in techniques if (m := t.model(lm, setup)) is not None]
+    found = {t.name: m for t in techniques if (m := t.model(lm, setup)) is not None}
     if len(found) > 1:
-        raise ConfigError(f"{len(found)} techniques each wrap the model; configure one")
-    return found[0] if found else FusedLM(lm)
+        raise ConfigError(f"the techniques {', '.join(found)} each wrap the model, and the "
+                          "engine wraps one module; configure one of them")
+    return next(iter(found.values())) if found else FusedLM(lm)
 
 
 def as_dict(cfg: PretrainConfig) -> dict:
@@ -107,7 +111,7 @@ def resume(engine, candidates: list[Path], fresh: TrainerState, dist: Dist) -> T
         checkpoint.check_compatible(saved, fresh.model_config, path)
         if saved.data_order and saved.data_order != fresh.data_order:
             raise CheckpointError(
-                f"checkpoint {path} was trained on another order of pieces ("
+                f"checkpoint {path} was trained on another order of its data ("
                 + "; ".join(f"{k}: checkpoint {saved.data_order.get(k)}, config "
                             f"{fresh.data_order.get(k)}" for k in sorted(
                                 {*saved.data_order, *fresh.data_order})

@@ -124,7 +124,7 @@ def assemble(tokens: np.ndarray, doc_starts: np.ndarray, doc_lens: np.ndarray, p
 def piece(tokens: np.ndarray, base: int, n: int, ends_document: bool,
           loss_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The arrays of a sequence that is one piece of one document: `n` tokens from flat
-    offset `base` of a shard (Dataset Decomposition, `ipt.data.decompose`)."""
+    offset `base` of a shard (Dataset Decomposition, `ipt.data.pieces`)."""
     ids = np.empty(n, dtype=np.int64)
     labels = np.full(n, IGNORE, dtype=np.int64)
     _put(ids, labels, tokens, base, ends_document, loss_mask)
