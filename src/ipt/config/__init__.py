@@ -67,9 +67,9 @@ __all__ = [
 ]
 
 SECTIONS: dict[str, type] = {c.__name__: c for c in (
-    ModelConfig, DataConfig, MixSourceConfig, OptimConfig, ScheduleConfig, DeepSpeedConfig, LossConfig,
-    LoggerConfig, TrainConfig, EvalConfig, SourceConfig, SynthBackendConfig, TeacherConfig, SelectConfig,
-    DecomposeConfig)}
+    ModelConfig, DataConfig, MixSourceConfig, OptimConfig, ScheduleConfig, DeepSpeedConfig,
+    LossConfig, LoggerConfig, TrainConfig, EvalConfig, SourceConfig, SynthBackendConfig,
+    TeacherConfig, SelectConfig, DecomposeConfig)}
 
 
 def register() -> None:

@@ -1,12 +1,13 @@
-"""The fused unembedding and cross-entropy of one or more heads (`loss=ntp`: one; `loss=mtp`: n):
+"""The fused unembedding and cross-entropy of one head (`loss=ntp`) or n (`loss=mtp`):
 
     L = sum_i w_i * CE_i          (loss.reduction=sum)   or   the same / n   (mean)
 
 CE_i is head i's mean cross-entropy over its own targets (token t + i), each head normalised
 by its own count: over the whole step, all micro-batches and ranks (the trainer's `norm`,
 see `ipt.losses`). DeepSeek-V3's L_main + (lambda / D) * sum_k CE_k is `reduction=sum` with
-weights [1, lambda / D, ...] (`configs/loss/mtp_sequential.yaml`). A position has no target for head i when token t + i lies in another
-document of the packed sequence, past the sequence, or under a loss mask.
+weights [1, lambda / D, ...] (`configs/loss/mtp_sequential.yaml`). A position has no target
+for head i when token t + i lies in another document of the packed sequence, past the
+sequence, or under a loss mask.
 
 Memory. The naive loss keeps every head's logits ([batch, seq, vocab] each, plus their fp32
 softmax) until the backward: n times the largest tensor of a step. Gloeckle et al. avoid that

@@ -6,9 +6,10 @@ KD is the token-level cross-entropy of the student's softmax against the teacher
 temperature tau, scaled by tau^2 (so its gradient does not shrink as tau grows). Only
 positions with a target count, so loss masks and document ends are honoured by both parts.
 
-Memory (the chunked terms are `ipt.losses.kd`'s): the student's logits come from its ordinary forward (through the DeepSpeed engine,
+Memory: the student's logits come from its ordinary forward (through the DeepSpeed engine,
 which under ZeRO-3 must see the whole forward to gather parameters and scale gradients).
-The loss and its gradient with respect to those logits are computed together, over chunks
+The loss and its gradient with respect to those logits are computed together
+(`ipt.losses.kd`, shared with the fused unembedding loss), over chunks
 of `chunk_size` positions: the teacher's logits and the fp32 softmaxes exist one chunk at a
 time, and what is kept for the backward is the gradient itself (the size of the logits, in
 their dtype; autograd would build it anyway). Nothing is recomputed.
