@@ -79,26 +79,32 @@ class _UnembedLoss(torch.autograd.Function):
         n, positions = targets.shape[0], targets.shape[1]
         ce = torch.zeros(n, dtype=torch.float64, device=h_all.device)
         kd_sum = torch.zeros((), dtype=torch.float64, device=h_all.device)
-        for i in range(n):
-            teacher = kd if i == 0 else None
-            # Every chunk runs, even one without targets: skipping it would need a sync with
-            # the host, and a teacher's chunk may be a collective (ZeRO-3).
-            for a in range(0, positions, chunk_size):
-                sl = slice(a, a + chunk_size)
-                h = h_all[i, sl]
-                p_t = teacher.probs(sl, slice(None)) if teacher else None
-                c_ce, c_kd, g = chunk_grad((h @ w_mat.T).float(), targets[i, sl], p_t,
-                                           teacher.tau if teacher else 1.0,
-                                           teacher.w if teacher else 0.0)
-                ce[i] += c_ce
-                kd_sum += c_kd
-                if grad_h is not None and grad_w is not None:
-                    g = g.mul_(scales[i]).to(w_mat.dtype)
-                    grad_h[i, sl] = g @ w_mat
-                    if w_mat.dtype == torch.float32:
-                        grad_w.addmm_(g.T, h)
-                    else:  # bf16 matmul, fp32 accumulation over chunks and heads
-                        grad_w += (g.T @ h).float()
+        # Every GEMM here runs in one dtype, chosen once: autocast's when it is on (it would
+        # cast the out-of-place products but skip an in-place `addmm_`, leaving that one a
+        # full fp32 GEMM), else the weight's. The unembedding is cast once, not per chunk.
+        compute = matmul_dtype(w_mat)
+        w_c = w_mat.to(compute)
+        with torch.autocast(w_mat.device.type, enabled=False):
+            for i in range(n):
+                teacher = kd if i == 0 else None
+                # Every chunk runs, even one without targets: skipping it would need a sync
+                # with the host, and a teacher's chunk may be a collective (ZeRO-3).
+                for a in range(0, positions, chunk_size):
+                    sl = slice(a, a + chunk_size)
+                    h = h_all[i, sl].to(compute)
+                    p_t = teacher.probs(sl, slice(None)) if teacher else None
+                    c_ce, c_kd, g = chunk_grad((h @ w_c.T).float(), targets[i, sl], p_t,
+                                               teacher.tau if teacher else 1.0,
+                                               teacher.w if teacher else 0.0)
+                    ce[i] += c_ce
+                    kd_sum += c_kd
+                    if grad_h is not None and grad_w is not None:
+                        g = g.mul_(scales[i]).to(compute)
+                        grad_h[i, sl] = g @ w_c
+                        if compute == torch.float32:
+                            grad_w.addmm_(g.T, h)
+                        else:  # a bf16 GEMM, accumulated in fp32 over chunks and heads
+                            grad_w.add_(g.T @ h)
         w0 = kd.w if kd else 0.0
         total = scales[0] * ((1 - w0) * ce[0] + w0 * kd_sum)
         total = total + sum(scales[i] * ce[i] for i in range(1, n))
@@ -114,6 +120,15 @@ class _UnembedLoss(torch.autograd.Function):
         # In place: the buffers are this backward's alone (the graph is not retained).
         return (grad_h.mul_(g_total), grad_w.mul_(g_total).to(ctx.weight_dtype),
                 None, None, None, None, None)
+
+
+def matmul_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the fused loss's GEMMs run in: autocast's on the weight's device when
+    autocast is on there (the trainer's bf16 path over fp32 weights), else the weight's own."""
+    device = weight.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
 
 
 def _naive(hs: list[torch.Tensor], lm_head: torch.nn.Module, targets: torch.Tensor,
