@@ -81,7 +81,13 @@ class Documents:
     def inputs(self, kernel: str) -> dict[str, Any]:
         """The keyword arguments the model hands each attention layer for `kernel`."""
         if kernel in ("flash_attn", "varlen"):
-            return {"ipt_cu_seqlens": self.cu_seqlens, "ipt_max_seqlen": self.max_seqlen}
+            # Shaped for a compiled layer to compile once: the number of documents varies
+            # from micro-batch to micro-batch, so `cu_seqlens` is marked dynamic; the kernel
+            # gets the row length as its maximum, a constant (an upper bound: the query
+            # blocks past a document's end exit at once).
+            if self.cu_seqlens.shape[0] > 2:  # dynamo specialises sizes 0 and 1 anyway
+                torch._dynamo.mark_dynamic(self.cu_seqlens, 0)
+            return {"ipt_cu_seqlens": self.cu_seqlens, "ipt_max_seqlen": self.seq}
         doc = self.doc_ids()
         if kernel == "flex":
             from torch.nn.attention.flex_attention import create_block_mask
@@ -202,14 +208,9 @@ def _varlen_call(fn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.T
     if flash_attn:
         out = fn(q, k, v, cu, cu, longest, longest, softmax_scale=scaling, causal=True)
     else:
-        params = _varlen_params()
-        extra: dict[str, Any] = {"scale": scaling}
-        if "window_size" in params:  # torch >= 2.11
-            extra["window_size"] = (-1, 0)
-        else:
-            extra["is_causal"] = True
+        extra: dict[str, Any] = {"scale": scaling, **_VARLEN.causal}
         if k.shape[1] != h:
-            if "enable_gqa" in params:
+            if _VARLEN.gqa and VARLEN_GQA:
                 extra["enable_gqa"] = True
             else:
                 k = k.repeat_interleave(h // k.shape[1], dim=1)
@@ -218,11 +219,27 @@ def _varlen_call(fn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.T
     return out.reshape(b, s, h, d)
 
 
-@cache
-def _varlen_params() -> frozenset[str]:
+@dataclass(frozen=True)
+class _VarlenAPI:
+    """What the installed torch's `varlen_attn` takes, read once by `register()`: outside
+    any compiled region, since `inspect` cannot be traced."""
+
+    causal: dict[str, Any]  # the keyword that makes it causal (torch >= 2.11: a window)
+    gqa: bool  # whether it takes fewer K/V heads than query heads (`enable_gqa`)
+
+
+_VARLEN = _VarlenAPI({"is_causal": True}, gqa=False)
+# Grouped-query attention without repeating K/V heads, where torch's varlen_attn can (the
+# default); bench/gpu.py turns it off to time the repeat beside it.
+VARLEN_GQA = True
+
+
+def _read_varlen_api() -> _VarlenAPI:
     from torch.nn.attention.varlen import varlen_attn
 
-    return frozenset(inspect.signature(varlen_attn).parameters)
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    return _VarlenAPI(causal, gqa="enable_gqa" in params)
 
 
 def _varlen_kernel(fn_of: Any, flash_attn: bool) -> Any:
@@ -263,6 +280,9 @@ def register() -> None:
     """Make the kernels known to `transformers` as `ipt_<kernel>` (once per process)."""
     from transformers import AttentionInterface
 
+    global _VARLEN
+    if _has_varlen():
+        _VARLEN = _read_varlen_api()
     for name, fn in _FUNCTIONS.items():
         AttentionInterface.register(PREFIX + name, fn)
 

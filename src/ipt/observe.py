@@ -18,17 +18,40 @@ from ipt.config import LoggerConfig
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 peak FLOP/s per device, for MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+# Dense bf16 peak FLOP/s (no sparsity) by the exact name `torch.cuda.get_device_name()`
+# reports, from the vendors' datasheets: a part's SXM, PCIe and NVL forms differ by up to 25%,
+# so a substring match would give a PCIe card the SXM peak.
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,  # SXM
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,  # SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA B200": 2250e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA A10G": 125e12,
+}
 
 
-def peak_flops(configured: float | None) -> float | None:
+def peak_flops(configured: float | None, device_name: str | None = None) -> float | None:
+    """One device's dense bf16 peak: `logger.peak_flops` when set, else the table's entry for
+    this GPU's exact name. An unknown GPU gets None (no MFU), with a warning naming it,
+    rather than a guess."""
     if configured:
         return configured
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    return None
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    peak = PEAK_FLOPS.get(device_name.strip())
+    if peak is None:
+        log.warning("no peak FLOP/s known for %r, so no MFU is logged: set logger.peak_flops "
+                    "to its dense bf16 peak", device_name)
+    return peak
 
 
 def peak_memory_gb() -> float:
