@@ -1,30 +1,23 @@
-"""The GPU benchmark: ipt's training path on one GPU, in one command.
+"""The GPU benchmark: ipt's training path on one GPU, in one process, inside a time budget.
 
-    python bench/gpu.py --data data/gpubench            # one H100: under 8 minutes
-    python bench/gpu.py --data data/gpubench --quick    # small models: a smoke run
+    python bench/gpu.py --data gpu-kit/data/gpubench --out OUT_DIR            # one H100/H200
+    python bench/gpu.py --data data/demo --out OUT_DIR --quick                # a CPU smoke run
 
-`--data` is a prepared corpus with a 32,000-token tokenizer (real packed text; make it with
-`python data_pipeline/demo_data.py out=data/gpubench max_docs=40000 vocab_size=32000`). In
-one process, each measurement a fresh run of ipt's own `pretrain` (DeepSpeed engine, loader,
-losses, callbacks), it writes one record per measurement to `--out`:
+Normally `bench/gpu_session.sh` runs it (after the kit's install, the import check and the
+GEMM ceiling); see docs/gpu.md. `--data` is a prepared corpus with a 32,000-token tokenizer
+(`make gpu-kit` builds one). Each measurement is a fresh run of ipt's own `pretrain`
+(DeepSpeed engine, loader, losses, callbacks) or of a bare PyTorch loop over the same model
+and batches (`gpu_measure.py`). Each record is appended to OUT_DIR/records.jsonl as it
+finishes, so a kill loses only the measurement in flight; OUT_DIR/summary.md is the table.
 
-- parity: for every attention kernel the GPU can run, packed micro-batches against each
-  document alone (`ipt.attention.parity_error`), with a backward;
-- 1b at 4096, bf16, document masking: eager, compiled, with activation checkpointing (full
-  and selective), and with the naive (full-logit) loss: tokens/s, MFU, peak memory;
-- bare: the same model, kernel, batch and loss in a bare PyTorch loop (autocast bf16, fp32
-  weights, fused AdamW), and the trainer's ratio to it; the trainer again under ZeRO-0, to
-  see what ZeRO-1's machinery costs on one GPU;
-- 350m at 2048;
-- Dataset Decomposition: 1b on pieces of 64 to 8192 tokens (4096 tokens per sequence slot),
-  against best-fit at 4096 and at 8192 with the same tokens per step;
-- kd and mtp: online KD from a teacher a quarter of the student's size, and 4-head MTP,
-  as step-time ratios to next-token beside their FLOP ratios;
-- profile: where the best 1b step spends its GPU time, by kernel.
-
-MFU counts 6N + 12 L d s FLOPs per token (no causal halving) against the device's dense bf16
-peak (`ipt.observe.PEAK_FLOPS`). Host syncs per step are counted with CUDA's sync debug mode.
-A deadline (`--budget-s`) skips what would not finish, saying so in the record.
+The plan runs in order of what it decides (`PLAN`): the masking parity of the kernels `auto`
+would pick; 1b at 4096 in bf16 with document masking, eager then compiled; the bare loop; a
+profile; ZeRO-0; the naive loss; then, with the faster of eager and compiled, the bracket
+without document masking and the candidate speed-ups, each a switch beside the default; then
+350m, Dataset Decomposition, KD, MTP and activation checkpointing. Each measurement has an
+expected cost, scaled by how the finished ones compared with theirs; one that would not fit
+what is left of `--budget-s` is skipped and recorded as skipped, and a hard limit
+(`--budget-s` + `--grace-s`) ends the process, recording what was in flight.
 """
 
 from __future__ import annotations
@@ -34,393 +27,299 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
-import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu_measure as m  # noqa: E402
 
 from ipt import attention  # noqa: E402
-from ipt.observe import peak_flops  # noqa: E402
 
 
-class StepClock:
-    """Trainer callback: synchronises at the start and end of the measured steps only, and
-    counts the host syncs of one measured step."""
-
-    def __init__(self, warmup: int, measure: int) -> None:
-        self.warmup, self.measure = warmup, measure
-        self.t0 = self.t1 = 0.0
-        self.syncs: int | None = None
-        self._caught: Any = None
-
-    def on_start(self, trainer: Any) -> None:
-        self.tokens_per_step = trainer.global_batch * trainer.seq_len
-        self.flops = 0.0
-        self.lengths: list[int] = []  # each measured step's, under Dataset Decomposition
-
-    def on_step(self, trainer: Any, metrics: dict[str, Any]) -> None:
-        step = metrics["step"]
-        if self.warmup < step <= self.warmup + self.measure and "seq_len" in metrics:
-            self.lengths.append(int(metrics["seq_len"]))
-        if step == self.warmup:
-            sync()
-            self.t0 = time.perf_counter()
-            self.flops = -trainer.flops_done
-            if GPU:
-                torch.cuda.reset_peak_memory_stats()
-                self._caught = warnings.catch_warnings(record=True)
-                self.records = self._caught.__enter__()
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-        elif step == self.warmup + 1 and self._caught is not None:
-            torch.cuda.set_sync_debug_mode("default")
-            self.syncs = sum("synchroniz" in str(w.message) for w in self.records)
-            self._caught.__exit__(None, None, None)
-            self._caught = None
-        if step == self.warmup + self.measure:
-            sync()
-            self.t1 = time.perf_counter()
-            self.flops += trainer.flops_done  # the measured steps' (each at its own length)
-
-    def on_end(self, trainer: Any) -> None:
-        pass
-
-    def result(self) -> dict[str, Any]:
-        seconds = self.t1 - self.t0
-        tokens = self.tokens_per_step * self.measure
-        peak = peak_flops(None)
-        return {"tokens_per_s": tokens / seconds, "step_time_s": seconds / self.measure,
-                "mfu": self.flops / seconds / peak if peak else None,
-                "flops_per_token": self.flops / tokens,
-                "peak_mem_gb": peak_mem_gb(), "host_syncs_per_step": self.syncs,
-                **({"step_lengths": self.lengths} if self.lengths else {})}
+@dataclass
+class Measurement:
+    name: str
+    cost_s: float  # expected wall time on an H100 (on a CPU, scaled by --quick's factor)
+    run: Callable[[], dict[str, Any] | None]
 
 
-GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if GPU else "cpu")
-PRECISION = "bf16" if GPU else "fp32"  # the CPU runs only the --quick smoke test
-DTYPE = torch.bfloat16 if GPU else torch.float32
+class Records:
+    """records.jsonl, one line per measurement as it finishes (or is skipped), with the
+    environment in every line."""
+
+    def __init__(self, out: Path, env: dict[str, Any]) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.path, self.env, self.all = out / "records.jsonl", env, []
+        self.path.write_text("")
+
+    def add(self, rec: dict[str, Any]) -> dict[str, Any]:
+        rec = {**rec, **self.env}
+        self.all.append(rec)
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        return rec
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        return next((r for r in self.all if r["name"] == name and "tokens_per_s" in r), None)
 
 
-def sync() -> None:
-    if GPU:
-        torch.cuda.synchronize()
+class Budget:
+    """What is left of the time budget, the expected cost of a measurement scaled by how the
+    finished ones compared with theirs, and a hard limit that ends the process."""
+
+    def __init__(self, seconds: float, grace: float, scale: float,
+                 on_expiry: Callable[[], None]) -> None:
+        self.start, self.seconds, self.scale = time.perf_counter(), seconds, scale
+        self.ratios: list[float] = []
+        self.timer = threading.Timer(seconds + grace, on_expiry)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.start)
+
+    def expected(self, cost_s: float) -> float:
+        ratio = max(self.ratios) if self.ratios else 1.0  # the worst seen: better skip than overrun
+        return cost_s * self.scale * ratio
+
+    def finished(self, cost_s: float, wall_s: float) -> None:
+        self.ratios.append(wall_s / (cost_s * self.scale))
 
 
-def peak_mem_gb() -> float:
-    from ipt.observe import peak_memory_gb
+def plan(args: argparse.Namespace, records: Records) -> list[Measurement]:
+    seq = 256 if args.quick else 4096
+    extra = [w for w in args.extra.split(",") if w]
+    out: list[Measurement] = []
+    for kernel in attention.KERNELS:
+        for dtype in (torch.bfloat16, torch.float32) if m.GPU else (torch.float32,):
+            asked = kernel == "flex" and "flex" in extra or dtype == torch.float32 and \
+                "fp32" in extra
+            picked = kernel != "flex" and (dtype == torch.bfloat16 or not m.GPU)
+            if asked or picked:
+                out.append(Measurement(f"parity-{kernel}-{str(dtype)[6:]}", 8,
+                                       lambda k=kernel, d=dtype: parity(k, d)))
 
-    return peak_memory_gb()
+    def trainer(name: str, cost: float, model: str = "1b", at: int = seq,
+                **opts: Any) -> Measurement:
+        return Measurement(name, cost, lambda: m.trainer_run(
+            args, name, model, at, {**best(records), **opts}))
 
-
-def overrides(args: argparse.Namespace, run_dir: Path, model: str, seq: int,
-              extra: dict[str, Any]) -> list[str]:
-    o = {"run_dir": str(run_dir), "name": run_dir.name, "data.root": args.data,
-         "model": model, "model.max_seq_len": seq, "data.seq_len": seq,
-         "train.precision": PRECISION, "train.micro_batch_size": args.micro_batch,
-         "train.global_batch_size": args.micro_batch * args.accum,
-         "train.max_steps": 1000, "train.stop_after": args.warmup + args.measure,
-         "train.eval_every": 0, "train.checkpoint_every": 0, "train.export_at_end": False,
-         "train.hang_timeout_s": 0, "deepspeed.stage": args.zero, "data.max_repeat": 1000,
-         "logger.plot": False, "logger.progress_bar": "never", "logger.log_every": 1000}
-    if args.quick:
-        o |= {"model.num_layers": 2, "model.hidden_size": 512, "model.intermediate_size": 1536,
-              "model.num_heads": 8, "model.num_kv_heads": 4}
-    o |= extra
-    return [f"{k}={v}" for k, v in o.items()]
-
-
-def compose(args: argparse.Namespace, run_dir: Path, model: str, seq: int,
-            extra: dict[str, Any]) -> Any:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from ipt.config import register, to_object
-
-    register()
-    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
-        return to_object(hydra_compose("pretrain", overrides=overrides(args, run_dir, model,
-                                                                       seq, extra)))
-
-
-def trainer_run(args: argparse.Namespace, name: str, model: str, seq: int,
-                extra: dict[str, Any]) -> dict[str, Any]:
-    from ipt.pretrain import pretrain
-
-    cfg = compose(args, Path(args.work) / name, model, seq, extra)
-    clock = StepClock(args.warmup, args.measure)
-    pretrain(cfg, callbacks=[clock])
-    out = {"kind": "trainer", "model": model, "seq_len": seq, "precision": PRECISION,
-           "attention": attention.choose(cfg.model.attn_implementation, DEVICE, DTYPE),
-           "compile": cfg.train.compile,
-           "activation_checkpointing": cfg.train.activation_checkpointing,
-           "micro_batch": cfg.train.micro_batch_size,
-           "global_batch": cfg.train.global_batch_size, **extra, **clock.result()}
-    release()
+    out += [
+        Measurement("1b-eager", 45, lambda: m.trainer_run(args, "1b-eager", "1b", seq, {})),
+        Measurement("1b-compiled", 110, lambda: m.trainer_run(
+            args, "1b-compiled", "1b", seq, {"train.compile": True})),
+        Measurement("1b-bare", 60, lambda: m.bare_run(args, "1b", seq, best(records))),
+        Measurement("1b-profile", 40, lambda: m.profile(args, seq, best(records))),
+        trainer("1b-zero0", 50, **{"deepspeed.stage": 0}),
+        trainer("1b-naive-loss", 50, **{"loss.memory_efficient": False}),
+        trainer("1b-no-doc-masking", 50, **{"data.doc_masking": False}),
+        # the candidate speed-ups, each beside the default it would replace
+        trainer("1b-micro-batch-8", 50, **{"train.micro_batch_size": 2 * args.micro_batch,
+                                           "train.global_batch_size": 2 * args.micro_batch
+                                           * max(1, args.accum // 2)}),
+        trainer("1b-loss-chunk-4096", 50, **{"loss.chunk_size": 4096}),
+        Measurement("1b-varlen-repeat-kv", 50, lambda: repeated_kv(args, seq, best(records))),
+        trainer("350m", 35, "350m", 128 if args.quick else 2048),
+    ]
+    out += decomposition(args, seq, trainer)
+    out += [
+        Measurement("1b-kd", 60, lambda: kd(args, seq, best(records))),
+        trainer("1b-mtp4", 60, **{"loss": "mtp", "loss.heads": 4}),
+        trainer("1b-ac-full", 55, **{"train.activation_checkpointing": "full"}),
+        trainer("1b-ac-selective", 55, **{"train.activation_checkpointing": "selective"}),
+    ]
     return out
 
 
-def release() -> None:
-    import gc
+def best(records: Records) -> dict[str, Any]:
+    """The options of the faster of 1b eager and compiled (eager until both are known, and
+    always in a --quick run, where compiling each later run on a CPU would be most of it)."""
+    eager, compiled = records.get("1b-eager"), records.get("1b-compiled")
+    if records.env["quick"]:
+        return {}
+    if compiled and (not eager or compiled["tokens_per_s"] > eager["tokens_per_s"]):
+        return {"train.compile": True}
+    return {}
 
-    gc.collect()
-    if GPU:
-        torch.cuda.empty_cache()
+
+def parity(kernel: str, dtype: torch.dtype) -> dict[str, Any]:
+    why = attention.why_not(kernel, m.DEVICE, dtype)
+    return {"skipped": why} if why else m.parity(kernel, dtype)
 
 
-def bare_run(args: argparse.Namespace, model_name: str, seq: int,
-             extra: dict[str, Any]) -> dict[str, Any]:
-    """The same model, kernel, loss and batches in a plain loop: autocast bf16 over fp32
-    weights, fused AdamW, gradient clipping; no DeepSpeed, no trainer."""
-    from ipt.data import tokenizer as tok
-    from ipt.data.loader import to_device, train_loader
-    from ipt.data.sampling import Packed, open_train
-    from ipt.losses import build_loss
-    from ipt.model import FusedLM, build_model, compile_layers, flops_per_token
-
-    cfg = compose(args, Path(args.work) / "bare", model_name, seq, extra)
-    dev = DEVICE
-    tokenizer = tok.load(cfg.tokenizer)
-    data = open_train(cfg, tok.fingerprint(cfg.tokenizer), Packed(cfg))
-    kernel = attention.choose(cfg.model.attn_implementation, dev, DTYPE)
-    torch.manual_seed(0)
-    lm = build_model(cfg.model, len(tokenizer), kernel=kernel)
-    model = FusedLM(lm).to(dev)
-    if cfg.train.compile:
-        compile_layers(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, fused=GPU)
-    loss_fn = build_loss(cfg.loss, tokenizer.eos_token_id)
-    t = cfg.train
-    accum = t.global_batch_size // t.micro_batch_size
-    assert data.dataset is not None
-    batches = train_loader(data.dataset, data.order, 0, t.global_batch_size,
-                           t.micro_batch_size, 0, 1, pin_memory=GPU)
-    t0 = 0.0
+def repeated_kv(args: argparse.Namespace, seq: int, opts: dict[str, Any]) -> dict[str, Any]:
+    """varlen attention with K/V heads repeated to the query heads' count, beside the default
+    that passes fewer K/V heads (where the installed torch can)."""
+    if attention.choose("auto", m.DEVICE, m.DTYPE) != "varlen":
+        return {"skipped": "auto does not pick varlen here"}
+    attention.VARLEN_GQA = False
     try:
-        for step in range(args.warmup + args.measure):
-            if step == args.warmup:
-                sync()
-                if GPU:
-                    torch.cuda.reset_peak_memory_stats()
-                t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(accum)]
-            total = sum(int((b["labels"] != -100).sum()) for b in micro)
-            for host in micro:
-                batch = to_device(host, dev)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=GPU):
-                    out = loss_fn(model, batch, step, [total / accum])
-                out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        sync()
-        elapsed = time.perf_counter() - t0
+        return m.trainer_run(args, "1b-varlen-repeat-kv", "1b", seq, opts)
     finally:
-        batches.close()
-    tps = t.global_batch_size * seq * args.measure / elapsed
-    fpt = flops_per_token(lm, seq)
-    peak = peak_flops(None)
-    del model, lm, opt
-    release()
-    return {"kind": "bare", "model": model_name, "seq_len": seq,
-            "precision": "bf16 autocast" if GPU else "fp32",
-            "attention": kernel, "compile": t.compile, "activation_checkpointing": "none",
-            "micro_batch": t.micro_batch_size, "global_batch": t.global_batch_size,
-            "tokens_per_s": tps, "mfu": fpt * tps / peak if peak else None,
-            "peak_mem_gb": peak_mem_gb()}
+        attention.VARLEN_GQA = True
 
 
-def teacher_folder(args: argparse.Namespace, student: Any) -> str:
-    """A random teacher a quarter of the student's size, saved with the corpus' tokenizer."""
-    from ipt.config import ModelConfig
-    from ipt.data import tokenizer as tok
-    from ipt.model import build_model
+def decomposition(args: argparse.Namespace, seq: int, trainer: Any) -> list[Measurement]:
+    """Dataset Decomposition at 1b: pieces of 64 to 2 x seq tokens in the `natural` order (so
+    the timed steps sample the epoch's mix of lengths), against best-fit at seq (1b-eager)
+    and at 2 x seq with the same tokens per step. Eager: compiling would recompile for each
+    new length inside the few timed steps. A micro-batch must hold whole 2 x seq pieces."""
+    if args.micro_batch % 2:
+        return []
+    long, half = 2 * seq, args.micro_batch // 2
+    return [
+        Measurement("1b-bestfit-2x", 50, lambda: m.trainer_run(
+            args, "1b-bestfit-2x", "1b", long, {"train.micro_batch_size": half,
+                                                "train.global_batch_size": half * args.accum})),
+        Measurement("1b-decompose", 60, lambda: m.trainer_run(
+            args, "1b-decompose", "1b", seq, {
+                "model.max_seq_len": long, "data.packing": "decompose",
+                "data.decompose.min_len": 64, "data.decompose.max_len": long,
+                "data.decompose.curriculum": "natural"})),
+    ]
 
-    tokenizer = tok.load(Path(args.data) / "tokenizer")
-    m = student
-    shape = ModelConfig(name="teacher", hidden_size=m.hidden_size // 2,
-                        intermediate_size=m.intermediate_size // 2, num_layers=m.num_layers,
-                        num_heads=max(1, m.num_heads // 2), num_kv_heads=max(
-                            1, m.num_kv_heads // 2), max_seq_len=m.max_seq_len)
-    torch.manual_seed(1)
-    teacher = build_model(shape, len(tokenizer))
-    out = Path(args.work) / "teacher"
-    teacher.to(torch.bfloat16).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
+
+def kd(args: argparse.Namespace, seq: int, opts: dict[str, Any]) -> dict[str, Any]:
+    student = m.compose(args, Path(args.work) / "probe", "1b", seq, {}).model
+    return m.trainer_run(args, "1b-kd", "1b", seq, {
+        **opts, "teacher.path": m.teacher_folder(args, student), "teacher.kd_steps": 1000})
+
+
+def ratios(records: Records) -> None:
+    """Ratios between records of one run: trainer to bare loop, each switch and technique to
+    the default it stands beside."""
+    base = records.get("1b-compiled") if best(records) else records.get("1b-eager")
+    bare = records.get("1b-bare")
+    if base is None:
+        return
+    if bare:
+        base["bare_ratio"] = base["tokens_per_s"] / bare["tokens_per_s"]
+    for rec in records.all:
+        if rec is not base and "tokens_per_s" in rec and rec["name"].startswith("1b-"):
+            rec["ratio_to_default"] = rec["tokens_per_s"] / base["tokens_per_s"]
+            if "flops_per_token" in rec:
+                rec["flop_ratio_to_default"] = rec["flops_per_token"] / base["flops_per_token"]
+    dd, eager, wide = (records.get(n) for n in ("1b-decompose", "1b-eager", "1b-bestfit-2x"))
+    for other, key in ((eager, "ratio_to_bestfit"), (wide, "ratio_to_bestfit_2x")):
+        if dd and other:  # eager, like the decomposed run
+            dd[key] = dd["tokens_per_s"] / other["tokens_per_s"]
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    import transformers
+
+    return {"device": torch.cuda.get_device_name() if m.GPU else "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "date": time.strftime("%Y-%m-%d"), "zero_stage": args.zero, "quick": args.quick}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="data/gpubench")
-    p.add_argument("--out", default="bench/results/gpu.json")
+    p.add_argument("--data", default="gpu-kit/data/gpubench")
+    p.add_argument("--out", required=True, help="the folder records.jsonl and summary.md go to")
     p.add_argument("--work", default=None, help="run folders (default: a temporary one)")
-    p.add_argument("--quick", action="store_true", help="2-layer models: a smoke run")
+    p.add_argument("--quick", action="store_true", help="tiny models: a smoke run, on a CPU too")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--accum", type=int, default=2)
     p.add_argument("--zero", type=int, default=1)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--measure", type=int, default=6)
-    p.add_argument("--budget-s", type=float, default=450.0)
-    p.add_argument("--only", default="", help="comma-separated name prefixes to run "
-                   "(e.g. parity,1b-compiled,1b-bare); default: all")
+    p.add_argument("--measure", type=int, default=10)
+    p.add_argument("--budget-s", type=float, default=420.0)
+    p.add_argument("--grace-s", type=float, default=20.0,
+                   help="past the budget, the hard limit: the process ends")
+    p.add_argument("--gemm-tflops", type=float, default=None,
+                   help="the measured bf16 GEMM rate (bench/gpu_ceiling.py), for MFU's 4th form")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense bf16 peak, where ipt.observe's table lacks it")
+    p.add_argument("--only", default="", help="comma-separated name prefixes to run")
+    p.add_argument("--extra", default="", help="parity runs auto never needs: flex, fp32")
     args = p.parse_args()
-    if not GPU and not args.quick:
+    if not m.GPU and not args.quick:
         sys.exit("bench/gpu.py needs a CUDA GPU (on a CPU, --quick runs a smoke test)")
     args.work = args.work or tempfile.mkdtemp(prefix="ipt-gpu-bench-")
+    args.gemm_flops = args.gemm_tflops * 1e12 if args.gemm_tflops else None
+    args.peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else None
     os.environ.setdefault("OMP_NUM_THREADS", "8")
-    start = time.perf_counter()
-    import transformers
+    records = Records(Path(args.out), environment(args))
+    in_flight: dict[str, Any] = {}
 
-    env = {"device": torch.cuda.get_device_name() if GPU else "cpu", "torch": torch.__version__,
-           "transformers": transformers.__version__,
-           "date": time.strftime("%Y-%m-%d"), "zero_stage": args.zero}
-    records: list[dict[str, Any]] = []
+    def expire() -> None:
+        name = in_flight.get("name", "?")
+        limit = args.budget_s + args.grace_s
+        records.add({"name": name, "error": f"ended by the hard limit, {limit:.0f} s after "
+                     "the start, while running"})
+        write_summary(records, Path(args.out))
+        print(f"bench/gpu.py: the hard limit ended {name}", flush=True)
+        os._exit(124)
 
-    def save() -> None:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(records, indent=1))
-
+    budget = Budget(args.budget_s, args.grace_s, 1.0, expire)
     wanted = [w for w in args.only.split(",") if w]
-
-    def measure(name: str, fn: Any, *fn_args: Any) -> dict[str, Any] | None:
-        if wanted and not any(name.startswith(w) for w in wanted):
-            return None
-        left = args.budget_s - (time.perf_counter() - start)
-        if left < 30:
-            records.append({"name": name, **env, "skipped": f"{left:.0f} s of the budget left"})
-            save()
-            return None
+    for step in plan(args, records):
+        if wanted and not any(step.name.startswith(w) for w in wanted):
+            continue
+        expected = budget.expected(step.cost_s)
+        if expected > budget.left():
+            records.add({"name": step.name, "skipped": f"expected {expected:.0f} s, "
+                         f"{max(budget.left(), 0):.0f} s of the budget left"})
+            continue
+        in_flight["name"] = step.name
         t = time.perf_counter()
         try:
-            rec = fn(*fn_args)
+            rec = step.run() or {}
         except Exception as e:  # noqa: BLE001 - recorded, and the rest still runs
             rec = {"error": f"{type(e).__name__}: {e}"[:2000]}
-            release()
-        rec = {"name": name, **env, **rec, "wall_s": round(time.perf_counter() - t, 1)}
-        if GPU:  # what the run left allocated: memory a later run cannot have
+            m.release()
+        wall = time.perf_counter() - t
+        if "skipped" not in rec:
+            budget.finished(step.cost_s, wall)
+        rec = {"name": step.name, **rec, "wall_s": round(wall, 1),
+               "expected_s": round(expected, 1)}
+        if m.GPU:  # what the run left allocated: memory a later run cannot have
             rec["leftover_gb"] = torch.cuda.memory_allocated() / 2**30
-        records.append(rec)
-        save()
-        print(json.dumps(rec), flush=True)
-        return rec
-
-    dev = DEVICE
-    for kernel in attention.KERNELS:
-        for dtype in (torch.bfloat16, torch.float32) if GPU else (torch.float32,):
-            why = attention.why_not(kernel, dev, dtype)
-            name = f"parity-{kernel}-{str(dtype)[6:]}"
-            if why is not None:
-                records.append({"name": name, **env, "skipped": why})
-                continue
-            measure(name, lambda k=kernel, d=dtype: {
-                "kind": "parity", "attention": k, "precision": str(d)[6:],
-                "max_abs_logit_diff": attention.parity_error(k, dev, d, grad=True),
-                "tolerance": 0.05 if d == torch.bfloat16 else 1e-3})
-
-    seq = 4096 if not args.quick else 1024
-    eager = measure("1b-eager", trainer_run, args, "1b-eager", "1b", seq, {})
-    compiled = measure("1b-compiled", trainer_run, args, "1b-compiled", "1b", seq,
-                       {"train.compile": True})
-    best = max((r for r in (eager, compiled) if r and "tokens_per_s" in r),
-               key=lambda r: r["tokens_per_s"], default=None)
-    best_opts = {"train.compile": True} if best is compiled else {}
-    bare = measure("1b-bare", bare_run, args, "1b", seq, best_opts)
-    if best and bare and "tokens_per_s" in bare:
-        best["bare_ratio"] = best["tokens_per_s"] / bare["tokens_per_s"]
-        bare["bare_ratio"] = 1.0
-        save()
-    # in order of importance: what the budget cuts comes last
-    measure("350m", trainer_run, args, "350m", "350m", 2048 if not args.quick else 512,
-            best_opts)
-    decomposition(args, measure, seq, eager)
-    student = compose(args, Path(args.work) / "probe", "1b", seq, {}).model
-    if args.quick:
-        student.num_layers, student.hidden_size, student.intermediate_size = 2, 512, 1536
-        student.num_heads, student.num_kv_heads = 8, 4
-    kd = measure("1b-kd", lambda: trainer_run(args, "1b-kd", "1b", seq, {
-        **best_opts, "teacher.path": teacher_folder(args, student), "teacher.kd_steps": 1000}))
-    mtp = measure("1b-mtp4", trainer_run, args, "1b-mtp4", "1b", seq,
-                  {**best_opts, "loss": "mtp", "loss.heads": 4})
-    if best:
-        for rec in (kd, mtp):
-            if rec and "step_time_s" in rec:
-                rec["step_time_ratio"] = rec["step_time_s"] / best["step_time_s"]
-                rec["flop_ratio"] = rec["flops_per_token"] / best["flops_per_token"]
-        measure("1b-profile", profile, args, seq, best_opts)
-    # DeepSpeed's cost on one GPU: the same run without ZeRO's partitioning hooks
-    measure("1b-zero0", trainer_run, args, "1b-zero0", "1b", seq,
-            {**best_opts, "deepspeed.stage": 0})
-    for mode in ("full", "selective"):
-        measure(f"1b-ac-{mode}", trainer_run, args, f"1b-ac-{mode}", "1b", seq,
-                {**best_opts, "train.activation_checkpointing": mode})
-    measure("1b-naive-loss", trainer_run, args, "1b-naive", "1b", seq,
-            {**best_opts, "loss.memory_efficient": False})
-    save()
-    print(f"bench/gpu.py: {len(records)} records in {time.perf_counter() - start:.0f} s -> "
-          f"{args.out}")
+        print(json.dumps(records.add(rec)), flush=True)
+    budget.timer.cancel()
+    ratios(records)
+    (Path(args.out) / "records.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records.all))
+    write_summary(records, Path(args.out))
+    print(f"bench/gpu.py: {len(records.all)} records in "
+          f"{time.perf_counter() - budget.start:.0f} s -> {args.out}")
 
 
-def decomposition(args: argparse.Namespace, measure: Any, seq: int,
-                  packed: dict[str, Any] | None) -> None:
-    """Dataset Decomposition at 1b: pieces of 64 to 2 x seq tokens (a 4096-token step's
-    micro-batch holds two 8192-token pieces, or many short ones), in the `natural` order, so
-    the measured steps sample the epoch's mix of lengths; against best-fit at seq (`packed`,
-    the eager run) and at 2 x seq with the same tokens per micro-batch and step. Eager:
-    compiling would recompile for each new length inside the few measured steps."""
-    long = 2 * seq
-    if args.micro_batch % 2:  # a micro-batch must hold whole pieces of 2 x seq tokens
-        print("bench/gpu.py: Dataset Decomposition skipped: --micro-batch must be even")
-        return
-    half = args.micro_batch // 2
-    wide = measure("1b-bestfit-2x", trainer_run, args, "1b-bestfit-2x", "1b", long, {
-        "train.micro_batch_size": half, "train.global_batch_size": half * args.accum})
-    dd = measure("1b-decompose", trainer_run, args, "1b-decompose", "1b", seq, {
-        "model.max_seq_len": long, "data.packing": "decompose", "data.decompose.min_len": 64,
-        "data.decompose.max_len": long, "data.decompose.curriculum": "natural"})
-    if dd and "tokens_per_s" in dd:
-        for base, key in ((packed, f"ratio_to_bestfit_{seq}"), (wide, f"ratio_to_bestfit_{long}")):
-            if base and "tokens_per_s" in base:
-                dd[key] = dd["tokens_per_s"] / base["tokens_per_s"]
+def write_summary(records: Records, out: Path) -> None:
+    """summary.md: one row per record, the figures that decide things."""
 
+    def f(v: Any, spec: str) -> str:
+        return format(v, spec) if isinstance(v, int | float) else "-"
 
-def profile(args: argparse.Namespace, seq: int, opts: dict[str, Any]) -> dict[str, Any]:
-    """GPU time by kernel over two steps of the best 1b run."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    class Profiled(StepClock):
-        def on_step(self, trainer: Any, metrics: dict[str, Any]) -> None:
-            if metrics["step"] == self.warmup:
-                self.prof = torch_profile(activities=[ProfilerActivity.CUDA if GPU
-                                                      else ProfilerActivity.CPU])
-                self.prof.__enter__()
-            elif metrics["step"] == self.warmup + 2:
-                sync()
-                self.prof.__exit__(None, None, None)
-
-    from ipt.pretrain import pretrain
-
-    cfg = compose(args, Path(args.work) / "profile", "1b", seq, opts)
-    cfg.train.stop_after = args.warmup + 2
-    clock = Profiled(args.warmup, 2)
-    pretrain(cfg, callbacks=[clock])
-    events = clock.prof.key_averages()
-
-    def busy(e: Any) -> float:
-        return float(e.device_time_total if GPU else e.self_cpu_time_total)
-
-    total = sum(busy(e) for e in events) or 1.0
-    top = sorted(events, key=lambda e: -busy(e))[:15]
-    release()
-    return {"kind": "profile", "model": "1b", "seq_len": seq,
-            "top_kernels": [{"name": e.key[:90], "share": round(busy(e) / total, 4),
-                             "calls": e.count} for e in top]}
+    rows = ["| name | tokens/s | MFU | MFU 6N | MFU executed | GEMM share | ratio | peak GB "
+            "| syncs | recompiles | breaks | wall s | note |", "|" + "---|" * 13]
+    for r in records.all:
+        note = r.get("skipped") or r.get("error") or (
+            f"max diff {r['max_abs_logit_diff']:.2g} (tol {r['tolerance']})"
+            if "max_abs_logit_diff" in r else "")
+        if r.get("compiled_in_timed_window"):
+            note += " compiled inside the timed window"
+        ratio = r.get("bare_ratio", r.get("ratio_to_default"))
+        rows.append(f"| {r['name']} | {f(r.get('tokens_per_s'), ',.0f')} | "
+                    f"{f(r.get('mfu'), '.1%')} | {f(r.get('mfu_6n'), '.1%')} | "
+                    f"{f(r.get('mfu_executed'), '.1%')} | {f(r.get('gemm_ceiling_share'), '.1%')}"
+                    f" | {f(ratio, '.3f')} | {f(r.get('peak_mem_gb'), '.1f')} | "
+                    f"{f(r.get('host_syncs_per_step'), 'd')} | {f(r.get('recompiles'), 'd')} | "
+                    f"{f(r.get('graph_breaks'), 'd')} | {f(r.get('wall_s'), '.0f')} | "
+                    f"{str(note)[:120]} |")
+    env = records.env
+    (out / "summary.md").write_text(f"{env['device']}, torch {env['torch']}, transformers "
+                                    f"{env['transformers']}, {env['date']}\n\n"
+                                    + "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":
