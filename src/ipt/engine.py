@@ -150,7 +150,7 @@ def deepspeed_config(cfg: PretrainConfig, grad_accum: int) -> dict[str, Any]:
     out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": deepspeed_clip(cfg),
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},
         # the optimizer is torch's AdamW: the same one a bare PyTorch loop uses
@@ -159,7 +159,39 @@ def deepspeed_config(cfg: PretrainConfig, grad_accum: int) -> dict[str, Any]:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if cfg.optim.device_skip:
+        # bf16 under ZeRO-1/2: the overflow check's `.item()` (the optimizer skips instead)
+        out["bf16"]["check_grad_overflow"] = False
     return _merge(out, dict(ds.extra))
+
+
+def deepspeed_clip(cfg: PretrainConfig) -> float:
+    """DeepSpeed's `gradient_clipping`: none with `optim.device_skip`, where the optimizer
+    clips (DeepSpeed's ZeRO-1/2 clipping reads the norm on the host, once per group)."""
+    return 0.0 if cfg.optim.device_skip else cfg.optim.grad_clip
+
+
+def check_optimizer(cfg: PretrainConfig) -> None:
+    """Refuse `optim.fused` where torch has no fused AdamW for the optimizer's device, and
+    `optim.device_skip` without it, before anything is built."""
+    from ipt.config import ConfigError
+
+    o = cfg.optim
+    if o.device_skip and not o.fused:
+        raise ConfigError("optim.device_skip=true needs optim.fused=true: only fused AdamW "
+                          "can skip a step on the device (found_inf)")
+    if not o.fused:
+        return
+    offloaded = cfg.deepspeed.offload_optimizer
+    device = torch.device("cuda" if torch.cuda.is_available() and not offloaded else "cpu")
+    p = torch.zeros(1, device=device, requires_grad=True)
+    p.grad = torch.zeros_like(p)
+    try:
+        torch.optim.AdamW([p], fused=True).step()
+    except RuntimeError as e:
+        raise ConfigError(f"optim.fused=true, but torch {torch.__version__} has no fused "
+                          f"AdamW for the optimizer's device ({device}: {e}); set "
+                          "optim.fused=false") from e
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -172,18 +204,44 @@ def build_engine(model: torch.nn.Module, cfg: PretrainConfig, grad_accum: int, l
     """Wrap the model in a DeepSpeed engine with AdamW and the lr schedule."""
     import deepspeed
 
+    check_optimizer(cfg)
     o = cfg.optim
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     optimizer = SkippableAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                  fused=False, foreach=True)
+                               fused=o.fused, foreach=not o.fused,
+                               device_skip=o.device_skip,
+                               clip=o.grad_clip if o.device_skip else 0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, grad_accum))
+    wrapper = engine.optimizer
+    if o.device_skip and wrapper is not optimizer:
+        # set by every DeepSpeed wrapper before it calls the optimizer: the step's norm
+        optimizer.norm_source = lambda: wrapper._global_grad_norm
+    _keep_settings_after_loads(engine, optimizer, deepspeed_clip(cfg))
     return engine
+
+
+def _keep_settings_after_loads(engine: Any, optimizer: SkippableAdamW, clip: float) -> None:
+    """After each checkpoint load, the run's own clipping and AdamW kernel, not the saved
+    run's: DeepSpeed's ZeRO-1/2 (and BF16) optimizer restores the `clip_grad` it was saved
+    with, and torch's load the groups' `fused`/`foreach` (`SkippableAdamW.restore_
+    implementation`). Without this, resuming across `optim.device_skip` would clip twice or
+    not at all, and a changed `optim.grad_clip` or `optim.fused` would be ignored."""
+    load = engine.load_checkpoint
+
+    def load_keeping_settings(*args: Any, **kwargs: Any) -> Any:
+        out = load(*args, **kwargs)
+        if hasattr(engine.optimizer, "clip_grad"):
+            engine.optimizer.clip_grad = clip
+        optimizer.restore_implementation()
+        return out
+
+    engine.load_checkpoint = load_keeping_settings
 
 
 if __name__ == "__main__":

@@ -20,22 +20,86 @@ import torch
 
 
 class SkippableAdamW(torch.optim.AdamW):
-    """AdamW whose `step()` does nothing while `skip` is set.
+    """AdamW whose `step()` does nothing while `skip` is set, and that can skip a non-finite
+    update on the device (`device_skip`).
 
     Under every ZeRO stage DeepSpeed ends an optimizer step by calling this optimizer on the
     rank's (flat, fp32) partitions, once per parameter group under ZeRO-1/2; skipping those
     calls leaves weights and moments exactly as they were, while DeepSpeed's own bookkeeping
     (gradient buffers, zeroing, the copy back to the model's weights) runs as usual. The
     trainer sets `skip` around one engine step and clears it after.
+
+    `skip` is decided on the host, from the loss. A non-finite gradient is known only on the
+    device, after the backward: DeepSpeed finds it by reading the gradient norm on the host
+    (a sync inside `engine.step()`). With `device_skip`, each call instead takes the step's
+    global gradient norm (`norm_source`, DeepSpeed's; or, where DeepSpeed hands over the
+    whole gradient and computes none, as at ZeRO-0 in fp32, its own) and gives the fused
+    kernel two device tensors, as `torch.amp.GradScaler` does: `found_inf` (the norm is not
+    finite: weights, moments and the step count are left as they were) and `grad_scale`
+    (the gradients are divided by it: clipping to `clip`). The norm is global, the same in
+    every call and on every rank, so the groups and ranks skip or clip together.
     """
 
     skip = False
 
+    def __init__(self, params: Any, *, device_skip: bool = False, clip: float = 0.0,
+                 **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        if device_skip and not self.defaults["fused"]:
+            raise ValueError("device_skip needs fused=True: only the fused kernel takes "
+                             "found_inf")
+        self.device_skip, self.clip = device_skip, clip
+        # the step's global gradient norm, from the DeepSpeed wrapper that calls this step
+        # (set by `ipt.engine.build_engine`); None: the gradients handed over are all of it
+        self.norm_source: Callable[[], torch.Tensor | float | None] | None = None
+        self.grad_norm: torch.Tensor | None = None  # the last step's, on the device
+
     @torch.no_grad()
     def step(self, closure=None):
+        if self.device_skip:
+            self._judge_on_device()
         if self.skip:
             return None
         return super().step(closure)
+
+    def restore_implementation(self) -> None:
+        """Put back this optimizer's kernel choice after a checkpoint load.
+
+        Loading takes the saved parameter groups whole (`Optimizer.load_state_dict`, and
+        DeepSpeed's universal load copies their keys), `fused` and `foreach` included, and the
+        step counts come where the saving run kept them: on the device for fused, on the host
+        for foreach. A run resumed with another `optim.fused` would run the saved kernel."""
+        fused = bool(self.defaults["fused"])
+        for group in self.param_groups:
+            group.update(fused=fused, foreach=not fused)
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "step" in state:
+                    step = torch.as_tensor(state["step"], dtype=torch.float32)
+                    state["step"] = step.to(p.device if fused else "cpu")
+
+    def _judge_on_device(self) -> None:
+        """Set `found_inf` and `grad_scale`, which `AdamW.step` hands the fused kernel."""
+        norm = self.grad_norm = self._global_norm()
+        self.found_inf = (~torch.isfinite(norm) | (norm < 0)).float()
+        # DeepSpeed's own clipping factor: the gradients are divided by it
+        self.grad_scale = (torch.clamp((norm + 1e-6) / self.clip, min=1.0)
+                           if self.clip > 0 else None)
+
+    def _global_norm(self) -> torch.Tensor:
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if self.norm_source is None:
+            grads = [p.grad for p in params]
+            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+        norm = self.norm_source()
+        if norm is None:
+            raise RuntimeError("device_skip needs DeepSpeed's gradient norm, which "
+                               "zero_optimization.compute_grad_norm=false turns off")
+        if isinstance(norm, torch.Tensor):
+            return norm.float()
+        # a wrapper that checked the norm on the host already: filled in by a kernel, since
+        # a copy from the host waits for the device
+        return torch.full((), float(norm), device=params[0].device)
 
 
 class AnomalyError(RuntimeError):

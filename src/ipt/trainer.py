@@ -126,6 +126,12 @@ class Trainer:
         self.optimizer = engine.basic_optimizer
         if anomalies is not None and not isinstance(self.optimizer, SkippableAdamW):
             raise TypeError("loss anomaly handling needs the engine built with SkippableAdamW")
+        # optim.device_skip: the optimizer skips a non-finite step on the device, and the
+        # trainer learns of it with the next step's read instead of reading the norm at once
+        self.device_skip = bool(getattr(self.optimizer, "device_skip", False))
+        # (step, gradient norm) of the last step whose update was attempted and whose norm is
+        # not yet judged
+        self._unjudged: tuple[int, Any] | None = None
         self._last_sync: tuple[float, int, float] | None = None  # (time, step, flops) at the last read
         self.finished = False  # reached max_steps
         self.stopped: str | None = None  # why the run stopped early (every rank agrees)
@@ -184,6 +190,7 @@ class Trainer:
         norm = self._norm(micro_batches)  # counted on the host, before the batches move
         totals: dict[str, Any] = {}
         anomaly = None
+        earlier = None  # the verdict on the previous step's gradient, read with this step's
         read = self.anomalies is not None or (self.state.step + 1) % self.read_every == 0 \
             or self.state.step + 1 >= self.max_steps
         for micro, host_batch in enumerate(micro_batches):
@@ -194,11 +201,13 @@ class Trainer:
             if micro == self.grad_accum - 1:
                 # the step's loss is known before its last backward, on every rank alike:
                 # an anomalous step can still be kept from updating the weights
-                means = self._step_means(totals, read)
+                means = self._step_means(totals, read, self._carried())
                 synced = time.perf_counter() if read else None
-                anomaly = self._check(means)
+                earlier = self._judge_carried(means.pop("_unjudged", None))
+                anomaly = self._check(means, earlier)
             self.engine.backward(out.loss)
             self.engine.step()
+        skipped = self.optimizer.skip
         self.optimizer.skip = False
         elapsed = time.perf_counter() - start
         self.state.step += 1
@@ -209,8 +218,14 @@ class Trainer:
         flops = tokens * self.flops_per_token(length) if self.flops_per_token else 0.0
         self.flops_done += flops
         tokens_per_s, flops_per_s = self._throughput(tokens, flops, elapsed, synced)
-        grad_norm = self.engine.get_global_grad_norm()
-        if read and isinstance(grad_norm, torch.Tensor):
+        grad_norm = self._grad_norm()
+        own = None  # the verdict on this step's gradient, where it is read now
+        if not skipped and self.anomalies is not None:  # its update was attempted
+            self._unjudged = (self.state.step, grad_norm)
+            if self._judge_now(grad_norm):
+                grad_norm = None if grad_norm is None else float(grad_norm)
+                own = self._judge_gradient(grad_norm)
+        elif read and not self.device_skip and isinstance(grad_norm, torch.Tensor):
             grad_norm = float(grad_norm)
         metrics: dict[str, Any] = {
             "step": self.state.step,
@@ -227,15 +242,12 @@ class Trainer:
         }
         if self.peak_flops and self.flops_per_token and flops_per_s is not None:
             metrics["mfu"] = flops_per_s / (self.peak_flops * self.dist.world_size)
-        if anomaly is None and self.anomalies is not None and grad_norm is not None \
-                and not math.isfinite(grad_norm):
-            # DeepSpeed has already skipped this update (an overflow); the action still applies
-            anomaly = self.anomalies.detector.flag(f"the gradient norm is {float(grad_norm)}")
-        if anomaly is not None:
-            metrics["anomaly"] = anomaly
-            self._handle(anomaly, metrics)
-        elif self.anomalies is not None:
-            self.anomalies.detector.clear()
+        # the update of a step whose gradient is not finite was skipped (by DeepSpeed, or on the
+        # device); the action still applies
+        why = "; ".join(w for w in (earlier, anomaly, own) if w is not None)
+        if why:
+            metrics["anomaly"] = why
+            self._handle(why, metrics, skipped or own is not None)
         if self.anomalies is not None:  # kept with the next checkpoint
             self.state.health = self.anomalies.detector.state_dict()
         return metrics
@@ -257,10 +269,13 @@ class Trainer:
         return tokens * (self.state.step - last[1]) / seconds, \
             (self.flops_done - last[2]) / seconds
 
-    def _step_means(self, totals: dict[str, Any], read: bool) -> dict[str, Any]:
+    def _step_means(self, totals: dict[str, Any], read: bool,
+                    carried: torch.Tensor | None = None) -> dict[str, Any]:
         """The step's metrics averaged over micro-batches and ranks, in one tensor on the
         device. `read`: bring them to the host (a sync) and act on a stop request; otherwise
-        they stay 0-d device tensors, for the logger to read with others later."""
+        they stay 0-d device tensors, for the logger to read with others later. `carried`
+        (the previous step's gradient norm, the same on every rank) is read along with them,
+        as `_unjudged`."""
         # the stop request rides along with the metrics' all-reduce: no extra collective
         names = [*totals, "_stop"]
         flag = float(self.stop_requests.received is not None)
@@ -271,22 +286,65 @@ class Trainer:
             t /= self.dist.world_size
         if not read:
             return dict(zip(names[:-1], t[:-1].unbind(), strict=True))
+        if carried is not None:
+            names.append("_unjudged")
+            t = torch.cat([t, carried.reshape(1).to(t)])
         means = dict(zip(names, t.tolist(), strict=True))
         if means.pop("_stop") > 0:
             self.stopped = (f"{self.stop_requests.received} received" if
                             self.stop_requests.received else "a signal reached another rank")
         return means
 
-    def _check(self, means: dict[str, float]) -> str | None:
+    def _check(self, means: dict[str, float], earlier: str | None) -> str | None:
+        """This step's loss verdict. Its update is skipped on an anomaly, and also, unless
+        the action is to go on, after the previous step's gradient turned out not finite."""
         if self.anomalies is None:
             return None
         why = self.anomalies.detector.check(means["loss"], means.get("ce", means["loss"]))
-        if why is not None:
+        if why is not None or (earlier is not None and self.anomalies.action != "skip"):
             self.optimizer.skip = True  # whatever the action: no update from this batch
         return why
 
-    def _handle(self, why: str, metrics: dict[str, Any]) -> None:
-        """After an anomalous step (its update skipped): go on, stop, or roll back."""
+    def _grad_norm(self) -> Any:
+        """The step's gradient norm: DeepSpeed's (a device tensor, or inf where DeepSpeed
+        skipped the step itself), or, where DeepSpeed computes none (ZeRO-0 in fp32), the one
+        the optimizer judged with `optim.device_skip` (else None)."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is None and self.device_skip:
+            return self.optimizer.grad_norm
+        return norm
+
+    def _judge_now(self, grad_norm: Any) -> bool:
+        """Read this step's gradient norm at once (a sync after the step): always, unless the
+        optimizer skips on the device; then only at the run's last step or a stop, which no
+        later read follows, or where it is known on the host already."""
+        return not self.device_skip or not isinstance(grad_norm, torch.Tensor) \
+            or self.state.step >= self.max_steps or self.stopped is not None
+
+    def _carried(self) -> torch.Tensor | None:
+        """The gradient norm left to judge, to be read with this step's metrics."""
+        return None if self._unjudged is None else self._unjudged[1]
+
+    def _judge_carried(self, norm: float | None) -> str | None:
+        """The verdict on the previous step's gradient, read with this step's metrics."""
+        if self._unjudged is None:
+            return None
+        step = self._unjudged[0]
+        return self._judge_gradient(norm, f" at step {step}, whose update was skipped on "
+                                          "the device")
+
+    def _judge_gradient(self, norm: float | None, where: str = "") -> str | None:
+        """Judge the step in `_unjudged`, whose loss was normal, by its gradient norm."""
+        assert self.anomalies is not None
+        self._unjudged = None
+        if norm is None or math.isfinite(norm):
+            self.anomalies.detector.clear()  # a normal step: the count in a row starts over
+            return None
+        return self.anomalies.detector.flag(f"the gradient norm is {norm}{where}")
+
+    def _handle(self, why: str, metrics: dict[str, Any], skipped: bool) -> None:
+        """After an anomalous step (its update skipped, or, when only an earlier step's
+        gradient was not finite, perhaps applied: `skipped`): go on, stop, or roll back."""
         policy = self.anomalies
         assert policy is not None
         step = self.state.step
@@ -319,7 +377,7 @@ class Trainer:
                 metrics["rolled_back_to"] = restored.step  # its checkpoint is not rewritten
                 return
         if self.dist.is_main:
-            log.warning("step %d: %s; its update is skipped", step, why)
+            log.warning("step %d: %s%s", step, why, "; its update is skipped" if skipped else "")
 
 
 

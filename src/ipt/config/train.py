@@ -28,6 +28,15 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    # AdamW's fused kernel (one launch per parameter group) instead of its foreach kernels;
+    # refused at start-up on a device torch has no fused AdamW for.
+    fused: bool = False
+    # The optimizer, not DeepSpeed, skips a step whose gradient norm is not finite, on the
+    # device (fused AdamW's found_inf: weights, moments and step count stay as they were),
+    # and clips the gradients there too; DeepSpeed's own overflow check and clipping, which
+    # read the norm on the host, are turned off (ipt.health.SkippableAdamW). The trainer
+    # reads such a step's norm with the next step's metrics. Needs fused.
+    device_skip: bool = False
 
 
 @dataclass
@@ -114,8 +123,10 @@ class TrainConfig:
     # above the mean of the last spike_window steps; 0: non-finite only), gets no update and:
     # skip: training goes on | stop: the run ends with an error | rollback: the weights go
     # back to the last checkpoint, the data since is skipped (ipt.health) | none: no check.
-    # Checking reads the step's loss on the host before its update (one sync per step); with
-    # none, metrics are read once per logger.log_every steps, and so are stop signals.
+    # Checking reads the step's loss on the host before its update, and its gradient norm
+    # after it (two syncs per step; with optim.device_skip one: the norm is read with the next
+    # step's loss); with none, metrics are read once per logger.log_every steps, and so are
+    # stop signals.
     on_anomaly: str = "skip"
     spike_sigma: float = 6.0
     spike_window: int = 100
