@@ -14,7 +14,7 @@ DEMO_SLM  ?= runs/demo-slm
 # CI runs the slow end-to-end tests too; `make test` locally skips them (`make test-slow` runs them).
 PYTEST_SELECT := $(if $(CI),,-m "not slow")
 
-.PHONY: setup train test test-slow bench experiment-salt experiment-ipt experiment-dd lint clean slurm check-latest lock
+.PHONY: setup train test test-slow bench experiment-salt experiment-ipt experiment-dd lint clean slurm check-latest lock gpu-kit check-gpu-versions
 
 setup: $(STAMP)
 
@@ -109,6 +109,36 @@ experiment-dd: $(STAMP)
 # Instruction pre-training against raw pre-training at equal tokens, 3 seeds (docs/evaluation.md)
 experiment-ipt: $(STAMP)
 	$(PY) experiments/ipt_vs_raw.py $(ARGS)
+
+# What the GPU node (no network; bench/gpu_node.txt) lacks for bench/gpu.py, in gpu-kit/ to
+# carry: wheels at the lock's versions for CPython 3.12, and the benchmark's tokenizer and
+# shards (built in data/gpubench first, about 5 minutes on 2 cores). bench/gpu_kit.py says how
+# to install it there. ARGS="--skip-data" for the wheels only.
+gpu-kit: $(STAMP)
+	$(PY) bench/gpu_kit.py --out gpu-kit $(ARGS)
+
+# The node's library versions (bench/gpu_node.txt: transformers 5.17.0, tokenizers 0.23.2,
+# huggingface_hub 1.33.0, sentencepiece 0.2.2, ...) in place of the lock's, in a scratch venv,
+# against the training path's tests, so a version gap shows here before the node. Python 3.11
+# with torch 2.13.0 and numpy at the lock's: the node's torch 2.11 has no CPU build here (only
+# /opt/wheels' torch 2.13.0+cpu, cp311), and its numpy 2.5.2 needs Python >= 3.12. Installed
+# --no-deps at exact versions, as the node's packages are; `pip check` shows what disagrees.
+# Last, the GPU session's --quick run on this venv's packages (not the kit's wheels: they are
+# for Python 3.12) and the kit's corpus (`make gpu-kit` first). Not part of CI.
+GPUNODE_VENV ?= .venv-gpunode
+GPUNODE_PY   := $(GPUNODE_VENV)/bin/python
+check-gpu-versions: $(STAMP)
+	rm -rf $(GPUNODE_VENV) && python3.11 -m venv $(GPUNODE_VENV)
+	$(PY) bench/gpu_kit.py --node-constraints $(GPUNODE_VENV)/constraints.txt --keep-lock torch,numpy
+	$(GPUNODE_PY) -m pip install -q --no-deps -r $(GPUNODE_VENV)/constraints.txt
+	$(GPUNODE_PY) -m pip install -q --no-deps -e .
+	$(GPUNODE_PY) -m pip check || true
+	$(GPUNODE_PY) -m pytest -q -m "not slow" tests/test_attention.py tests/test_losses.py \
+		tests/test_speed_options.py tests/test_train.py $(ARGS)
+	if test -f bench/gpu_session.sh; then \
+		PATH=$(abspath $(GPUNODE_VENV))/bin:$$PATH KIT=$(GPUNODE_VENV)/no-kit \
+		DATA=gpu-kit/data/gpubench bash bench/gpu_session.sh --quick $(or $(TMP),/tmp)/gpu-session; \
+	else echo "bench/gpu_session.sh: not there yet, skipped"; fi
 
 # A one-node SLURM cluster on this machine (root; installs Debian's slurm + munge if missing)
 slurm:
