@@ -126,6 +126,8 @@ def plan(args: argparse.Namespace, records: Records) -> list[Measurement]:
                                            "train.global_batch_size": 2 * args.micro_batch
                                            * max(1, args.accum // 2)}),
         trainer("1b-loss-chunk-4096", 50, **{"loss.chunk_size": 4096}),
+        trainer("1b-fused-adamw", 50, **{"optim.fused": True}),
+        trainer("1b-device-skip", 50, **{"optim.fused": True, "optim.device_skip": True}),
         Measurement("1b-varlen-repeat-kv", 50, lambda: repeated_kv(args, seq, best(records))),
         trainer("350m", 35, "350m", 128 if args.quick else 2048),
     ]
