@@ -20,6 +20,7 @@ from ipt.mtp.heads import attach
 from ipt.observe import read_metrics
 
 from .conftest import ROOT, run_pretrain, tiny_overrides
+from .workers.host_reads import HostReads
 
 EOS = 2
 
@@ -79,29 +80,6 @@ def test_checkpointing_and_compile_give_the_eager_losses_and_gradients():
         for name, g in ref_grads.items():
             torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6,
                                        msg=f"{mode} compiled={compiled}: {name}")
-
-
-class HostReads:
-    """Counts reads of tensor values into Python (`item`, `tolist`, `bool`, `int`, `float`):
-    on a GPU each one waits for the device."""
-
-    NAMES = ("item", "tolist", "__bool__", "__int__", "__float__")
-
-    def __enter__(self) -> HostReads:
-        self.count, self.saved = 0, {n: getattr(torch.Tensor, n) for n in self.NAMES}
-        for name, original in self.saved.items():
-            setattr(torch.Tensor, name, self._counting(original))
-        return self
-
-    def _counting(self, original):
-        def read(t, *args, **kwargs):
-            self.count += 1
-            return original(t, *args, **kwargs)
-        return read
-
-    def __exit__(self, *exc) -> None:
-        for name, original in self.saved.items():
-            setattr(torch.Tensor, name, original)
 
 
 @pytest.mark.parametrize("loss_cfg", [LossConfig(name="ntp"), LossConfig(name="mtp", heads=3)],

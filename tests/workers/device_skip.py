@@ -18,6 +18,7 @@ import tempfile
 from typing import Any
 
 import torch
+from host_reads import HostReads  # beside this script
 
 from ipt.checkpoint import TrainerState
 from ipt.config import ModelConfig, PretrainConfig
@@ -105,31 +106,6 @@ def train(cfg: PretrainConfig, snapshots: bool = False, plant: bool = False) -> 
                              if trainer.state.step + 1 in PLANTED else None)
     trainer.fit()
     return record
-
-
-class HostReads:
-    """Counts reads of tensor values into Python (each one waits for a GPU)."""
-
-    NAMES = ("item", "tolist", "__bool__", "__int__", "__float__")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
-
-    def __enter__(self) -> "HostReads":
-        for name, original in self.saved.items():
-            setattr(torch.Tensor, name, self._counting(original))
-        return self
-
-    def _counting(self, original):
-        def read(t, *args, **kwargs):
-            self.count += 1
-            return original(t, *args, **kwargs)
-        return read
-
-    def __exit__(self, *exc) -> None:
-        for name, original in self.saved.items():
-            setattr(torch.Tensor, name, original)
 
 
 def reads_in_engine_step(cfg: PretrainConfig) -> int:
