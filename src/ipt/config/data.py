@@ -43,6 +43,10 @@ class DataConfig:
     # packed shards, which are cheap to slice).
     num_workers: int = 0
     select: SelectConfig = field(default_factory=SelectConfig)
+    # Where each source's sequence index is kept (built once, memory-mapped by every rank;
+    # ipt.data.index). null: an `index/` folder beside the shards; set it when those are
+    # read-only.
+    index_dir: str | None = None
 
 
 @dataclass

@@ -20,6 +20,7 @@ import math
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -28,45 +29,43 @@ from torch.utils.data import DataLoader, Dataset
 
 from ipt.attention import documents
 from ipt.config import ConfigError
-from ipt.data.packing import Packing, assemble, pack
+from ipt.data.index import IndexWriter, cached
+from ipt.data.packing import PACKINGS, pack, sequence
 from ipt.data.shards import ShardError, ShardSet
 
 
 class PackedShards(Dataset):
-    """The packed sequences of one source's shards (see `ipt.data.packing`)."""
+    """The packed sequences of one source's shards (see `ipt.data.packing`), from the shard
+    set's index (`ipt.data.index`): built once, memory-mapped here."""
 
     def __init__(self, shards: ShardSet, seq_len: int, packing: str = "bestfit",
-                 doc_masking: bool = True) -> None:
+                 doc_masking: bool = True, index_dir: str | Path | None = None) -> None:
+        if packing not in PACKINGS:
+            raise ConfigError(f"packing={packing!r}; expected one of {PACKINGS}")
         self.shards, self.seq_len = shards, seq_len
         self.how, self.doc_masking = packing, doc_masking
-        self.packs: list[Packing] = []
-        self.doc_starts: list[np.ndarray] = []
-        self.doc_lens: list[np.ndarray] = []
-        for shard in shards.shards:
-            ends = shard.doc_ends.astype(np.int64)
-            starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
-            self.doc_starts.append(starts)
-            self.doc_lens.append(ends - starts)
-            self.packs.append(pack(ends - starts, seq_len, packing))
-        self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in self.packs])])
-        if self.offsets[-1] == 0:
+        self.index = cached(shards, f"{packing}-L{seq_len}", SEQUENCE_ARRAYS,
+                            lambda w: _pack_all(shards, seq_len, packing, w),
+                            Path(index_dir) if index_dir is not None else None)
+        self.offsets, self.shard = self.index["offsets"], self.index["shard"]
+        if len(self) == 0:
             raise ShardError(f"{shards.directory}: no sequences to train on")
 
     def __len__(self) -> int:
-        return int(self.offsets[-1])
+        return len(self.shard)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        k = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        shard = self.shards.shards[k]
-        arrays = assemble(shard.tokens, self.doc_starts[k], self.doc_lens[k], self.packs[k],
-                          index - int(self.offsets[k]), self.seq_len, 0, self.doc_masking,
+        shard = self.shards.shards[int(self.shard[index])]
+        seg = slice(int(self.offsets[index]), int(self.offsets[index + 1]))
+        arrays = sequence(shard.tokens, self.index["base"][seg], self.index["length"][seg],
+                          self.index["ends"][seg], self.seq_len, 0, self.doc_masking,
                           shard.channels.get("loss_mask"))
         return {name: torch.from_numpy(a) for name, a in arrays.items()}
 
     @property
     def fill(self) -> float:
         """Share of positions holding real tokens (the rest is padding)."""
-        return sum(float(p.length.sum()) for p in self.packs) / (len(self) * self.seq_len)
+        return self.index.meta["tokens"] / (len(self) * self.seq_len)
 
     @property
     def fingerprint(self) -> str:
@@ -77,6 +76,28 @@ class PackedShards(Dataset):
         """The options of data_pipeline/score.py that score these sequences."""
         return (f"seq_len={self.seq_len} packing={self.how} "
                 f"doc_masking={str(self.doc_masking).lower()}")
+
+
+# A packing index: sequence i is segments [offsets[i], offsets[i+1]) of shard shard[i];
+# segment j is length[j] tokens from flat offset base[j], ends[j] if its document ends there.
+SEQUENCE_ARRAYS = {"offsets": "int64", "shard": "int32", "base": "int64", "length": "int32",
+                   "ends": "uint8"}
+
+
+def _pack_all(shards: ShardSet, seq_len: int, how: str, out: IndexWriter) -> dict[str, Any]:
+    """Pack every shard of a set into `out`, one shard at a time."""
+    segments = tokens = 0
+    out.append(offsets=np.zeros(1, dtype=np.int64))
+    for k, shard in enumerate(shards.shards):
+        ends = np.asarray(shard.doc_ends, dtype=np.int64)
+        lens = np.diff(ends, prepend=0)
+        p = pack(lens, seq_len, how)
+        out.append(offsets=p.offsets[1:] + segments, shard=np.full(len(p), k),
+                   base=ends[p.doc] - lens[p.doc] + p.start, length=p.length,
+                   ends=p.start + p.length == lens[p.doc])
+        segments += len(p.doc)
+        tokens += int(p.length.sum())
+    return {"seq_len": seq_len, "packing": how, "tokens": tokens}
 
 
 class Concat(Dataset):

@@ -147,7 +147,7 @@ def packed(shards: ShardSet, cfg: PretrainConfig) -> PackedShards:
     trains on something else, one fixed measure whatever the sampling)."""
     d = cfg.data
     packing = d.packing if d.packing in ("bestfit", "concat") else "bestfit"
-    return PackedShards(shards, d.seq_len, packing, d.doc_masking)
+    return PackedShards(shards, d.seq_len, packing, d.doc_masking, d.index_dir)
 
 
 def open_shards(key: str, path: Path, tokenizer_fp: str, cfg: PretrainConfig) -> ShardSet:

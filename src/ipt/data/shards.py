@@ -90,7 +90,7 @@ class Shard:
     stem: Path
     meta: dict
     tokens: np.ndarray  # memmap
-    doc_ends: np.ndarray
+    doc_ends: np.ndarray  # memmap
     channels: dict[str, np.ndarray]  # memmaps, as long as `tokens`
 
     @classmethod
@@ -112,7 +112,8 @@ class Shard:
                                  "the shard is truncated or corrupt; re-run the prepare stage")
         maps = {name: np.memmap(f"{stem}.{name}", dtype=dt, mode="r") if n else
                 np.zeros(0, dtype=dt) for name, dt in arrays.items()}
-        ends = np.fromfile(f"{stem}.docs", dtype=np.uint64)
+        ends = np.memmap(f"{stem}.docs", dtype=np.uint64, mode="r") if meta["num_docs"] else \
+            np.zeros(0, dtype=np.uint64)
         tokens = maps.pop("tokens")
         return cls(stem, meta, tokens, ends, maps)
 
