@@ -3,9 +3,9 @@ once and shared, and a stale or damaged one is rebuilt, never used."""
 
 from __future__ import annotations
 
-import bisect
 import json
 import multiprocessing as mp
+import sys
 
 import numpy as np
 import pytest
@@ -14,43 +14,10 @@ from ipt.data.loader import PackedShards
 from ipt.data.packing import pack
 from ipt.data.shards import ShardSet, ShardWriter
 
+from .conftest import ROOT
 
-def reference_bestfit(doc_lens, seq_len):
-    """Best-fit decreasing, one piece at a time: segments (doc, start, length) per sequence."""
-    bins, pieces = [], []
-    for d, n in enumerate(doc_lens.tolist()):
-        full = n // seq_len
-        bins.extend([[(d, i * seq_len, seq_len)] for i in range(full)])
-        if n % seq_len:
-            pieces.append((n % seq_len, d, full * seq_len))
-    pieces.sort(key=lambda p: (-p[0], p[1]))
-    open_bins = []
-    for n, d, start in pieces:
-        at = bisect.bisect_left(open_bins, (n, -1))
-        if at == len(open_bins):
-            bins.append([(d, start, n)])
-            if seq_len - n:
-                bisect.insort(open_bins, (seq_len - n, len(bins) - 1))
-        else:
-            room, b = open_bins.pop(at)
-            bins[b].append((d, start, n))
-            if room - n:
-                bisect.insort(open_bins, (room - n, b))
-    return bins
-
-
-def reference_concat(doc_lens, seq_len):
-    bins, room = [[]], seq_len
-    for d, n in enumerate(doc_lens.tolist()):
-        start = 0
-        while n - start > 0:
-            if room == 0:
-                bins.append([])
-                room = seq_len
-            take = min(room, n - start)
-            bins[-1].append((d, start, take))
-            start, room = start + take, room - take
-    return bins if bins[-1] else bins[:-1]
+sys.path.insert(0, str(ROOT / "bench"))
+from packing import reference_bestfit, reference_concat  # noqa: E402  (the baselines)
 
 
 def segments(p):

@@ -82,26 +82,27 @@ def shards_meta(shards: ShardSet) -> list[list[Any]]:
     return [[s.stem.name, s.meta["num_docs"], s.meta["num_tokens"]] for s in shards.shards]
 
 
-def problem(directory: Path, shards: ShardSet, name: str) -> str | None:
-    """Why the index in `directory` cannot be used for `shards`, or None if it can."""
+def check(directory: Path, shards: ShardSet, name: str) -> tuple[dict[str, Any], str | None]:
+    """The metadata of the index in `directory`, and why it cannot be used for `shards`
+    (None if it can)."""
     try:
         meta = json.loads((directory / "index.json").read_text())
     except FileNotFoundError:
-        return "it has no index.json"
+        return {}, "it has no index.json"
     except (OSError, ValueError) as e:
-        return f"its index.json is unreadable ({e})"
+        return {}, f"its index.json is unreadable ({e})"
     expected = {"format": FORMAT, "name": name, "fingerprint": shards.fingerprint,
                 "shards": shards_meta(shards)}
     for key, value in expected.items():
         if meta.get(key) != value:
-            return f"its {key} is {meta.get(key)!r}, the shards' is {value!r}"
+            return meta, f"its {key} is {meta.get(key)!r}, the shards' is {value!r}"
     for array, dt in meta.get("dtypes", {}).items():
         path = directory / f"{array}.bin"
         size = meta["counts"][array] * np.dtype(dt).itemsize
         if not path.is_file() or path.stat().st_size != size:
             have = path.stat().st_size if path.is_file() else "no"
-            return f"{path.name} has {have} bytes, index.json says {size}"
-    return None
+            return meta, f"{path.name} has {have} bytes, index.json says {size}"
+    return meta, None
 
 
 @contextlib.contextmanager
@@ -125,8 +126,9 @@ def cached(shards: ShardSet, name: str, dtypes: dict[str, str],
     `root` is where indexes are kept: by default `index/` inside the shards' folder."""
     root = Path(root) if root is not None else shards.directory / "index"
     final = root / f"{name}-{shards.fingerprint}"
-    if problem(final, shards, name) is None:
-        return Index(final, json.loads((final / "index.json").read_text()))
+    meta, why = check(final, shards, name)
+    if why is None:
+        return Index(final, meta)
     try:
         root.mkdir(parents=True, exist_ok=True)
         lock = root / f".{final.name}.lock"
@@ -135,9 +137,9 @@ def cached(shards: ShardSet, name: str, dtypes: dict[str, str],
         raise ShardError(f"cannot write the index of {shards.directory} to {root} ({e}); "
                          "make it writable, or set data.index_dir to a writable folder") from e
     with _locked(lock):
-        why = problem(final, shards, name)
+        meta, why = check(final, shards, name)
         if why is None:  # another process built it while this one waited
-            return Index(final, json.loads((final / "index.json").read_text()))
+            return Index(final, meta)
         tag = f"{socket.gethostname()}-{os.getpid()}"
         if final.exists():
             log.warning("index %s is not used: %s; rebuilding it", final, why)
@@ -160,12 +162,12 @@ def cached(shards: ShardSet, name: str, dtypes: dict[str, str],
             try:
                 os.rename(tmp, final)
             except OSError:  # a builder outside the lock published first: use that one
-                if problem(final, shards, name) is not None:
+                if check(final, shards, name)[1] is not None:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("index %s: built in %.1f s", final, time.perf_counter() - start)
-    why = problem(final, shards, name)
+    meta, why = check(final, shards, name)
     if why is not None:
         raise ShardError(f"index {final} was just built but cannot be used: {why}")
-    return Index(final, json.loads((final / "index.json").read_text()))
+    return Index(final, meta)
