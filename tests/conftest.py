@@ -4,10 +4,13 @@ as one process or under torchrun, in a subprocess."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,8 @@ import pytest
 
 from ipt.config import DemoDataConfig
 from ipt.data.demo import build_demo_data
+
+from .warm import Warm, WarmProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,11 +55,81 @@ def pretrain_cmd(overrides: list[str], nproc: int = 1) -> list[str]:
             f"--nproc_per_node={nproc}", script, *overrides]
 
 
+# The environment of the tests' runs: one thread per rank, output as it happens
+RUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+_warm: Warm | None = None
+
+
+def warm() -> Warm | None:
+    """The session's warm server (tests/warm.py), started on first use; None under
+    IPT_TEST_COLD=1, which starts every run as a fresh process instead."""
+    global _warm
+    if _warm is None and os.environ.get("IPT_TEST_COLD") != "1":
+        _warm = Warm(ROOT, RUN_ENV)
+    return _warm
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_warm():
+    yield
+    if _warm is not None:
+        _warm.close()
+
+
+def start_entry(script: str, args: list[str], nproc: int = 1, env: dict[str, str] | None = None,
+                timeout: float = 600) -> WarmProcess | subprocess.Popen:
+    """Start an entry point (`train/pretrain.py`, ...) on `nproc` ranks, as torchrun would,
+    warm where it can; its output goes to files (a pipe nobody reads would stall it)."""
+    env = {**RUN_ENV, **(env or {})}
+    server = warm()
+    if server is not None and server.supports(env):
+        return server.start(str(ROOT / script), args, nproc, env, ROOT, timeout)
+    cmd = [sys.executable, str(ROOT / script), *args] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc}", str(ROOT / script), *args]
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()  # noqa: SIM115 - see output
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=out,
+                            stderr=err)
+    proc.outputs = (out, err)  # type: ignore[attr-defined]
+    return proc
+
+
+def kill_run(proc: WarmProcess | subprocess.Popen) -> None:
+    """SIGKILL every process of a run that `start_entry` started, and reap it."""
+    if isinstance(proc, WarmProcess):
+        proc.kill()
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait()
+
+
+def run_entry(script: str, args: list[str], nproc: int = 1, env: dict[str, str] | None = None,
+              timeout: float = 600) -> subprocess.CompletedProcess:
+    """`subprocess.run` of an entry point on `nproc` ranks, as torchrun starts them."""
+    proc = start_entry(script, args, nproc, env, timeout)
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        kill_run(proc)  # on a time-out; otherwise what the ranks left behind
+    return subprocess.CompletedProcess(proc.args, proc.returncode, *output(proc))
+
+
+def output(proc: WarmProcess | subprocess.Popen) -> tuple[str, str]:
+    """What a run from `start_entry` printed (stdout, stderr), once it has ended."""
+    if isinstance(proc, WarmProcess):
+        return proc.stdout, proc.stderr
+    texts = []
+    for f in proc.outputs:  # type: ignore[attr-defined]
+        f.seek(0)
+        texts.append(f.read().decode(errors="replace"))
+    return texts[0], texts[1]
+
+
 def run_pretrain(overrides: list[str], nproc: int = 1, check: bool = True,
                  timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(pretrain_cmd(overrides, nproc), cwd=ROOT, env=env, timeout=timeout,
-                          capture_output=True, text=True)
+    proc = run_entry("train/pretrain.py", overrides, nproc, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     return proc

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from .conftest import ROOT, run_pretrain, tiny_overrides
+from .conftest import run_entry, run_pretrain, tiny_overrides
 
 pytest.importorskip("lm_eval")
 
@@ -43,8 +42,7 @@ def tasks(tmp_path_factory):
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train" / "evaluate.py"), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return run_entry("train/evaluate.py", list(args))
 
 
 def test_a_hugging_face_folder_is_evaluated_on_local_tasks(tiny_lm, tasks, tmp_path):

@@ -3,8 +3,6 @@ model on the same input, and it generates."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ipt.export import load_checkpoint_model
 
-from .conftest import ROOT, run_pretrain, tiny_overrides
+from .conftest import run_entry, run_pretrain, tiny_overrides
 
 
 @pytest.fixture(scope="module", params=[1, 3], ids=["zero1", "zero3-2ranks"])
@@ -64,14 +62,12 @@ def test_exported_model_generates(trained):
 
 def test_export_cli_writes_a_loadable_folder(trained, tmp_path):
     out = tmp_path / "cli-export"
-    subprocess.run([sys.executable, str(ROOT / "train" / "export_hf.py"),
-                    f"checkpoint={trained / 'checkpoints' / 'step_00000004'}", f"out={out}"],
-                   check=True, cwd=ROOT, capture_output=True)
+    proc = run_entry("train/export_hf.py", [
+        f"checkpoint={trained / 'checkpoints' / 'step_00000004'}", f"out={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == 64
 
 
 def test_export_cli_names_a_missing_checkpoint(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "train" / "export_hf.py"),
-                           f"checkpoint={tmp_path}", f"out={tmp_path / 'o'}"],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = run_entry("train/export_hf.py", [f"checkpoint={tmp_path}", f"out={tmp_path / 'o'}"])
     assert proc.returncode == 2 and "no usable checkpoint" in proc.stderr

@@ -5,8 +5,6 @@ and the refusals."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -27,7 +25,7 @@ from ipt.mtp import decode
 from ipt.mtp.heads import HEADS_FILE, HeadsError, MTPModel, attach, load_heads, new_heads
 from ipt.observe import read_metrics
 
-from .conftest import ROOT, run_pretrain, tiny_overrides
+from .conftest import ROOT, run_entry, run_pretrain, tiny_overrides
 
 register()
 BOS, EOS = 1, 2
@@ -272,9 +270,9 @@ def test_rejected_drafts_are_cropped_and_the_output_stays_greedy(mtp_run):
 
 
 def test_the_sample_cli_compares_speculative_with_greedy(mtp_run):
-    proc = subprocess.run([sys.executable, str(ROOT / "train" / "sample.py"),
-                           f"model={mtp_run / 'hf'}", "prompt=Return the", "max_new_tokens=12"],
-                          capture_output=True, text=True, timeout=300, check=True)
+    proc = run_entry("train/sample.py", [f"model={mtp_run / 'hf'}", "prompt=Return the",
+                                         "max_new_tokens=12"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "speculative == greedy: True" in proc.stdout
     assert "tokens per verifying forward" in proc.stdout
 
@@ -313,9 +311,8 @@ def test_sequential_modules_train_export_and_decode_greedily(data_dir, tmp_path)
     assert all(torch.equal(p, saved[f"mtp_heads.{n}"]) for n, p in heads.state_dict().items())
     with pytest.raises(HeadsError, match="built for parallel heads only"):
         decode.load(hf)
-    proc = subprocess.run([sys.executable, str(ROOT / "train" / "sample.py"), f"model={hf}",
-                           "max_new_tokens=5"], capture_output=True, text=True, timeout=300,
-                          check=True)
+    proc = run_entry("train/sample.py", [f"model={hf}", "max_new_tokens=5"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"[{hf}, greedy]" in proc.stdout and "speculative" not in proc.stdout
 
 
@@ -352,9 +349,7 @@ def test_a_bad_heads_config_is_refused_with_the_reason(data_dir, overrides, mess
 def test_decoding_a_model_without_heads_is_refused(tiny_lm):
     with pytest.raises(HeadsError, match="has no MTP heads"):
         decode.load(tiny_lm)
-    proc = subprocess.run([sys.executable, str(ROOT / "train" / "sample.py"),
-                           f"model={tiny_lm}", "decode=speculative"],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_entry("train/sample.py", [f"model={tiny_lm}", "decode=speculative"])
     assert proc.returncode == 1 and "has no MTP heads" in proc.stderr.splitlines()[-1]
 
 

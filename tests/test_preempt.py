@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 import time
 
 import psutil
@@ -18,24 +19,29 @@ from ipt import checkpoint
 from ipt.cli import EXIT_REQUEUE
 from ipt.observe import read_metrics
 
-from .conftest import ROOT, run_pretrain, tiny_overrides
+from .conftest import ROOT, kill_run, output, run_pretrain, start_entry, tiny_overrides
 from .test_resume import losses
 
 STEPS = 40
 
 
 def launch(overrides: list[str], nproc: int, **env_extra: str) -> subprocess.Popen:
+    """The ranks under `launch/torchrun.sh`, as a user starts them (torchrun's own signal
+    handling is under test here, so never warm); `output` reads what it printed."""
     env = {**os.environ, "NPROC": str(nproc), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            **env_extra}
-    return subprocess.Popen(["bash", "launch/torchrun.sh", "train/pretrain.py", *overrides],
-                            cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    files = (tempfile.TemporaryFile(), tempfile.TemporaryFile())  # noqa: SIM115 - see output
+    proc = subprocess.Popen(["bash", "launch/torchrun.sh", "train/pretrain.py", *overrides],
+                            cwd=ROOT, env=env, start_new_session=True, stdout=files[0],
+                            stderr=files[1])
+    proc.outputs = files  # type: ignore[attr-defined]
+    return proc
 
 
 def wait_for_step(proc: subprocess.Popen, metrics, step: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the run ended before step {step}:\n{proc.stderr.read()}"
+        assert proc.poll() is None, f"the run ended before step {step}:\n{output(proc)[1]}"
         if metrics.exists() and any(r["step"] >= step for r in read_metrics(metrics)):
             return
         time.sleep(0.02)
@@ -59,7 +65,8 @@ def test_signal_checkpoints_exits_75_and_resumes_identically(data_dir, tmp_path,
                 p.send_signal(signal.SIGUSR1)
         else:
             os.kill(proc.pid, signal.SIGTERM)  # torchrun passes it on to the ranks
-        _, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        err = output(proc)[1]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -80,21 +87,15 @@ def test_signal_checkpoints_exits_75_and_resumes_identically(data_dir, tmp_path,
 def test_signal_to_a_plain_process(data_dir, tmp_path):
     """No launcher: the one process checkpoints and exits 75 itself."""
     run_dir = tmp_path / "one"
-    from .conftest import pretrain_cmd
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(pretrain_cmd(tiny_overrides(data_dir, run_dir,
-                                                        **{"train.max_steps": STEPS})),
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_entry("train/pretrain.py", tiny_overrides(data_dir, run_dir,
+                                                          **{"train.max_steps": STEPS}))
     try:
         wait_for_step(proc, run_dir / "metrics.jsonl", 2)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == EXIT_REQUEUE, err[-4000:]
+        kill_run(proc)
+    assert proc.returncode == EXIT_REQUEUE
     step = max(losses(run_dir))
     assert (run_dir / "checkpoints" / checkpoint.tag_for(step)).is_dir()
     assert not (run_dir / "summary.json").exists()  # the run is not over
@@ -115,7 +116,8 @@ def test_a_hung_rank_ends_the_job_with_a_message(data_dir, tmp_path):
         rank1 = next(p for p in ranks if p.environ().get("RANK") == "1")
         rank1.send_signal(signal.SIGSTOP)
         frozen = time.monotonic()
-        _, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        err = output(proc)[1]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -4,9 +4,6 @@ continues with the next unseen samples."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import pytest
 
 from ipt.observe import read_metrics
 
-from .conftest import ROOT, pretrain_cmd, run_pretrain, tiny_overrides
+from .conftest import kill_run, run_pretrain, start_entry, tiny_overrides
 
 STEPS = 24
 
@@ -26,10 +23,7 @@ def losses(run_dir: Path) -> dict[int, tuple[float, float]]:
 def kill_after_step(overrides: list[str], nproc: int, run_dir: Path, step: int) -> int:
     """Start a run, SIGKILL its whole process group once `step` is logged; return the step
     the run had logged when it died."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(pretrain_cmd(overrides, nproc), cwd=ROOT, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_entry("train/pretrain.py", overrides, nproc)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
     try:
@@ -37,10 +31,9 @@ def kill_after_step(overrides: list[str], nproc: int, run_dir: Path, step: int) 
             if metrics.exists() and any(r["step"] >= step for r in read_metrics(metrics)):
                 break
             time.sleep(0.02)
-        assert proc.poll() is None, f"run ended before it could be killed:\n{proc.stderr.read()}"
+        assert proc.poll() is None, "run ended before it could be killed"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_run(proc)
     return max(r["step"] for r in read_metrics(metrics))
 
 

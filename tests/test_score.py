@@ -75,16 +75,13 @@ def test_a_folder_that_is_not_a_prepared_source_is_refused(data_dir, tiny_lm, tm
 
 def test_the_entry_point_scores_from_the_command_line(data_dir, tiny_lm, tmp_path):
     import shutil
-    import subprocess
-    import sys
 
-    from .conftest import ROOT
+    from .conftest import run_entry
 
     src = tmp_path / "docstrings"
     shutil.copytree(data_dir / "shards" / "docstrings", src)
-    proc = subprocess.run([sys.executable, "data_pipeline/score.py", f"slm={tiny_lm}",
-                           f"tokenizer={data_dir / 'tokenizer'}", f"+sources.docs={src}",
-                           "seq_len=64", "soft_labels=4", "progress_bar=never"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_entry("data_pipeline/score.py", [
+        f"slm={tiny_lm}", f"tokenizer={data_dir / 'tokenizer'}", f"+sources.docs={src}",
+        "seq_len=64", "soft_labels=4", "progress_bar=never"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (src / "scores").is_dir() and list((src / "soft_labels").glob("*/meta.json"))

@@ -5,25 +5,20 @@ summary table of final metrics when the sweep ends."""
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 
 from omegaconf import OmegaConf
 
 from ipt.observe import read_metrics
 from ipt.sweep import main as sweep_main
 
-from .conftest import ROOT, tiny_overrides, wandb_records
+from .conftest import run_entry, tiny_overrides, wandb_records
 
 
 def test_local_sweep_over_a_group_and_a_value(data_dir, tmp_path):
     sweep = tmp_path / "lr-sched"
     overrides = tiny_overrides(data_dir, sweep, **{"train.max_steps": 4, "logger.wandb": True})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, "train/pretrain.py", "-m", *overrides,
-                           "schedule=cosine,constant", "optim.lr=1e-3,3e-3"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_entry("train/pretrain.py", ["-m", *overrides, "schedule=cosine,constant",
+                                           "optim.lr=1e-3,3e-3"], env={"WANDB_MODE": "offline"})
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())

@@ -109,13 +109,10 @@ def test_an_unfinished_synthesize_output_is_refused(synth_out, tmp_path):
 
 def test_finetune_trains_on_the_tuning_shards_with_the_context_masked(synth_out, data_dir,
                                                                       tmp_path):
-    import os
-    import subprocess
-    import sys
 
     from ipt.observe import read_metrics
 
-    from .conftest import ROOT, tiny_overrides
+    from .conftest import run_entry, tiny_overrides
 
     root = tmp_path / "data"
     (root / "shards").mkdir(parents=True)
@@ -126,9 +123,7 @@ def test_finetune_trains_on_the_tuning_shards_with_the_context_masked(synth_out,
         progress_bar="never", workers=1))
     run = tmp_path / "run"
     overrides = [o for o in tiny_overrides(root, run, **{"train.max_steps": 4})]
-    proc = subprocess.run([sys.executable, "train/finetune.py", *overrides], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_entry("train/finetune.py", overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(run / "metrics.jsonl")
     assert len(rows) == 4 and all(r["loss"] > 0 for r in rows)
