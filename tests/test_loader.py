@@ -16,6 +16,7 @@ from ipt.data.loader import (
     shares,
     train_loader,
 )
+from ipt.data.permutation import Permutation
 from ipt.data.shards import ShardError, ShardSet, write_shards
 
 
@@ -58,6 +59,47 @@ def test_mixture_subsample_differs_between_epochs():
 def test_repetition_beyond_the_cap_is_refused_with_the_source_named():
     with pytest.raises(ConfigError, match="source tiny: .* repetition of 8.0x > data.max_repeat=4"):
         MixtureOrder([900, 100], [0.2, 0.8], 0, "fp", max_repeat=4, names=["big", "tiny"])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 64, 1000, 2**20 + 3, 3_000_001])
+def test_a_keyed_permutation_reaches_every_element_once(n):
+    perm = Permutation(n, key=12345)
+    everything = perm.take(np.arange(n))
+    assert np.array_equal(np.sort(everything), np.arange(n))
+    assert perm[n - 1] == everything[n - 1]
+    if n > 64:  # shuffled, and another key shuffles otherwise
+        assert not np.array_equal(everything, np.arange(n))
+        assert not np.array_equal(Permutation(n, key=54321).take(np.arange(n)), everything)
+
+
+def test_a_large_mixture_keeps_its_shares_and_never_repeats_within_a_pass():
+    sizes = [2_000_000, 500_000, 7]
+    mix = MixtureOrder(sizes, [0.5, 0.5, 1e-9], seed=3, fingerprint="big")
+    epoch = mix.take(np.arange(mix.epoch_len))
+    source = np.searchsorted(np.cumsum(sizes), epoch, side="right")
+    assert np.bincount(source, minlength=3).tolist() == mix.counts.tolist()
+    big = epoch[source == 0]
+    assert len(np.unique(big)) == len(big)  # subsampled, each sequence at most once
+    small = np.bincount(epoch[source == 1] - sizes[0], minlength=sizes[1])
+    assert small.min() == 2 and small.max() == 3  # 2.5 passes: every sequence 2 or 3 times
+    again = MixtureOrder(sizes, [0.5, 0.5, 1e-9], seed=3, fingerprint="big")
+    picks = np.random.default_rng(0).integers(0, 10**12, 1000)
+    assert np.array_equal(again.take(picks), mix.take(picks))  # a pure function of the key
+    assert not np.array_equal(MixtureOrder(sizes, [0.5, 0.5, 1e-9], seed=4,
+                                           fingerprint="big").take(picks), mix.take(picks))
+
+
+def test_the_order_of_a_trillion_token_corpus_costs_no_memory_to_build_or_resume():
+    """About 250M sequences of 4096 tokens: nothing of that size is built, and a sample
+    of the hundredth epoch is found at once."""
+    import tracemalloc
+
+    tracemalloc.start()
+    mix = MixtureOrder([200_000_000, 44_000_000], [0.8, 0.2], 0, "1T")
+    far = [mix[k] for k in range(100 * mix.epoch_len, 100 * mix.epoch_len + 64)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1_000_000 and len(set(far)) == 64
 
 
 def test_shares_add_up_exactly():

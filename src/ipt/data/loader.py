@@ -1,10 +1,14 @@
 """The training loader: a deterministic global order of packed sequences, read by one counter.
 
-The training set is the concatenation of every source's packed sequences. Sample `k` of the
-endless stream is `table(epoch)[k % T]`, with `epoch = k // T`. The table of an epoch is a
-pure function of (seed, epoch, dataset fingerprint): it holds each source's share of the `T`
-slots (its mixture weight), drawn from that source's sequences (repeated, or subsampled, as
-the share needs), in shuffled order.
+The training set is the concatenation of every source's packed sequences. An epoch has `T`
+slots (as many as there are sequences); each source gets its share of them (its mixture
+weight), drawn from its sequences in passes, a fresh permutation each pass (so a source's
+sequences repeat, or are subsampled, as its share needs, and never repeat within a pass), and
+the epoch's slots are shuffled. Sample `k` of the endless stream is slot `k % T` of epoch
+`k // T`. Every permutation involved is a keyed one read element by element
+(`ipt.data.permutation`), keyed by (seed, dataset fingerprint, epoch, source, pass): the
+order is a pure function of them, costs O(1) memory however large the corpus, and sample `k`
+is found in O(1) time, wherever a run resumes.
 
 The loader's whole state is `consumed`, the number of samples all ranks together have used.
 Global batch `b` is samples `[b*G, (b+1)*G)`; rank `r` of `R` reads the `r`-th contiguous
@@ -31,6 +35,7 @@ from ipt.attention import documents
 from ipt.config import ConfigError
 from ipt.data.index import IndexWriter, cached
 from ipt.data.packing import PACKINGS, pack, sequence
+from ipt.data.permutation import Permutation, subkey
 from ipt.data.shards import ShardError, ShardSet
 
 
@@ -158,28 +163,40 @@ class MixtureOrder:
                     "lower its weight, add data, or raise data.max_repeat")
         digest = hashlib.sha256(f"{seed}:{fingerprint}".encode()).digest()
         self.key = int.from_bytes(digest[:8], "little")
-        self._epoch, self._table = -1, np.empty(0, dtype=np.int64)
+        self.ends = np.cumsum(self.counts)  # the epoch's slots, source by source
+        self._permutations: dict[tuple[int, ...], Permutation] = {}
 
-    def _rng(self, *path: int) -> np.random.Generator:
-        return np.random.Generator(np.random.PCG64([self.key, *path]))
-
-    def table(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            picks = []
-            for i, (n, size) in enumerate(zip(self.counts, self.sizes, strict=True)):
-                if n == 0:
-                    continue
-                passes = -(-int(n) // int(size))  # a new permutation for every repetition
-                drawn = np.concatenate([self._rng(epoch, i, p).permutation(int(size))
-                                        for p in range(passes)])[: int(n)]
-                picks.append(drawn + self.starts[i])
-            mixed = np.concatenate(picks)
-            self._table = mixed[self._rng(epoch, len(self.sizes)).permutation(len(mixed))]
-            self._epoch = epoch
-        return self._table
+    def _permutation(self, n: int, *path: int) -> Permutation:
+        """The permutation of `n` keyed by `path` (epoch, source, pass), kept while in use."""
+        if path not in self._permutations:
+            if len(self._permutations) >= 64:  # an epoch or a pass behind: not read again
+                self._permutations.clear()
+            self._permutations[path] = Permutation(n, subkey(self.key, *path))
+        return self._permutations[path]
 
     def __getitem__(self, k: int) -> int:
-        return int(self.table(k // self.epoch_len)[k % self.epoch_len])
+        return int(self.take(np.array([k]))[0])
+
+    def take(self, ks: np.ndarray) -> np.ndarray:
+        """The sequences of samples `ks` (an int array), at once."""
+        epoch, slot = np.divmod(np.asarray(ks, dtype=np.int64), self.epoch_len)
+        out = np.empty_like(slot)
+        for e in np.unique(epoch).tolist():
+            at = epoch == e
+            # the epoch's slots, shuffled: each source's share in a row, then slots permuted
+            j = self._permutation(self.epoch_len, e, len(self.sizes)).take(slot[at])
+            src = np.searchsorted(self.ends, j, side="right")
+            passes, t = np.divmod(j - (self.ends - self.counts)[src], self.sizes[src])
+            # each source is drawn in passes over its sequences, a new permutation each pass
+            width = int(passes.max()) + 1
+            group, picked = src * width + passes, np.empty_like(j)
+            for g in np.unique(group).tolist():
+                i, p = divmod(g, width)
+                m = group == g
+                picked[m] = self.starts[i] + self._permutation(int(self.sizes[i]), e, i,
+                                                               p).take(t[m])
+            out[at] = picked
+        return out
 
 
 class RankBatches:
