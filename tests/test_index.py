@@ -12,6 +12,7 @@ import pytest
 
 from ipt.data.loader import PackedShards
 from ipt.data.packing import pack
+from ipt.data.pieces import DecomposedShards, decompose
 from ipt.data.shards import ShardSet, ShardWriter
 
 from .conftest import ROOT
@@ -47,6 +48,25 @@ def shards(tmp_path, docs=300, seed=0):
 
 def items(ds):
     return [{k: v.tolist() for k, v in ds[i].items()} for i in range(len(ds))]
+
+
+def test_the_pieces_of_dataset_decomposition_are_an_index_too(tmp_path):
+    """Built once, memory-mapped, and the same pieces as `decompose` cuts, shard by shard,
+    numbered bucket by bucket, longest first."""
+    first = DecomposedShards(shards(tmp_path), 8, 64)
+    built = first.index.directory
+    assert built.name.startswith("pieces-8-64-") and isinstance(first.index["base"], np.memmap)
+    mtime = (built / "index.json").stat().st_mtime_ns
+    again = DecomposedShards(ShardSet(tmp_path / "shards"), 8, 64)
+    assert (built / "index.json").stat().st_mtime_ns == mtime
+    shard = again.shards.shards[0]
+    ends = shard.doc_ends.astype(np.int64)
+    starts = np.concatenate([[0], ends[:-1]])
+    cut = decompose(ends - starts, 8, 64)
+    expected = [(L, int(starts[d] + o)) for L in (64, 32, 16, 8) for d, o in cut.starts[L]]
+    assert [(again.length_of(i), int(again.index["base"][i])) for i in range(len(again))] \
+        == expected
+    assert (again.total, again.dropped) == (cut.total, cut.dropped)
 
 
 def test_an_index_is_built_once_and_reused(tmp_path):

@@ -35,7 +35,7 @@ from ipt.attention import documents
 from ipt.config import ConfigError
 from ipt.data.index import IndexWriter, cached
 from ipt.data.packing import PACKINGS, pack, sequence
-from ipt.data.permutation import Permutation, subkey
+from ipt.data.permutation import Draws
 from ipt.data.shards import ShardError, ShardSet
 
 
@@ -163,16 +163,7 @@ class MixtureOrder:
                     "lower its weight, add data, or raise data.max_repeat")
         digest = hashlib.sha256(f"{seed}:{fingerprint}".encode()).digest()
         self.key = int.from_bytes(digest[:8], "little")
-        self.ends = np.cumsum(self.counts)  # the epoch's slots, source by source
-        self._permutations: dict[tuple[int, ...], Permutation] = {}
-
-    def _permutation(self, n: int, *path: int) -> Permutation:
-        """The permutation of `n` keyed by `path` (epoch, source, pass), kept while in use."""
-        if path not in self._permutations:
-            if len(self._permutations) >= 64:  # an epoch or a pass behind: not read again
-                self._permutations.clear()
-            self._permutations[path] = Permutation(n, subkey(self.key, *path))
-        return self._permutations[path]
+        self.draws = Draws(self.sizes, self.counts, self.key)
 
     def __getitem__(self, k: int) -> int:
         return int(self.take(np.array([k]))[0])
@@ -183,19 +174,8 @@ class MixtureOrder:
         out = np.empty_like(slot)
         for e in np.unique(epoch).tolist():
             at = epoch == e
-            # the epoch's slots, shuffled: each source's share in a row, then slots permuted
-            j = self._permutation(self.epoch_len, e, len(self.sizes)).take(slot[at])
-            src = np.searchsorted(self.ends, j, side="right")
-            passes, t = np.divmod(j - (self.ends - self.counts)[src], self.sizes[src])
-            # each source is drawn in passes over its sequences, a new permutation each pass
-            width = int(passes.max()) + 1
-            group, picked = src * width + passes, np.empty_like(j)
-            for g in np.unique(group).tolist():
-                i, p = divmod(g, width)
-                m = group == g
-                picked[m] = self.starts[i] + self._permutation(int(self.sizes[i]), e, i,
-                                                               p).take(t[m])
-            out[at] = picked
+            source, element = self.draws.take(slot[at], e)
+            out[at] = self.starts[source] + element
         return out
 
 

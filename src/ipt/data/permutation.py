@@ -15,6 +15,8 @@ gigabytes at every start (`ipt.data.loader.MixtureOrder`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 ROUNDS = 6
@@ -76,3 +78,42 @@ class Permutation:
 
     def __len__(self) -> int:
         return self.n
+
+
+class Draws:
+    """An epoch's slots shared out among sources: source i fills `counts[i]` slots, drawn
+    from its `sizes[i]` elements in passes, a new permutation each pass (so a count above
+    the size repeats elements, one below subsamples them, and no element repeats within a
+    pass), and the slots are shuffled. `take(slots, *path)` says which source and element
+    fill each slot of the epoch named by `path`; every permutation is keyed by `path`, so the
+    result is a pure function of (key, path, slot), computed with no table of the epoch."""
+
+    def __init__(self, sizes: Sequence[int], counts: Sequence[int], key: int) -> None:
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.counts = np.asarray(counts, dtype=np.int64)
+        if np.any((self.counts > 0) & (self.sizes < 1)):
+            raise ValueError("a source with slots to fill has no elements")
+        self.ends, self.key = np.cumsum(self.counts), key
+        self.slots = int(self.ends[-1]) if len(self.ends) else 0
+        self._permutations: dict[tuple[int, ...], Permutation] = {}
+
+    def permutation(self, n: int, *path: int) -> Permutation:
+        """The permutation of range(n) keyed by `path`, kept while it is in use."""
+        if path not in self._permutations:
+            if len(self._permutations) >= 256:  # an old epoch's or pass's: not read again
+                self._permutations.clear()
+            self._permutations[path] = Permutation(n, subkey(self.key, *path))
+        return self._permutations[path]
+
+    def take(self, slots: np.ndarray, *path: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, element within the source) of each slot (ints in range(self.slots))."""
+        j = self.permutation(self.slots, *path).take(slots)  # slots in source order, shuffled
+        source = np.searchsorted(self.ends, j, side="right")
+        passes, t = np.divmod(j - (self.ends - self.counts)[source], self.sizes[source])
+        width = int(passes.max(initial=0)) + 1
+        group, element = source * width + passes, np.empty_like(j)
+        for g in np.unique(group).tolist():
+            i, p = divmod(g, width)
+            at = group == g
+            element[at] = self.permutation(int(self.sizes[i]), *path, i, p).take(t[at])
+        return source, element

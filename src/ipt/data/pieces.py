@@ -12,12 +12,15 @@ ends) are needed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ipt.config import ConfigError
+from ipt.data.index import IndexWriter, cached
 from ipt.data.packing import piece
 from ipt.data.shards import ShardError, ShardSet
 
@@ -65,44 +68,65 @@ def decompose(doc_lens: np.ndarray, min_len: int, max_len: int) -> Pieces:
     return Pieces(starts, int(n.sum()), dropped)
 
 
-class DecomposedShards(Dataset):
-    """One source's shards in pieces. Item i is one piece, as a sequence of its own length;
-    the pieces are numbered bucket by bucket, longest first (`ranges`)."""
+PIECE_ARRAYS = {"shard": "int32", "base": "int64", "ends": "uint8"}
 
-    def __init__(self, shards: ShardSet, min_len: int, max_len: int) -> None:
-        self.shards, self.min_len, self.max_len = shards, min_len, max_len
-        self.total = self.dropped = 0
-        rows: dict[int, list[np.ndarray]] = {}  # length -> [m, 3] (shard, token offset, end?)
+
+def _cut_all(shards: ShardSet, min_len: int, max_len: int, out: IndexWriter) -> dict[str, Any]:
+    """Every shard's pieces into `out`, bucket by bucket, longest first; one pass over the
+    shards per bucket, so the build holds one shard's pieces at a time."""
+    lengths = [1 << k for k in range(_log2(max_len, "max_len"), _log2(min_len, "min_len") - 1,
+                                     -1)]
+    counts, total, dropped = [], 0, 0
+    for i, length in enumerate(lengths):
+        counts.append(0)
         for k, shard in enumerate(shards.shards):
             ends = shard.doc_ends.astype(np.int64)
             starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
             cut = decompose(ends - starts, min_len, max_len)
-            self.total, self.dropped = self.total + cut.total, self.dropped + cut.dropped
-            for length, at in cut.starts.items():
-                base = starts[at[:, 0]] + at[:, 1]
-                ends_doc = base + length == ends[at[:, 0]]
-                rows.setdefault(length, []).append(
-                    np.stack([np.full(len(at), k), base, ends_doc], axis=1))
-        self.lengths = sorted((L for L, r in rows.items() if sum(map(len, r))), reverse=True)
+            if i == 0:
+                total, dropped = total + cut.total, dropped + cut.dropped
+            at = cut.starts[length]
+            base = starts[at[:, 0]] + at[:, 1]
+            out.append(shard=np.full(len(at), k), base=base,
+                       ends=base + length == ends[at[:, 0]])
+            counts[-1] += len(at)
+    return {"lengths": lengths, "pieces": counts, "total": total, "dropped": dropped}
+
+
+class DecomposedShards(Dataset):
+    """One source's shards in pieces. Item i is one piece, as a sequence of its own length;
+    the pieces are numbered bucket by bucket, longest first (`ranges`). Which pieces there
+    are comes from the shard set's index (`ipt.data.index`): built once, memory-mapped here."""
+
+    def __init__(self, shards: ShardSet, min_len: int, max_len: int,
+                 index_dir: str | Path | None = None) -> None:
+        self.shards, self.min_len, self.max_len = shards, min_len, max_len
+        if min_len > max_len:
+            raise ConfigError(f"min_len={min_len} is above max_len={max_len}")
+        self.index = cached(shards, f"pieces-{min_len}-{max_len}", PIECE_ARRAYS,
+                            lambda w: _cut_all(shards, min_len, max_len, w),
+                            Path(index_dir) if index_dir is not None else None)
+        meta = self.index.meta
+        self.total, self.dropped = meta["total"], meta["dropped"]
+        counts = dict(zip(meta["lengths"], meta["pieces"], strict=True))
+        self.lengths = [L for L in meta["lengths"] if counts[L]]
         if not self.lengths:
             raise ShardError(f"{shards.directory}: no document has {min_len} tokens, so no "
                              f"piece fits a bucket (data.decompose.min_len={min_len})")
-        self.rows = np.concatenate([a for L in self.lengths for a in rows[L]])
-        counts = [sum(map(len, rows[L])) for L in self.lengths]
-        edges = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        edges = np.concatenate([[0], np.cumsum([counts[L] for L in self.lengths])])
         self.ranges = {L: (int(edges[i]), int(edges[i + 1])) for i, L in enumerate(self.lengths)}
-        self._edges = edges[1:]
+        self._edges = edges[1:].astype(np.int64)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return int(self._edges[-1])
 
     def length_of(self, index: int) -> int:
         return self.lengths[int(np.searchsorted(self._edges, index, side="right"))]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        k, base, ends_doc = (int(v) for v in self.rows[index])
-        shard = self.shards.shards[k]
-        arrays = piece(shard.tokens, base, self.length_of(index), bool(ends_doc),
+        shard = self.shards.shards[int(self.index["shard"][index])]
+        base, ends_doc = int(self.index["base"][index]), bool(self.index["ends"][index])
+        arrays = piece(shard.tokens, base, self.length_of(index), ends_doc,
                        shard.channels.get("loss_mask"))
         return {name: torch.from_numpy(a) for name, a in arrays.items()}
 

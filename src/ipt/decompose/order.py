@@ -34,7 +34,11 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from ipt.config import CURRICULA, ConfigError
+from ipt.data.permutation import Draws
 from ipt.data.pieces import DecomposedShards
+
+# A bucket's pieces of one source, as global indices: all of them (a range), or a selection
+Ids = range | np.ndarray
 
 
 def odds(curriculum: str, n_buckets: int) -> np.ndarray:
@@ -90,7 +94,7 @@ class DecomposedOrder:
     and the steps' lengths in the curriculum's order (`bucket_order`).
     """
 
-    def __init__(self, sources: Sequence[dict[int, np.ndarray]], weights: Sequence[float],
+    def __init__(self, sources: Sequence[dict[int, Ids]], weights: Sequence[float],
                  tokens_per_step: int, curriculum: str, cycles: int, seed: int,
                  fingerprint: str, max_repeat: float = float("inf"),
                  names: Sequence[str] | None = None) -> None:
@@ -130,10 +134,12 @@ class DecomposedOrder:
                 "lower train.global_batch_size or data.decompose.cycles, or add data")
         settings = f"{seed}:{fingerprint}:{tokens_per_step}:{curriculum}:{cycles}"
         self.key = int.from_bytes(hashlib.sha256(settings.encode()).digest()[:8], "little")
+        # each bucket's pieces of an epoch: the sources' shares of it, drawn and shuffled
+        self.draws = {L: Draws([len(s.get(L, ())) for s in sources], [c[L] for c in self.counts],
+                               self.key) for L in self.lengths}
         self._epoch = -1
         self._steps = np.empty(0, dtype=np.int64)  # the epoch's lengths, step by step
         self._nth = np.empty(0, dtype=np.int64)  # which batch of its bucket each step is
-        self._tables: dict[int, np.ndarray] = {}
 
     @property
     def left_out(self) -> float:
@@ -141,29 +147,14 @@ class DecomposedOrder:
         pieces = sum(L * c[L] for c in self.counts for L in self.lengths)
         return 1 - self.epoch_steps * self.tokens_per_step / max(1, pieces)
 
-    def _rng(self, *path: int) -> np.random.Generator:
-        return np.random.Generator(np.random.PCG64([self.key, *path]))
-
     def _load(self, epoch: int) -> None:
-        tables = {}
-        for L in self.lengths:
-            picks = []
-            for i, (source, counts) in enumerate(zip(self.sources, self.counts, strict=True)):
-                have, n = source.get(L, np.empty(0, np.int64)), counts[L]
-                if n == 0:
-                    continue
-                passes = -(-n // len(have))  # a new permutation for every repetition
-                drawn = np.concatenate([self._rng(epoch, L, i, p).permutation(len(have))
-                                        for p in range(passes)])[:n]
-                picks.append(have[drawn])
-            mixed = np.concatenate(picks)
-            tables[L] = mixed[self._rng(epoch, L).permutation(len(mixed))]
-        steps = bucket_order(self.batches, self.curriculum, self.cycles, self._rng(epoch))
+        rng = np.random.Generator(np.random.PCG64([self.key, epoch]))
+        steps = bucket_order(self.batches, self.curriculum, self.cycles, rng)
         nth = np.empty_like(steps)
         for L in self.lengths:
             at = np.nonzero(steps == L)[0]
             nth[at] = np.arange(len(at))
-        self._epoch, self._steps, self._nth, self._tables = epoch, steps, nth, tables
+        self._epoch, self._steps, self._nth = epoch, steps, nth
 
     def batch(self, step: int) -> tuple[int, np.ndarray]:
         """The length and the global piece indices of step `step` (0-based)."""
@@ -173,7 +164,12 @@ class DecomposedOrder:
         L = int(self._steps[t])
         size = self.tokens_per_step // L
         j = int(self._nth[t])
-        return L, self._tables[L][j * size:(j + 1) * size]
+        source, element = self.draws[L].take(np.arange(j * size, (j + 1) * size), epoch, L)
+        ids = np.empty_like(element)
+        for i in np.unique(source).tolist():
+            have, at = self.sources[i][L], source == i
+            ids[at] = have.start + element[at] if isinstance(have, range) else have[element[at]]
+        return L, ids
 
 
 class PieceBatches:
@@ -196,16 +192,19 @@ class PieceBatches:
 
 
 def piece_ids(parts: Sequence[DecomposedShards],
-              keep: Sequence[np.ndarray] | None = None) -> list[dict[int, np.ndarray]]:
-    """Each source's pieces by length, as indices into the concatenation of the sources;
-    with `keep`, only those pieces of each source (indices within the source)."""
-    out, offset = [], 0
+              keep: Sequence[np.ndarray] | None = None) -> list[dict[int, Ids]]:
+    """Each source's pieces by length, as indices into the concatenation of the sources (a
+    range: nothing the size of the corpus is held); with `keep`, only those pieces of each
+    source (indices within the source)."""
+    out: list[dict[int, Ids]] = []
+    offset = 0
     for i, part in enumerate(parts):
-        ids = {}
+        ids: dict[int, Ids] = {}
         for L, (lo, hi) in part.ranges.items():
-            local = np.arange(lo, hi, dtype=np.int64) if keep is None else \
-                keep[i][(keep[i] >= lo) & (keep[i] < hi)].astype(np.int64)
-            ids[L] = local + offset
+            if keep is None:
+                ids[L] = range(lo + offset, hi + offset)
+            else:
+                ids[L] = keep[i][(keep[i] >= lo) & (keep[i] < hi)].astype(np.int64) + offset
         out.append(ids)
         offset += len(part)
     return out

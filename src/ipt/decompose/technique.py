@@ -43,7 +43,8 @@ class Pieces:
                 "data.seed": d.seed}
 
     def part(self, shards: ShardSet) -> DecomposedShards:
-        return DecomposedShards(shards, self.cfg.data.decompose.min_len, max_len(self.cfg.data))
+        d = self.cfg.data
+        return DecomposedShards(shards, d.decompose.min_len, max_len(d), d.index_dir)
 
     def describe(self, name: str, part: DecomposedShards, weight: float) -> str:
         return (f"source {name}: {len(part)} pieces of "
