@@ -77,6 +77,31 @@ def test_output_does_not_depend_on_the_number_of_workers(data_dir, corpus, tmp_p
     assert shard_hashes(tmp_path / "one") == shard_hashes(tmp_path / "two")
 
 
+def test_hosts_started_at_once_split_the_groups_and_account_for_every_document_once(
+        data_dir, corpus, tmp_path):
+    """Three workers (as three hosts would, each a process of its own) on one output folder:
+    the same shards as one worker writes, and one summary that adds up every record once."""
+    reference = tmp_path / "reference"
+    prepare(config(data_dir, reference, corpus, workers=1))
+    out = tmp_path / "hosts"
+    cmd = [sys.executable, str(ROOT / "data_pipeline" / "prepare.py"),
+           f"tokenizer={data_dir / 'tokenizer'}", f"out={out}", f"+sources.mixed.path={corpus}",
+           "docs_per_shard=100", "workers=1", "progress_bar=never", "num_workers=3"]
+    procs = [subprocess.Popen([*cmd, f"worker_index={i}"], cwd=ROOT, stderr=subprocess.PIPE,
+                              text=True) for i in range(3)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+        p.stderr.close()
+    assert shard_hashes(out) == shard_hashes(reference)
+    summary = json.loads((out / "mixed" / "summary.json").read_text())
+    expected = json.loads((reference / "mixed" / "summary.json").read_text())
+    assert summary == expected | {"source": summary["source"]}
+    assert summary["complete"] and summary["records"] == expected["records"]
+    assert not list((out / "mixed").glob(".*.tmp"))
+    with pytest.raises(ConfigError, match=r"worker_index=3 must be in \[0, num_workers=3\)"):
+        prepare(config(data_dir, out, corpus, worker_index=3, num_workers=3))
+
+
 def test_killed_run_resumes_without_redoing_or_duplicating(data_dir, corpus, tmp_path):
     reference = tmp_path / "reference"
     prepare(config(data_dir, reference, corpus, workers=1))

@@ -21,6 +21,7 @@ import torch
 from ipt import quiet
 from ipt.config import PretrainConfig
 from ipt.health import SkippableAdamW
+from ipt.hosts import launcher_env
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +56,6 @@ def check_resolvable(host: str, source: str) -> None:
         raise ConfigError(f"the rendezvous address {host!r} ({source}) does not resolve "
                           f"({e.strerror or e}): set it to a host name or IP address every "
                           "node can reach, such as the first node's") from e
-
-
-def launcher_env() -> dict[str, int]:
-    """Rank variables from torchrun, or from SLURM when started by `srun` directly."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        local_world = int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))
-        return {"rank": int(env["RANK"]), "world": int(env["WORLD_SIZE"]),
-                "local_rank": int(env.get("LOCAL_RANK", 0)), "local_world": local_world}
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return {"rank": int(env["SLURM_PROCID"]), "world": int(env["SLURM_NTASKS"]),
-                "local_rank": int(env.get("SLURM_LOCALID", 0)),
-                "local_world": int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])}
-    return {"rank": 0, "world": 1, "local_rank": 0, "local_world": 1}
 
 
 def slurm_rendezvous() -> dict[str, str]:

@@ -82,7 +82,11 @@ class PrepareConfig:
     tokenizer: str = MISSING
     out: str = MISSING
     docs_per_shard: int = 20_000
-    workers: int = 2
+    workers: int = 2  # local processes
+    # This process's share when several hosts split the groups (group k goes to worker
+    # k % num_workers); null takes them from SLURM_PROCID/SLURM_NTASKS or RANK/WORLD_SIZE.
+    worker_index: int | None = None
+    num_workers: int | None = None
     valid_fraction: float = 0.005  # documents held out for validation, chosen by id hash
     add_bos: bool = True
     # Texts longer than this are tokenized in pieces cut at line breaks, else spaces

@@ -9,6 +9,12 @@ completion mark. A re-run skips every group that has its mark, so a killed run g
 redoing or duplicating anything. Memory stays flat: at most two groups per worker are in
 flight.
 
+Several hosts can share a source: group `k` is worker `k % num_workers`'s (`worker_index`,
+`num_workers`, or the launcher's rank variables, as the synthesize stage). Each reads the
+whole source and writes only its own groups, so the output is the same whatever the number
+of hosts; the first to start writes `settings.json` (the others compare theirs with it) and
+the last to finish writes `summary.json`.
+
 The source's folder records in `settings.json` what its output depends on (tokenizer,
 grouping, hold-out, the source and its files); a re-run with any of them changed is refused,
 since it would skip or duplicate documents. Settings that only change how fast (workers) are
@@ -24,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from collections import Counter, deque
@@ -40,6 +47,7 @@ from ipt.config import ConfigError, PrepareConfig, SourceConfig
 from ipt.data import sources as src
 from ipt.data import tokenizer as tok
 from ipt.data.shards import ShardWriter
+from ipt.hosts import worker_share
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +233,10 @@ def groups(records: Iterator[src.Record], size: int) -> Iterator[list[src.Record
 
 
 def prepare_source(spec: SourceConfig, cfg: PrepareConfig, vocab_size: int,
-                   fingerprint: str) -> dict[str, Any]:
+                   fingerprint: str, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """This worker's groups of one source (group k is worker k % count's, of `share`), and
+    the source's summary once every group is done, by whichever worker sees that first."""
+    index, count = share
     out = Path(cfg.out) / spec.name
     parts_dir = out / "parts"
     done = {int(p.stem.split("_")[1]) for p in parts_dir.glob("shard_*.json")} \
@@ -237,10 +248,12 @@ def prepare_source(spec: SourceConfig, cfg: PrepareConfig, vocab_size: int,
                                initargs=(cfg.tokenizer, cfg.add_bos, cfg.max_chars_per_piece,
                                          src.means_special_tokens(spec)))
     in_flight: deque[Future] = deque()
+    total = 0
     try:
         for k, group in enumerate(groups(src.read(spec), cfg.docs_per_shard)):
-            if k in done:
-                continue  # finished by an earlier run: read past it, do not redo it
+            total = k + 1
+            if k in done or k % count != index:
+                continue  # finished by an earlier run, or another worker's: read past it
             in_flight.append(pool.submit(write_group, str(out), k, group, spec.name, vocab_size,
                                          fingerprint, cfg.valid_fraction, masked))
             while len(in_flight) >= 2 * max(1, cfg.workers):
@@ -251,7 +264,7 @@ def prepare_source(spec: SourceConfig, cfg: PrepareConfig, vocab_size: int,
         pool.shutdown(cancel_futures=True)
         if bar is not None:
             bar.close()
-    return summarize(out, spec)
+    return summarize(out, spec, total)
 
 
 def _finish(future: Future, bar: Any, started: float, docs_done: int) -> int:
@@ -272,23 +285,45 @@ def _progress(cfg: PrepareConfig, name: str) -> Any:
     return tqdm(desc=f"prepare {name}", unit="doc", dynamic_ncols=True)
 
 
-def summarize(out: Path, spec: SourceConfig) -> dict[str, Any]:
-    """Add up the groups' accounting: every record read is in train, valid or rejects."""
+def summarize(out: Path, spec: SourceConfig, groups: int) -> dict[str, Any]:
+    """Add up the groups' accounting: every record read is in train, valid or rejects. Until
+    all `groups` are done (other workers' too), only how many are."""
+    parts = sorted((out / "parts").glob("shard_*.json"))
+    if len(parts) < groups:
+        return {"source": asdict(spec), "groups": groups, "groups_done": len(parts),
+                "complete": False}
     total: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    parts = sorted((out / "parts").glob("shard_*.json"))
     for p in parts:
         part = json.loads(p.read_text())
         reasons.update(part.pop("reasons"))
         part.pop("group")
         total.update(part)
     summary = {"source": asdict(spec), "groups": len(parts), **dict(total),
-               "reject_reasons": dict(reasons)}
+               "reject_reasons": dict(reasons), "complete": True}
     written = total["train_docs"] + total["valid_docs"] + total["rejected"]
     if written != total["records"]:
         raise RuntimeError(f"{out}: {total['records']} records read but {written} accounted for")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _publish(out / "summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+def _publish(path: Path, text: str, once: bool = False) -> bool:
+    """Write `path` whole or not at all, from a temporary name of this writer's own (several
+    hosts may write at once); with `once`, only if no writer has yet. Whether it wrote."""
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+    tmp.write_text(text)
+    try:
+        if not once:
+            tmp.replace(path)
+            return True
+        try:
+            os.link(tmp, path)  # fails if the file is there: the first writer wins
+            return True
+        except FileExistsError:
+            return False
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # Source fields that do not change what is read: its name is the folder; streaming and
@@ -311,11 +346,8 @@ def check_settings(out: Path, now: dict[str, Any], tokenizer: str) -> None:
     (as the synthesize stage's `check_settings`). The tokenizer is compared by fingerprint:
     the same one at another path changes nothing."""
     path = out / "settings.json"
-    if not path.exists():
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(now | {"tokenizer_path": tokenizer}, indent=1))
-        tmp.replace(path)
+    out.mkdir(parents=True, exist_ok=True)
+    if _publish(path, json.dumps(now | {"tokenizer_path": tokenizer}, indent=1), once=True):
         return
     then = json.loads(path.read_text())
     diff = [f"{k}: {a!r} -> {b!r}" if k != "tokenizer" else
@@ -359,9 +391,15 @@ def prepare(cfg: PrepareConfig) -> dict[str, dict[str, Any]]:
         check_settings(Path(cfg.out) / spec.name, settings_of(spec, cfg, fingerprint),
                        cfg.tokenizer)
     vocab_size = len(tok.load(cfg.tokenizer))
+    share = worker_share(cfg.worker_index, cfg.num_workers)
     summaries = {}
     for spec in specs:
-        summaries[spec.name] = s = prepare_source(spec, cfg, vocab_size, fingerprint)
+        summaries[spec.name] = s = prepare_source(spec, cfg, vocab_size, fingerprint, share)
+        if not s["complete"]:
+            log.info("%s: worker %d of %d has done its groups; %d of %d groups are done, and "
+                     "the last worker to finish writes summary.json", spec.name, share[0],
+                     share[1], s["groups_done"], s["groups"])
+            continue
         log.info("%s: %d records -> %d train docs (%s tokens), %d valid docs, %d rejected %s",
                  spec.name, s.get("records", 0), s.get("train_docs", 0),
                  f"{s.get('train_tokens', 0):,}", s.get("valid_docs", 0), s.get("rejected", 0),

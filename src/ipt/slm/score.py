@@ -38,7 +38,8 @@ from ipt.data import tokenizer as tok
 from ipt.data.loader import PackedShards, stack, to_device, unstack
 from ipt.data.pieces import DecomposedShards
 from ipt.data.shards import ShardSet
-from ipt.engine import launcher_env, set_threads
+from ipt.engine import set_threads
+from ipt.hosts import launcher_env
 from ipt.losses import IGNORE
 from ipt.slm import soft_labels, teacher
 

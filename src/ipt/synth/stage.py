@@ -47,7 +47,7 @@ from ipt.data import pairs as fmt
 from ipt.data import sources as src
 from ipt.data.pairs import Pair
 from ipt.data.prepare import is_valid_doc
-from ipt.engine import launcher_env
+from ipt.hosts import worker_share
 from ipt.synth import backends
 from ipt.synth.backend import Backend, Request, Result
 from ipt.synth.cache import Cache, NoCache
@@ -81,16 +81,6 @@ def chosen(doc_id: str, fraction: float, seed: int) -> bool:
     """Whether a document is synthesized: a hash of its id, the same on every machine."""
     h = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") / 2**64 < fraction
-
-
-def worker_share(cfg: SynthesizeConfig) -> tuple[int, int]:
-    """(index, count) of this process among the hosts splitting the shards."""
-    env = launcher_env()  # torchrun's RANK/WORLD_SIZE, or srun's SLURM_PROCID/SLURM_NTASKS
-    index = cfg.worker_index if cfg.worker_index is not None else env["rank"]
-    count = cfg.num_workers if cfg.num_workers is not None else env["world"]
-    if not 0 <= index < count:
-        raise ConfigError(f"worker_index={index} must be in [0, num_workers={count})")
-    return index, count
 
 
 def synthesize_group(backend: Backend, cfg: SynthesizeConfig, k: int,
@@ -269,7 +259,7 @@ def synthesize(cfg: SynthesizeConfig) -> dict[str, Any]:
         raise ConfigError(f"fraction={cfg.fraction} must be in (0, 1]")
     cfg.source.name = cfg.source.name or Path(cfg.source.path).stem
     src.check(cfg.source)
-    index, count = worker_share(cfg)
+    index, count = worker_share(cfg.worker_index, cfg.num_workers)
     out = Path(cfg.out)
     backend = backends.build(cfg.synth)  # fails fast on a bad model folder or URL
     check_settings(cfg, backend.name)

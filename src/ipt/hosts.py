@@ -1,0 +1,34 @@
+"""Which process this is among those that share a job: the rank variables a launcher sets
+(torchrun's, or srun's when it starts the processes itself), for the engine's ranks and for
+the data stages' hosts, which split a corpus's groups among themselves."""
+
+from __future__ import annotations
+
+import os
+
+from ipt.config import ConfigError
+
+
+def launcher_env() -> dict[str, int]:
+    """Rank variables from torchrun, or from SLURM when started by `srun` directly."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        local_world = int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))
+        return {"rank": int(env["RANK"]), "world": int(env["WORLD_SIZE"]),
+                "local_rank": int(env.get("LOCAL_RANK", 0)), "local_world": local_world}
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return {"rank": int(env["SLURM_PROCID"]), "world": int(env["SLURM_NTASKS"]),
+                "local_rank": int(env.get("SLURM_LOCALID", 0)),
+                "local_world": int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])}
+    return {"rank": 0, "world": 1, "local_rank": 0, "local_world": 1}
+
+
+def worker_share(index: int | None, count: int | None) -> tuple[int, int]:
+    """(index, count) of this process among the hosts splitting a stage's groups (group k
+    goes to worker k % count); None takes them from the launcher's rank variables."""
+    env = launcher_env()
+    index = index if index is not None else env["rank"]
+    count = count if count is not None else env["world"]
+    if not 0 <= index < count:
+        raise ConfigError(f"worker_index={index} must be in [0, num_workers={count})")
+    return index, count
