@@ -72,6 +72,10 @@ def main(argv: list[str]) -> None:
         import decompose
 
         results.append(decompose.run(data))
+    if "loader-scale" in only:  # only when named: it writes about 10 GB of corpora
+        import loader_scale
+
+        results.extend(loader_scale.run())
     machine = {"cpu_count": os.cpu_count(), "torch": torch.__version__,
                "platform": platform.platform(), "gpu": torch.cuda.is_available()}
     out = HERE / "results"

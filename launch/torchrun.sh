@@ -22,8 +22,15 @@ py="${PYTHON:-$here/.venv/bin/python}"
 fail() { echo "launch/torchrun.sh: $*" >&2; exit 2; }
 [ $# -ge 1 ] || fail "usage: [NPROC=n] bash launch/torchrun.sh <script.py> [overrides...]"
 # the GPUs this node may use: SLURM's share of them inside a job, else what torch sees
-gpus=${SLURM_GPUS_ON_NODE:-$("$py" -c 'import torch; print(torch.cuda.device_count())' \
-                              2>/dev/null || echo 0)}
+# GPUs on this node: SLURM's count, else torch's (which honours CUDA_VISIBLE_DEVICES); a
+# machine with neither NVIDIA's nor AMD's tools has none, known without importing torch
+if [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then
+  gpus=$SLURM_GPUS_ON_NODE
+elif command -v nvidia-smi >/dev/null || command -v rocm-smi >/dev/null; then
+  gpus=$("$py" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+else
+  gpus=0
+fi
 default_nproc=$gpus
 [ "$default_nproc" -gt 0 ] || default_nproc=2
 nproc="${NPROC:-$default_nproc}"

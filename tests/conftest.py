@@ -55,9 +55,13 @@ def pretrain_cmd(overrides: list[str], nproc: int = 1) -> list[str]:
             f"--nproc_per_node={nproc}", script, *overrides]
 
 
-# The environment of the tests' runs: one thread per rank, output as it happens
-RUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 _warm: Warm | None = None
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    """The environment of the tests' runs, as it is now (a test may have changed it): one
+    thread per rank, output as it happens."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
 def warm() -> Warm | None:
@@ -65,7 +69,7 @@ def warm() -> Warm | None:
     IPT_TEST_COLD=1, which starts every run as a fresh process instead."""
     global _warm
     if _warm is None and os.environ.get("IPT_TEST_COLD") != "1":
-        _warm = Warm(ROOT, RUN_ENV)
+        _warm = Warm(ROOT, run_env())
     return _warm
 
 
@@ -80,7 +84,7 @@ def start_entry(script: str, args: list[str], nproc: int = 1, env: dict[str, str
                 timeout: float = 600) -> WarmProcess | subprocess.Popen:
     """Start an entry point (`train/pretrain.py`, ...) on `nproc` ranks, as torchrun would,
     warm where it can; its output goes to files (a pipe nobody reads would stall it)."""
-    env = {**RUN_ENV, **(env or {})}
+    env = run_env(**(env or {}))
     server = warm()
     if server is not None and server.supports(env):
         return server.start(str(ROOT / script), args, nproc, env, ROOT, timeout)

@@ -33,3 +33,18 @@ def test_the_mtp_cost_benchmark_runs_and_reports_every_arm(tmp_path):
     memory = mtp_cost.memory(vocab=2048, hidden=32, batch=2, seq=64)
     assert memory["peak_mib_mtp4-naive"] > memory["peak_mib_mtp4"] > 0
     assert "skipped" in mtp_cost.decoding(tmp_path)
+
+
+def test_the_loader_scale_benchmark_runs_both_loaders_and_reports_each_rank(data_dir, tmp_path):
+    """At 2M tokens: the baseline commit's loader and today's, cold and warm, on 2 ranks."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import loader_scale
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    [row] = loader_scale.run(sizes=(2e6,), ranks=(2,), corpora=tmp_path, train=False,
+                             demo=data_dir)
+    assert row["old"]["sequences"] == row["cold"]["sequences"] == row["warm"]["sequences"] > 900
+    for loader in ("old", "cold", "warm"):
+        assert row[loader]["first_batch_s"] > 0 and row[loader]["uss_mb"] > 0
+    assert list((tmp_path / "web-2e+06" / "train" / "index").iterdir())  # built once, kept

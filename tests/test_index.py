@@ -4,6 +4,7 @@ once and shared, and a stale or damaged one is rebuilt, never used."""
 from __future__ import annotations
 
 import json
+import mmap
 import multiprocessing as mp
 import sys
 
@@ -46,6 +47,11 @@ def shards(tmp_path, docs=300, seed=0):
     return ShardSet(tmp_path / "shards")
 
 
+def mapped(a: np.ndarray) -> bool:
+    """Whether `a` reads a memory-mapped file (`ipt.data.shards.map_array`)."""
+    return isinstance(a.base, memoryview) and isinstance(a.base.obj, mmap.mmap)
+
+
 def items(ds):
     return [{k: v.tolist() for k, v in ds[i].items()} for i in range(len(ds))]
 
@@ -55,7 +61,7 @@ def test_the_pieces_of_dataset_decomposition_are_an_index_too(tmp_path):
     numbered bucket by bucket, longest first."""
     first = DecomposedShards(shards(tmp_path), 8, 64)
     built = first.index.directory
-    assert built.name.startswith("pieces-8-64-") and isinstance(first.index["base"], np.memmap)
+    assert built.name.startswith("pieces-8-64-") and mapped(first.index["base"])
     mtime = (built / "index.json").stat().st_mtime_ns
     again = DecomposedShards(ShardSet(tmp_path / "shards"), 8, 64)
     assert (built / "index.json").stat().st_mtime_ns == mtime
@@ -76,7 +82,7 @@ def test_an_index_is_built_once_and_reused(tmp_path):
     mtime = (built / "index.json").stat().st_mtime_ns
     again = PackedShards(ShardSet(tmp_path / "shards"), 64)
     assert (built / "index.json").stat().st_mtime_ns == mtime
-    assert items(again) == items(first) and isinstance(again.offsets, np.memmap)
+    assert items(again) == items(first) and mapped(again.offsets)
     other = PackedShards(ShardSet(tmp_path / "shards"), 32, "concat")  # other settings
     assert other.index.directory != built and len(other) > len(first)
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ipt.data.shards import ShardError, ShardSet
+from ipt.data.shards import ShardError, ShardSet, map_array
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +64,12 @@ class Index:
 
     def __init__(self, directory: Path, meta: dict[str, Any]) -> None:
         self.directory, self.meta = directory, meta
-        self.arrays = {name: _map(directory / f"{name}.bin", np.dtype(dt), meta["counts"][name])
+        self.arrays = {name: map_array(directory / f"{name}.bin", np.dtype(dt),
+                                       meta["counts"][name])
                        for name, dt in meta["dtypes"].items()}
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.arrays[name]
-
-
-def _map(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
-    if count == 0:  # an empty file cannot be mapped
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
 
 
 def shards_meta(shards: ShardSet) -> list[list[Any]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -85,13 +86,28 @@ class ShardWriter:
         return self.meta
 
 
+def map_array(path: Path, dtype: np.dtype, count: int, random: bool = True) -> np.ndarray:
+    """The first `count` values of a raw file as a read-only memory-mapped array. `random`:
+    for reads here and there (training sequences), the kernel reads only the pages a read
+    touches; its default read-around on a page fault, up to the device's read-ahead (8 MB on
+    some machines), would read and map megabytes for each sequence of a few kilobytes. Arrays
+    read whole (a shard's document ends) keep the default, which reads ahead."""
+    if count == 0:  # an empty file cannot be mapped
+        return np.zeros(0, dtype=dtype)
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if random and hasattr(mmap, "MADV_RANDOM"):  # Linux, macOS; elsewhere the default
+        mapped.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapped, dtype=dtype, count=count)
+
+
 @dataclass
 class Shard:
     stem: Path
     meta: dict
-    tokens: np.ndarray  # memmap
-    doc_ends: np.ndarray  # memmap
-    channels: dict[str, np.ndarray]  # memmaps, as long as `tokens`
+    tokens: np.ndarray  # memory-mapped (`map_array`)
+    doc_ends: np.ndarray  # memory-mapped
+    channels: dict[str, np.ndarray]  # memory-mapped, as long as `tokens`
 
     @classmethod
     def open(cls, stem: Path) -> Shard:
@@ -110,10 +126,8 @@ class Shard:
             if path.stat().st_size != size:
                 raise ShardError(f"{path} has {path.stat().st_size} bytes, metadata says {size}: "
                                  "the shard is truncated or corrupt; re-run the prepare stage")
-        maps = {name: np.memmap(f"{stem}.{name}", dtype=dt, mode="r") if n else
-                np.zeros(0, dtype=dt) for name, dt in arrays.items()}
-        ends = np.memmap(f"{stem}.docs", dtype=np.uint64, mode="r") if meta["num_docs"] else \
-            np.zeros(0, dtype=np.uint64)
+        maps = {name: map_array(Path(f"{stem}.{name}"), dt, n) for name, dt in arrays.items()}
+        ends = map_array(Path(f"{stem}.docs"), np.dtype(np.uint64), meta["num_docs"], False)
         tokens = maps.pop("tokens")
         return cls(stem, meta, tokens, ends, maps)
 
