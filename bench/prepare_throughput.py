@@ -4,6 +4,9 @@
   account) with 1 and 2 worker processes, against one `tokenizer(texts)` call over the same
   documents in this process (one thread: TOKENIZERS_PARALLELISM=false, as in the workers),
   on the demo's docstrings repeated 20 times (~24M tokens).
+- `2 hosts`: two copies of the stage started at once on one output, splitting its groups
+  (`worker_index`, `num_workers`), one worker process each, as two hosts would; here they
+  share this machine's cores.
 - `memory`: peak RSS of the stage (main process and workers) on the demo corpus and on a
   corpus 20x larger; streaming keeps them about equal.
 """
@@ -52,6 +55,23 @@ def run_stage(corpus: Path, tokenizer: Path, out: Path, workers: int) -> dict:
             "peak_rss_mb": peak / 1024}
 
 
+def run_hosts(corpus: Path, tokenizer: Path, out: Path, hosts: int) -> dict:
+    """`hosts` copies of the stage started at once on one output, splitting the groups as
+    hosts do (`worker_index`, `num_workers`), one worker process each: wall time to the last."""
+    cmd = [sys.executable, str(ROOT / "data_pipeline" / "prepare.py"), f"tokenizer={tokenizer}",
+           f"out={out}", f"+sources.bench.path={corpus}", "workers=1", "docs_per_shard=500",
+           "progress_bar=never", f"num_workers={hosts}"]
+    start = time.perf_counter()
+    procs = [subprocess.Popen([*cmd, f"worker_index={i}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for i in range(hosts)]
+    if any(p.wait() for p in procs):
+        raise RuntimeError("a host of the prepare stage failed")
+    wall = time.perf_counter() - start
+    summary = json.loads((out / "bench" / "summary.json").read_text())
+    tokens = summary["train_tokens"] + summary["valid_tokens"]
+    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
+
+
 def replicate(corpus: Path, out: Path, times: int) -> Path:
     lines = corpus.read_text().splitlines()
     with out.open("w") as f:
@@ -71,6 +91,7 @@ def run(data: Path) -> list[dict]:
         base = baseline_tokens_per_s(big, tokenizer)
         one = run_stage(big, tokenizer, t / "w1", 1)
         two = run_stage(big, tokenizer, t / "w2", 2)
+        hosts = run_hosts(big, tokenizer, t / "h2", 2)
         small = run_stage(corpus, tokenizer, t / "small", 2)
     return [
         {"benchmark": "prepare_vs_batch_encode", "corpus_tokens": one["tokens"],
@@ -78,7 +99,9 @@ def run(data: Path) -> list[dict]:
          "prepare_1_worker_tokens_per_s": one["tokens_per_s"],
          "ratio_1_worker": one["tokens_per_s"] / base,
          "prepare_2_workers_tokens_per_s": two["tokens_per_s"],
-         "scaling_2_workers": two["tokens_per_s"] / one["tokens_per_s"]},
+         "scaling_2_workers": two["tokens_per_s"] / one["tokens_per_s"],
+         "prepare_2_hosts_1_worker_each_tokens_per_s": hosts["tokens_per_s"],
+         "scaling_2_hosts": hosts["tokens_per_s"] / one["tokens_per_s"]},
         {"benchmark": "prepare_memory_20x", "corpus_tokens_1x": small["tokens"],
          "corpus_tokens_20x": two["tokens"], "peak_rss_mb_1x": small["peak_rss_mb"],
          "peak_rss_mb_20x": two["peak_rss_mb"],
