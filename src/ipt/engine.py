@@ -7,12 +7,10 @@ The same code runs as one plain process (no launcher), under `torchrun`, and und
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,30 +87,15 @@ def set_threads(threads_per_rank: int, local_world_size: int) -> int:
     return n
 
 
-# A build of DeepSpeed's CPU op takes about a minute; a lock older than this was left by a
-# build that was killed, and would make every later start wait on it forever.
-STALE_BUILD_LOCK_S = 900.0
+def skip_shared_memory_op() -> None:
+    """On CPU, DeepSpeed compiles a shared-memory all-reduce op when it starts (about a minute
+    on a machine's first run, under a torch build lock that a run killed meanwhile leaves
+    behind, and that every later start then waits on). Only DeepSpeed's inference all-reduce
+    uses the op; training reduces through torch.distributed. So it is marked unavailable,
+    as on a machine that cannot build it, and never compiled."""
+    import deepspeed.ops
 
-
-def clear_stale_build_lock(name: str = "deepspeed_shm_comm",
-                           older_than_s: float = STALE_BUILD_LOCK_S) -> bool:
-    """Remove the lock of a killed build of the op `name` in torch's extension folder (torch
-    waits on that lock without end; nothing records who holds it, so its age decides)."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
-    try:
-        age = time.time() - os.stat(lock).st_mtime
-    except FileNotFoundError:
-        return False
-    if age < older_than_s:
-        return False
-    # printed, not logged: logging is set up once the ranks are known, after this
-    print(f"ipt: removing {lock}, left {age:.0f} s ago by a build of {name} that did not "
-          "finish", file=sys.stderr, flush=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(lock)
-    return True
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def init_distributed(threads_per_rank: int = 0, timeout_s: float = 0.0) -> Dist:
@@ -143,9 +126,9 @@ def init_distributed(threads_per_rank: int = 0, timeout_s: float = 0.0) -> Dist:
         device, backend = torch.device("cpu"), "gloo"
     if not torch.distributed.is_initialized():
         if device.type == "cpu":
-            clear_stale_build_lock()
+            skip_shared_memory_op()
         kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s > 0 else {}
-        with quiet.prints_to_log(log):  # on CPU it prints that it built its shm op
+        with quiet.prints_to_log(log):  # DeepSpeed prints as it starts
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kwargs)
     return Dist(e["rank"], e["world"], e["local_rank"], e["local_world"], device)
 

@@ -88,7 +88,8 @@ class Draws:
     fill each slot of the epoch named by `path`; every permutation is keyed by `path`, so the
     result is a pure function of (key, path, slot), computed with no table of the epoch."""
 
-    def __init__(self, sizes: Sequence[int], counts: Sequence[int], key: int) -> None:
+    def __init__(self, sizes: Sequence[int] | np.ndarray, counts: Sequence[int] | np.ndarray,
+                 key: int) -> None:
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.counts = np.asarray(counts, dtype=np.int64)
         if np.any((self.counts > 0) & (self.sizes < 1)):
