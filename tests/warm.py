@@ -173,10 +173,11 @@ def serve(address: str) -> None:
                 op, arg = conn.recv()
             except EOFError:
                 return
-            if op == "start":
+            if op == "start":  # a run is known by its rank 0's pid
                 run = _Run(arg)
-                runs[min(run.ranks)] = run
-                conn.send(sorted(run.ranks, key=run.ranks.__getitem__))
+                pids = sorted(run.ranks, key=run.ranks.__getitem__)
+                runs[pids[0]] = run
+                conn.send(pids)
             elif op == "poll":
                 conn.send(runs[arg].poll())
             else:
@@ -184,7 +185,7 @@ def serve(address: str) -> None:
 
 
 class Warm:
-    """A client of one server; `run` is `subprocess.run` for an entry point's ranks."""
+    """A client of one server: `start` is `subprocess.Popen` for an entry point's ranks."""
 
     def __init__(self, root: Path, env: dict[str, str]) -> None:
         self.env = env
@@ -245,22 +246,26 @@ class WarmProcess:
 
     def poll(self) -> int | None:
         if self.returncode is None and self.warm._ask("poll", self.pids[0]):
-            res = self.warm._ask("wait", self.pids[0])
-            self.stdout = res["stdout"].decode(errors="replace")
-            self.stderr = res["stderr"].decode(errors="replace")
-            if res["timed_out"]:  # the server's deadline, `timeout` at the start
-                raise subprocess.TimeoutExpired(self.args, self.timeout, self.stdout,
-                                                self.stderr)
-            self.returncode = res["returncode"]
+            self._ended(self.warm._ask("wait", self.pids[0]))
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        if self.returncode is None and (timeout is None or timeout >= self.timeout):
+            self._ended(self.warm._ask("wait", self.pids[0]))  # the server keeps the time
+        deadline = time.monotonic() + (timeout or 0)
         while self.poll() is None:
             if time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired(self.args, timeout or 0)
-            time.sleep(0.01)
+            time.sleep(0.05)
+        assert self.returncode is not None
         return self.returncode
+
+    def _ended(self, res: dict[str, Any]) -> None:
+        self.stdout = res["stdout"].decode(errors="replace")
+        self.stderr = res["stderr"].decode(errors="replace")
+        self.returncode = res["returncode"]  # the server has forgotten the run: it has ended
+        if res["timed_out"]:  # the server's deadline: `timeout` from the start
+            raise subprocess.TimeoutExpired(self.args, self.timeout, self.stdout, self.stderr)
 
     def send_signal(self, sig: int) -> None:
         """To every rank, as SLURM signals every process of a step."""
