@@ -60,8 +60,12 @@ _warm: Warm | None = None
 
 def run_env(**extra: str) -> dict[str, str]:
     """The environment of the tests' runs, as it is now (a test may have changed it): one
-    thread per rank, output as it happens."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    thread per rank, output as it happens, and the Hugging Face libraries offline from the
+    start. (`ipt.evaluate` turns them offline before it imports the harness; a test that calls
+    it in this process sets those variables here, and a run whose import-time variables differ
+    from the warm server's would start cold.)"""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra}
 
 
 def warm() -> Warm | None:
@@ -71,6 +75,17 @@ def warm() -> Warm | None:
     if _warm is None and os.environ.get("IPT_TEST_COLD") != "1":
         _warm = Warm(ROOT, run_env())
     return _warm
+
+
+# How the session's runs started: a run starts cold only where a test changed a variable
+# read at import (tests/warm.py), so many cold starts mean the server is being missed
+STARTS = {"warm": 0, "cold": 0}
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if any(STARTS.values()):
+        terminalreporter.write_line(f"training runs started: {STARTS['warm']} warm, "
+                                    f"{STARTS['cold']} cold (tests/warm.py)")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -87,7 +102,9 @@ def start_entry(script: str, args: list[str], nproc: int = 1, env: dict[str, str
     env = run_env(**(env or {}))
     server = warm()
     if server is not None and server.supports(env):
+        STARTS["warm"] += 1
         return server.start(str(ROOT / script), args, nproc, env, ROOT, timeout)
+    STARTS["cold"] += 1
     cmd = [sys.executable, str(ROOT / script), *args] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={nproc}", str(ROOT / script), *args]

@@ -42,6 +42,7 @@ PRELOAD = ("hydra", "omegaconf", "torch", "torch.distributed", "deepspeed", "tra
 # server cannot share the server's imports, and starts cold.
 READ_AT_IMPORT = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCH_LOGS", "PYTHONHASHSEED",
                   "TRANSFORMERS_VERBOSITY", "TRANSFORMERS_OFFLINE", "HF_HUB_OFFLINE",
+                  "HF_DATASETS_OFFLINE",
                   "DS_ACCELERATOR", "DS_BUILD_OPS", "CUDA_VISIBLE_DEVICES", "PYTHONPATH",
                   "TORCH_EXTENSIONS_DIR", "HOME", "XDG_CACHE_HOME")
 KILL_GRACE_S = 10.0
