@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ipt import checkpoint
 from ipt.config import DecomposeConfig
 from ipt.data.pieces import DecomposedShards
 from ipt.data.shards import ShardSet
@@ -91,3 +92,21 @@ def test_pieces_resume_bitwise_then_on_another_world_size_and_refuse_other_setti
     proc = run_pretrain(tiny_overrides(data_dir, run_dir, **{
         **opts, "data.packing": "bestfit", "train.max_steps": 20}), check=False)
     assert proc.returncode != 0 and "packing: checkpoint decompose, config bestfit" in proc.stderr
+
+
+def test_the_spike_detector_keeps_a_window_per_sequence_length(data_dir, tmp_path):
+    """Each step's loss enters its own length's window (`ipt.health.LossAnomalies`), so the
+    return of short, harder steps after long ones is not taken for a spike."""
+    run = tmp_path / "run"
+    run_pretrain(tiny_overrides(data_dir, run, **DD, **{
+        "train.max_steps": 16, "train.eval_every": 0, "train.checkpoint_every": 16,
+        "train.spike_window": 4}))
+    rows = read_metrics(run / "metrics.jsonl")
+    assert not any("anomaly" in r for r in rows)
+    saved = checkpoint.read_state(run / "checkpoints" / checkpoint.tag_for(16)).health
+    by_length = {L: [r["ce"] for r in rows if r["seq_len"] == L][-4:]
+                 for L in {r["seq_len"] for r in rows}}
+    assert len(by_length) > 1
+    assert sorted(int(L) for L in saved["by_length"]) == sorted(by_length)
+    for L, window in by_length.items():
+        assert saved["by_length"][str(L)] == pytest.approx(window)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,6 +99,44 @@ def test_a_diverged_run_stops_after_too_many_anomalies_in_a_row(data_dir, tmp_pa
     assert len(anomalous_steps(run)) == 4
 
 
+def curriculum_losses(cycles: int = 3, per_length: int = 120, seed: int = 0):
+    """(length, loss) of a `grow_p2` curriculum at scale: within a cycle 64-, then 128-, then
+    256-token steps; the loss falls slowly, a step's noise is 0.02 nats, and a 64-token
+    step costs 0.3 nats more than a 256-token one (less context)."""
+    rng = np.random.default_rng(seed)
+    gap = {64: 0.3, 128: 0.12, 256: 0.0}
+    steps = [L for _ in range(cycles) for L in (64, 128, 256) for _ in range(per_length)]
+    return [(L, 6.5 - 0.0002 * t + gap[L] + rng.normal(0, 0.02)) for t, L in enumerate(steps)]
+
+
+def test_steps_of_each_length_are_judged_against_their_own_length():
+    """The returning short steps of a length curriculum are not spikes; a planted spike,
+    short of the gap between lengths, still is."""
+    series = curriculum_losses()
+    detector = LossAnomalies(6.0, 100, 3)
+    flagged = [t for t, (L, x) in enumerate(series) if detector.check(x, x, L) is not None]
+    assert flagged == []
+    # one length window for all (what the detector did before): every return is flagged
+    mixed = LossAnomalies(6.0, 100, 1000)
+    assert sum(mixed.check(x, x) is not None for _, x in series) >= 40
+    spike = series[-1][1] + 0.25  # a spike at 256 tokens below the 64-token steps' loss
+    assert detector.check(spike, spike, 256) is not None
+    assert "256-token steps" in detector.check(spike, spike, 256)
+
+
+def test_windows_per_length_survive_a_checkpoint_and_old_checkpoints_load():
+    detector = LossAnomalies(6.0, 100, 3)
+    for L, x in curriculum_losses(cycles=1):
+        detector.check(x, x, L)
+    again = LossAnomalies(6.0, 100, 3)
+    again.load_state_dict(json.loads(json.dumps(detector.state_dict())))
+    assert {n: list(r) for n, r in again.recent.items()} == \
+        {n: list(r) for n, r in detector.recent.items()}
+    old = LossAnomalies(6.0, 100, 3)  # a checkpoint of a fixed-length run before per-length
+    old.load_state_dict({"recent": [1.0, 2.0], "in_row": 1})
+    assert list(old.recent[0]) == [1.0, 2.0] and old.in_row == 1
+
+
 def test_the_detector_resumed_from_a_checkpoint_judges_like_the_uninterrupted_one(data_dir,
                                                                                  tmp_path):
     """Its window and count in a row travel in trainer_state.json; a fresh detector loaded
@@ -108,7 +147,7 @@ def test_the_detector_resumed_from_a_checkpoint_judges_like_the_uninterrupted_on
                                                   "train.eval_every": 0}))
     rows = read_metrics(run / "metrics.jsonl")
     saved = checkpoint.read_state(run / "checkpoints" / checkpoint.tag_for(6)).health
-    assert saved["recent"] == pytest.approx([r["ce"] for r in rows[:6]])
+    assert saved["by_length"]["0"] == pytest.approx([r["ce"] for r in rows[:6]])
     whole, resumed, fresh = (LossAnomalies(1.0, 5, 40) for _ in range(3))
     for r in rows[:6]:
         whole.check(r["loss"], r["ce"])

@@ -108,32 +108,42 @@ class AnomalyError(RuntimeError):
 
 class LossAnomalies:
     """A non-finite loss, or a spike: more than `sigma` standard deviations above the mean of
-    the last `window` normal steps, once 20 of them are known. Anomalous steps do not enter
-    the window."""
+    the last `window` normal steps of the same sequence length, once 20 of them are known.
+    Anomalous steps do not enter the window.
+
+    The loss depends on the step's length: a short sequence's tokens see less context. Under
+    Dataset Decomposition a step's length changes with the curriculum, and a window that mixed
+    lengths would take every return of short steps after a stretch of long ones for a spike.
+    Each length therefore has its own window, and a step is judged against its own length's
+    steps only (a length seen fewer than 20 times is judged for non-finite losses only).
+    """
 
     MIN_HISTORY = 20
 
     def __init__(self, sigma: float, window: int, max_in_row: int) -> None:
-        self.sigma, self.max_in_row = sigma, max_in_row
-        self.recent: deque[float] = deque(maxlen=window)
+        self.sigma, self.window, self.max_in_row = sigma, window, max_in_row
+        self.recent: dict[int, deque[float]] = {}  # per sequence length
         self.in_row = 0
 
-    def check(self, loss: float, watched: float) -> str | None:
+    def check(self, loss: float, watched: float, length: int = 0) -> str | None:
         """Why this step is anomalous, or None. `watched` is the loss spikes are judged on
-        (the plain cross-entropy, which a KD or MTP schedule does not shift)."""
+        (the plain cross-entropy, which a KD or MTP schedule does not shift); `length` the
+        step's sequence length."""
+        recent = self.recent.setdefault(length, deque(maxlen=self.window))
         why = None
         if not math.isfinite(loss):
             why = f"the loss is {loss}"
-        elif self.sigma > 0 and len(self.recent) >= min(self.MIN_HISTORY, self.recent.maxlen or 1):
-            n = len(self.recent)
-            mean = sum(self.recent) / n
-            std = math.sqrt(sum((x - mean) ** 2 for x in self.recent) / n)
+        elif self.sigma > 0 and len(recent) >= min(self.MIN_HISTORY, self.window):
+            n = len(recent)
+            mean = sum(recent) / n
+            std = math.sqrt(sum((x - mean) ** 2 for x in recent) / n)
             if watched > mean + self.sigma * std:
+                of = f"{length}-token " if len(self.recent) > 1 else ""
                 why = (f"loss spike: {watched:.4f} is {(watched - mean) / std:.1f} standard "
-                       f"deviations above the mean of the last {n} steps ({mean:.4f}; "
+                       f"deviations above the mean of the last {n} {of}steps ({mean:.4f}; "
                        f"train.spike_sigma={self.sigma:g})")
         if why is None:
-            self.recent.append(watched)
+            recent.append(watched)
             return None
         return self.flag(why)
 
@@ -144,11 +154,14 @@ class LossAnomalies:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps, so a resumed run judges its next steps as the
         uninterrupted run would."""
-        return {"recent": list(self.recent), "in_row": self.in_row}
+        return {"by_length": {str(n): list(r) for n, r in self.recent.items()},
+                "in_row": self.in_row}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.recent.clear()
-        self.recent.extend(state.get("recent", []))
+        self.recent = {int(n): deque(r, maxlen=self.window)
+                       for n, r in state.get("by_length", {}).items()}
+        if "recent" in state:  # saved before windows were kept per length: one for all
+            self.recent[0] = deque(state["recent"], maxlen=self.window)
         self.in_row = int(state.get("in_row", 0))
 
     def flag(self, why: str) -> str:

@@ -188,6 +188,7 @@ class Trainer:
         micro_batches = [next(self.batches) for _ in range(self.grad_accum)]
         waited = time.perf_counter() - start
         norm = self._norm(micro_batches)  # counted on the host, before the batches move
+        length = int(micro_batches[0]["input_ids"].shape[-1])
         totals: dict[str, Any] = {}
         anomaly = None
         earlier = None  # the verdict on the previous step's gradient, read with this step's
@@ -204,7 +205,7 @@ class Trainer:
                 means = self._step_means(totals, read, self._carried())
                 synced = time.perf_counter() if read else None
                 earlier = self._judge_carried(means.pop("_unjudged", None))
-                anomaly = self._check(means, earlier)
+                anomaly = self._check(means, earlier, length)
             self.engine.backward(out.loss)
             self.engine.step()
         skipped = self.optimizer.skip
@@ -214,7 +215,6 @@ class Trainer:
         self.state.consumed_samples += self.global_batch
         tokens = self.global_batch * self.seq_len  # as many at every length
         self.state.tokens_seen += tokens
-        length = int(micro_batches[0]["input_ids"].shape[-1])
         flops = tokens * self.flops_per_token(length) if self.flops_per_token else 0.0
         self.flops_done += flops
         tokens_per_s, flops_per_s = self._throughput(tokens, flops, elapsed, synced)
@@ -295,12 +295,14 @@ class Trainer:
                             self.stop_requests.received else "a signal reached another rank")
         return means
 
-    def _check(self, means: dict[str, float], earlier: str | None) -> str | None:
+    def _check(self, means: dict[str, float], earlier: str | None, length: int) -> str | None:
         """This step's loss verdict. Its update is skipped on an anomaly, and also, unless
-        the action is to go on, after the previous step's gradient turned out not finite."""
+        the action is to go on, after the previous step's gradient turned out not finite.
+        With steps of several lengths, each is judged against steps of its own length."""
         if self.anomalies is None:
             return None
-        why = self.anomalies.detector.check(means["loss"], means.get("ce", means["loss"]))
+        why = self.anomalies.detector.check(means["loss"], means.get("ce", means["loss"]),
+                                            length if self.variable_length else 0)
         if why is not None or (earlier is not None and self.anomalies.action != "skip"):
             self.optimizer.skip = True  # whatever the action: no update from this batch
         return why
