@@ -304,3 +304,70 @@ def test_resuming_with_the_same_settings_and_other_workers_goes_on(data_dir, sma
     again = prepare(config(data_dir, tmp_path / "o", small_corpus, docs_per_shard=10,
                            workers=2))
     assert again == first
+
+
+@pytest.fixture(scope="module")
+def bosless_tokenizer(data_dir, tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer with an EOS and no BOS, as Qwen's: trained on the demo
+    docstrings and saved as a `transformers` folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    lines = (data_dir / "raw" / "docstrings.jsonl").read_text().splitlines()
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator((json.loads(x)["text"] for x in lines), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    out = tmp_path_factory.mktemp("bosless_tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(out)
+    return out
+
+
+def test_a_tokenizer_without_bos_gives_documents_without_one(data_dir, small_corpus,
+                                                             bosless_tokenizer, tmp_path):
+    from ipt.data.tokenizer import load
+
+    tk = load(bosless_tokenizer)
+    assert tk.bos_token_id is None
+    prepare(config(data_dir, tmp_path / "o", small_corpus, tokenizer=str(bosless_tokenizer),
+                   valid_fraction=0.0))  # add_bos=true, the default
+    shard = ShardSet(tmp_path / "o" / "mixed" / "train").shards[0]
+    ends = shard.doc_ends.astype(np.int64).tolist()
+    docs = [shard.tokens[a:b].tolist() for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    texts = [json.loads(x)["text"] for x in (small_corpus / "a.jsonl").read_text().splitlines()]
+    assert [d[-1] for d in docs] == [tk.eos_token_id] * len(texts)
+    assert [tk.decode(d[:-1]) for d in docs] == texts  # nothing before the text
+    settings = json.loads((tmp_path / "o" / "mixed" / "settings.json").read_text())
+    assert settings["add_bos"] is False  # what was done, not what was asked
+
+
+def test_a_tokenizer_without_bos_is_said_once(data_dir, small_corpus, bosless_tokenizer,
+                                              tmp_path, caplog):
+    cfg = config(data_dir, tmp_path / "o", small_corpus, tokenizer=str(bosless_tokenizer))
+    cfg.sources["again"] = SourceConfig(path=str(small_corpus))
+    with caplog.at_level("INFO", logger="ipt.data.prepare"):
+        prepare(cfg)
+    said = [r.getMessage() for r in caplog.records if "BOS" in r.getMessage()]
+    assert said == [f"tokenizer {bosless_tokenizer} has no BOS token: documents start "
+                    "without one (add_bos=true has no effect)"]
+
+
+def test_resuming_with_a_bos_after_a_tokenizer_without_one_is_refused(
+        data_dir, small_corpus, bosless_tokenizer, tmp_path):
+    prepare(config(data_dir, tmp_path / "o", small_corpus, tokenizer=str(bosless_tokenizer)))
+    with pytest.raises(ConfigError, match="add_bos: False -> True"):
+        prepare(config(data_dir, tmp_path / "o", small_corpus))
+
+
+def test_a_tokenizer_without_eos_fails_before_any_work(data_dir, small_corpus,
+                                                       bosless_tokenizer, tmp_path):
+    import shutil
+
+    no_eos = shutil.copytree(bosless_tokenizer, tmp_path / "no_eos")
+    settings = json.loads((no_eos / "tokenizer_config.json").read_text())
+    (no_eos / "tokenizer_config.json").write_text(json.dumps(settings | {"eos_token": None}))
+    with pytest.raises(ConfigError, match=f"tokenizer={no_eos} has no EOS token"):
+        prepare(config(data_dir, tmp_path / "o", small_corpus, tokenizer=str(no_eos)))
+    assert not (tmp_path / "o").exists()

@@ -88,6 +88,8 @@ class PrepareConfig:
     worker_index: int | None = None
     num_workers: int | None = None
     valid_fraction: float = 0.005  # documents held out for validation, chosen by id hash
+    # BOS before each document; no effect with a tokenizer that has none (Qwen's byte-level
+    # BPE): its documents start without one, and settings.json records add_bos=false.
     add_bos: bool = True
     # Texts longer than this are tokenized in pieces cut at line breaks, else spaces
     # (bounded memory; no character is lost at a cut).

@@ -2,12 +2,12 @@
 accounted for.
 
 Each source's records are cut, in their fixed order, into groups of `docs_per_shard`. Group
-`k` becomes shard `k`: one worker process tokenizes it (BOS + text + EOS per document) and
-writes `train/shard_k`, `valid/shard_k` (documents held out by a hash of their id), and
-`rejects/shard_k.jsonl`. Last, it writes `parts/shard_k.json`, the shard's accounting and its
-completion mark. A re-run skips every group that has its mark, so a killed run goes on without
-redoing or duplicating anything. Memory stays flat: at most two groups per worker are in
-flight.
+`k` becomes shard `k`: one worker process tokenizes it (BOS + text + EOS per document; no BOS
+where the tokenizer has none) and writes `train/shard_k`, `valid/shard_k` (documents held
+out by a hash of their id), and `rejects/shard_k.jsonl`. Last, it writes `parts/shard_k.json`,
+the shard's accounting and its completion mark. A re-run skips every group that has its mark,
+so a killed run goes on without redoing or duplicating anything. Memory stays flat: at most
+two groups per worker are in flight.
 
 Several hosts can share a source: group `k` is worker `k % num_workers`'s (`worker_index`,
 `num_workers`, or the launcher's rank variables, as the synthesize stage). Each reads the
@@ -232,8 +232,8 @@ def groups(records: Iterator[src.Record], size: int) -> Iterator[list[src.Record
         yield batch
 
 
-def prepare_source(spec: SourceConfig, cfg: PrepareConfig, vocab_size: int,
-                   fingerprint: str, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+def prepare_source(spec: SourceConfig, cfg: PrepareConfig, vocab_size: int, fingerprint: str,
+                   add_bos: bool, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
     """This worker's groups of one source (group k is worker k % count's, of `share`), and
     the source's summary once every group is done, by whichever worker sees that first."""
     index, count = share
@@ -245,7 +245,7 @@ def prepare_source(spec: SourceConfig, cfg: PrepareConfig, vocab_size: int,
     bar = _progress(cfg, spec.name)
     started, docs_done = time.perf_counter(), 0
     pool = ProcessPoolExecutor(max(1, cfg.workers), initializer=_init_worker,
-                               initargs=(cfg.tokenizer, cfg.add_bos, cfg.max_chars_per_piece,
+                               initargs=(cfg.tokenizer, add_bos, cfg.max_chars_per_piece,
                                          src.means_special_tokens(spec)))
     in_flight: deque[Future] = deque()
     total = 0
@@ -332,11 +332,14 @@ def _publish(path: Path, text: str, once: bool = False) -> bool:
 NOT_RECORDED = ("name", "streaming", "allow_partial", "path")
 
 
-def settings_of(spec: SourceConfig, cfg: PrepareConfig, fingerprint: str) -> dict[str, Any]:
-    """What a source's output depends on: the documents in it, their ids and their groups."""
+def settings_of(spec: SourceConfig, cfg: PrepareConfig, fingerprint: str,
+                add_bos: bool) -> dict[str, Any]:
+    """What a source's output depends on: the documents in it, their ids and their groups,
+    and whether they start with BOS (false where the tokenizer has none, whatever `add_bos`
+    asks)."""
     source = {k: v for k, v in asdict(spec).items() if k not in NOT_RECORDED}
     files = src.contents(spec)
-    return {"tokenizer": fingerprint, "add_bos": cfg.add_bos,
+    return {"tokenizer": fingerprint, "add_bos": add_bos,
             "docs_per_shard": cfg.docs_per_shard, "valid_fraction": cfg.valid_fraction,
             "source": source | ({"files": files} if files else {"path": spec.path})}
 
@@ -372,6 +375,20 @@ def _changes(then: dict[str, Any], now: dict[str, Any], keys: list[str],
     return out
 
 
+def adds_bos(cfg: PrepareConfig, tokenizer: Any) -> bool:
+    """Whether documents start with BOS: `add_bos`, where the tokenizer has one. Byte-level
+    BPE tokenizers (Qwen's) have none, and their documents are told apart by EOS alone, so
+    one without EOS is refused."""
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"tokenizer={cfg.tokenizer} has no EOS token, which ends every "
+                          "document: name one (eos_token) in its tokenizer_config.json")
+    if cfg.add_bos and tokenizer.bos_token_id is None:
+        log.info("tokenizer %s has no BOS token: documents start without one (add_bos=true "
+                 "has no effect)", cfg.tokenizer)
+        return False
+    return cfg.add_bos
+
+
 def prepare(cfg: PrepareConfig) -> dict[str, dict[str, Any]]:
     """Every source of `cfg`, one after another (each in parallel over its groups)."""
     if not cfg.sources:
@@ -386,15 +403,17 @@ def prepare(cfg: PrepareConfig) -> dict[str, dict[str, Any]]:
         spec.name = name
         src.check(spec)  # every source must be readable before any work starts
         specs.append(spec)
+    tokenizer = tok.load(cfg.tokenizer)
+    add_bos = adds_bos(cfg, tokenizer)
     fingerprint = tok.fingerprint(cfg.tokenizer)
     for spec in specs:  # all before any work, as the sources are checked
-        check_settings(Path(cfg.out) / spec.name, settings_of(spec, cfg, fingerprint),
+        check_settings(Path(cfg.out) / spec.name, settings_of(spec, cfg, fingerprint, add_bos),
                        cfg.tokenizer)
-    vocab_size = len(tok.load(cfg.tokenizer))
     share = worker_share(cfg.worker_index, cfg.num_workers)
     summaries = {}
     for spec in specs:
-        summaries[spec.name] = s = prepare_source(spec, cfg, vocab_size, fingerprint, share)
+        summaries[spec.name] = s = prepare_source(spec, cfg, len(tokenizer), fingerprint,
+                                                  add_bos, share)
         if not s["complete"]:
             log.info("%s: worker %d of %d has done its groups; %d of %d groups are done, and "
                      "the last worker to finish writes summary.json", spec.name, share[0],
