@@ -12,6 +12,7 @@ import pytest
 
 from ipt.config import ConfigError, EvaluateConfig, RCTasksConfig, SourceConfig, SynthesizeConfig
 from ipt.data import pairs as fmt
+from ipt.data import sources as src
 from ipt.data import templates
 from ipt.data.prepare import is_valid_doc
 from ipt.synth import rules
@@ -87,6 +88,53 @@ def test_held_out_documents_are_never_synthesized(data_dir, tmp_path):
     assert all(r["status"] == "held_out" and not r["pairs"] for r in records if r["id"] in held)
     assert not any(r.get("prev") in held for r in records)  # nor chained before another
     assert summary["ok"] > 0
+
+
+@pytest.fixture(scope="module")
+def repeats(data_dir, tmp_path_factory) -> tuple[SourceConfig, Path, Path]:
+    """Every document twice under its id (a page crawled twice), synthesized and asked about."""
+    out = tmp_path_factory.mktemp("repeats")
+    lines = (data_dir / "raw" / "docstrings.jsonl").read_text().splitlines()[:150]
+    (out / "in.jsonl").write_text("\n".join(lines + lines) + "\n")
+    spec = SourceConfig(name="docstrings", path=str(out / "in.jsonl"), id_field="id")
+    synthesize(SynthesizeConfig(source=spec, out=str(out / "synth"), valid_fraction=HELD_OUT,
+                                progress_bar="never"))
+    build(RCTasksConfig(source=spec, out=str(out / "rc"), valid_fraction=HELD_OUT))
+    return spec, out / "synth", out / "rc"
+
+
+def synthesized(out: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted((out / "shards").glob("*.jsonl"))
+            for line in f.read_text().splitlines()]
+
+
+def test_every_stage_holds_out_the_copies_of_a_repeated_id_together(repeats):
+    spec, synth_out, rc_out = repeats
+    held = [r for r in synthesized(synth_out) if r["status"] == "held_out"]
+    assert held and all(is_valid_doc(r.get("input_id", r["id"]), HELD_OUT) for r in held)
+    assert {r.get("input_id") for r in held} - {None}  # copies are among them
+    # the tasks' documents are those very ones, named as the synthesize stage names them
+    assert [r["id"] for r in rows(rc_out, "text")] == [r["id"] for r in held]
+
+
+def test_no_held_out_task_is_about_a_text_trained_on_when_ids_repeat(repeats):
+    spec, synth_out, rc_out = repeats
+    # trained on: what the synthesize stage did not hold out, and what the prepare stage
+    # keeps for training from the source itself
+    trained = {r["text"] for r in synthesized(synth_out) if r["status"] != "held_out"}
+    trained |= {d.text for d in src.read(spec)
+                if isinstance(d, src.Doc) and not is_valid_doc(d.id, HELD_OUT)}
+    asked = {r["text"] for r in rows(rc_out, "text")}
+    assert asked and not asked & trained
+
+
+def test_the_prepared_synthesize_output_trains_on_no_held_out_text_when_ids_repeat(repeats):
+    _, synth_out, rc_out = repeats
+    prepared = src.read(SourceConfig(name="docstrings_ipt", path=str(synth_out)))
+    # what the prepare stage trains on: the documents it does not hold out (`write_group`)
+    trained = [d.text for d in prepared if not is_valid_doc(d.id, HELD_OUT)]
+    asked = [r["text"] for r in rows(rc_out, "text")]
+    assert asked and not [t for t in asked if any(t in text for text in trained)]
 
 
 def test_a_source_without_usable_held_out_documents_is_refused(data_dir, tmp_path):

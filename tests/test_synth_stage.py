@@ -113,6 +113,17 @@ def test_continuing_with_other_settings_is_refused(data_dir, tmp_path):
         synthesize(config(tmp_path / "in.jsonl", tmp_path / "out", rounds=3))
 
 
+def test_continuing_with_another_valid_fraction_is_refused(data_dir, tmp_path):
+    """The held-out documents would change for the shards still to do: some held out before
+    would be synthesized now, and their records hold no generation to keep."""
+    write_corpus(data_dir, tmp_path / "in.jsonl", 80)
+    out = tmp_path / "out"
+    synthesize(config(tmp_path / "in.jsonl", out, valid_fraction=0.3))
+    (out / "parts" / "shard_00000.json").unlink()  # a shard still to do
+    with pytest.raises(ConfigError, match="valid_fraction: 0.3 -> 0.1"):
+        synthesize(config(tmp_path / "in.jsonl", out, valid_fraction=0.1))
+
+
 def test_the_entry_point_names_an_unknown_key(tmp_path):
     import subprocess
     import sys

@@ -1,10 +1,13 @@
 """Which process this is among those that share a job: the rank variables a launcher sets
 (torchrun's, or srun's when it starts the processes itself), for the engine's ranks and for
-the data stages' hosts, which split a corpus's groups among themselves."""
+the data stages' hosts, which split a corpus's groups among themselves; and how those hosts
+write the files they share."""
 
 from __future__ import annotations
 
 import os
+import socket
+from pathlib import Path
 
 from ipt.config import ConfigError
 
@@ -32,3 +35,21 @@ def worker_share(index: int | None, count: int | None) -> tuple[int, int]:
     if not 0 <= index < count:
         raise ConfigError(f"worker_index={index} must be in [0, num_workers={count})")
     return index, count
+
+
+def publish(path: Path, text: str, once: bool = False) -> bool:
+    """Write `path` whole or not at all, from a temporary name of this writer's own (several
+    hosts may write at once); with `once`, only if no writer has yet. Whether it wrote."""
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+    tmp.write_text(text)
+    try:
+        if not once:
+            tmp.replace(path)
+            return True
+        try:
+            os.link(tmp, path)  # fails if the file is there: the first writer wins
+            return True
+        except FileExistsError:
+            return False
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -50,8 +50,9 @@ class SynthesizeConfig:
     synth: SynthBackendConfig = field(default_factory=SynthBackendConfig)
     rounds: int = 2  # multi-round synthesis: documents of round r chain to round r-1
     fraction: float = 1.0  # share of documents synthesized (by id hash); the rest stay raw
-    # The prepare stage's valid_fraction: the documents it will hold out (the same id hash)
-    # are never synthesized, chained or tuned on, so they stay unseen for evaluation.
+    # The prepare stage's valid_fraction: the documents it will hold out (the same hash of
+    # the id the source gives) are never synthesized, chained or tuned on, so they stay
+    # unseen for evaluation. Recorded in stage.json: a re-run with another is refused.
     valid_fraction: float = 0.005
     docs_per_shard: int = 1000
     max_docs: int | None = None  # read only the first documents (a sample)

@@ -51,7 +51,8 @@ def read_augmented(spec: SourceConfig) -> Iterator[Record]:
             while at is not None:
                 chain.append((at["text"], [Pair(**p) for p in at["pairs"]], at["id"]))
                 at = heir.get(at["id"])
-            yield Doc(r["id"], render_chain(chain, spec.template_seed))
+            # held out by the id the source gave (every copy of a repeated id alike)
+            yield Doc(r.get("input_id", r["id"]), render_chain(chain, spec.template_seed))
 
 
 def read_tuning(spec: SourceConfig) -> Iterator[Record]:

@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from collections import Counter, deque
@@ -47,7 +46,7 @@ from ipt.config import ConfigError, PrepareConfig, SourceConfig
 from ipt.data import sources as src
 from ipt.data import tokenizer as tok
 from ipt.data.shards import ShardWriter
-from ipt.hosts import worker_share
+from ipt.hosts import publish, worker_share
 
 log = logging.getLogger(__name__)
 
@@ -304,26 +303,8 @@ def summarize(out: Path, spec: SourceConfig, groups: int) -> dict[str, Any]:
     written = total["train_docs"] + total["valid_docs"] + total["rejected"]
     if written != total["records"]:
         raise RuntimeError(f"{out}: {total['records']} records read but {written} accounted for")
-    _publish(out / "summary.json", json.dumps(summary, indent=1))
+    publish(out / "summary.json", json.dumps(summary, indent=1))
     return summary
-
-
-def _publish(path: Path, text: str, once: bool = False) -> bool:
-    """Write `path` whole or not at all, from a temporary name of this writer's own (several
-    hosts may write at once); with `once`, only if no writer has yet. Whether it wrote."""
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
-    tmp.write_text(text)
-    try:
-        if not once:
-            tmp.replace(path)
-            return True
-        try:
-            os.link(tmp, path)  # fails if the file is there: the first writer wins
-            return True
-        except FileExistsError:
-            return False
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # Source fields that do not change what is read: its name is the folder; streaming and
@@ -350,7 +331,7 @@ def check_settings(out: Path, now: dict[str, Any], tokenizer: str) -> None:
     the same one at another path changes nothing."""
     path = out / "settings.json"
     out.mkdir(parents=True, exist_ok=True)
-    if _publish(path, json.dumps(now | {"tokenizer_path": tokenizer}, indent=1), once=True):
+    if publish(path, json.dumps(now | {"tokenizer_path": tokenizer}, indent=1), once=True):
         return
     then = json.loads(path.read_text())
     diff = [f"{k}: {a!r} -> {b!r}" if k != "tokenizer" else

@@ -1,8 +1,9 @@
 """Reading-comprehension tasks from held-out documents, as local lm-evaluation-harness tasks.
 
 The documents are those the prepare stage holds out for validation (the same id hash and
-fraction), which the synthesize stage never augments either: no model trained on the
-prepared data has seen them in any form. The rules miner (`ipt.synth.rules`) asks its
+fraction, on the id the source gives: `ipt.synth.ids`), which the synthesize stage never
+augments either: no model trained on the prepared data has seen them in any form. A repeated
+id is named as the synthesize stage names it (`x#2`), and all its copies are held out or none. The rules miner (`ipt.synth.rules`) asks its
 questions about each one; a question is kept when its answer is a span of the document.
 
 - **Multiple choice** (`mc.jsonl`): the document, the question, and its answer among
@@ -34,7 +35,7 @@ from typing import Any
 from ipt.config import ConfigError, RCTasksConfig
 from ipt.data import sources as src
 from ipt.data.pairs import options_of
-from ipt.data.prepare import is_valid_doc
+from ipt.synth.ids import held_out, unique_ids
 from ipt.synth.rules import Miner, sentences
 
 # Prompt formats, as harness `doc_to_text` templates (the harness adds " " + the answer).
@@ -164,10 +165,10 @@ def build(cfg: RCTasksConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     fate: Counter[str] = Counter()
     rows: dict[str, list[dict]] = {"mc": [], "boolq": [], "text": []}
-    for record in src.read(cfg.source):
+    for record in unique_ids(src.read(cfg.source)):
         if isinstance(record, src.Reject):
             fate["rejected"] += 1
-        elif not is_valid_doc(record.id, cfg.valid_fraction):
+        elif not held_out(record, cfg.valid_fraction):
             fate["trained_on"] += 1
         elif cfg.max_examples is not None and len(rows["mc"]) >= cfg.max_examples:
             fate["held_out_beyond_max_examples"] += 1

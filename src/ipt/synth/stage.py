@@ -4,11 +4,16 @@ The source is read in its fixed order and cut into groups of `docs_per_shard` re
 Group `k` becomes `shards/shard_k.jsonl` (one record per document, in input order),
 `rejects/shard_k.jsonl` (records the source could not read) and last `parts/shard_k.json`,
 its accounting and completion mark. Group k belongs to worker `k % num_workers`, so hosts
-split a corpus with no coordination but a shared folder.
+split a corpus with no coordination but a shared folder. Every file is written whole under a
+temporary name of its writer's own (host and pid), then renamed: hosts started together
+never write into one file. The first to start writes the settings (`stage.json`); the
+others compare theirs with them. Each writes `summary.json` from the finished groups' marks
+when it is done, and reads them again after writing, so the last written has seen them all.
 
 The documents the prepare stage will hold out for validation (`valid_fraction`, the same id
-hash) stay as they are (status `held_out`): never synthesized, chained or tuned on, so that
-evaluation on them (`ipt.synth.rc_tasks`) measures what a model never saw in any form.
+hash, by the id the source gives: `ipt.synth.ids`) stay as they are (status `held_out`):
+never synthesized, chained or tuned on, so that evaluation on them (`ipt.synth.rc_tasks`)
+measures what a model never saw in any form.
 
 Within a group, the documents chosen for synthesis (a `fraction`, by id hash) are split into
 `rounds`. Document j of round r is chained to document j of round r-1: the earlier texts
@@ -18,8 +23,8 @@ its own generation parsed into at least one pair; the chain goes on from it only
 
 Ids key the chains, the links (`prev`) and what a re-run keeps, so they are made unique
 in the run: a document repeating an earlier one's id (a URL often repeats) is kept as
-`<id>#2`, `#3`, ..., with `input_id` in its record. Every worker reads the whole source in
-its fixed order, so each names a repeat the same way, on every re-run too.
+`<id>#2`, `#3`, ..., with `input_id` in its record (`ipt.synth.ids`). Every worker reads the
+whole source in its fixed order, so each names a repeat the same way, on every re-run too.
 
 A killed run goes on where it stopped: finished groups are skipped, and generations already
 paid for are in `cache/shard_k.jsonl`, keyed by a hash of the prompt. A re-run also retries
@@ -46,11 +51,11 @@ from ipt.config import ConfigError, SynthesizeConfig
 from ipt.data import pairs as fmt
 from ipt.data import sources as src
 from ipt.data.pairs import Pair
-from ipt.data.prepare import is_valid_doc
-from ipt.hosts import worker_share
+from ipt.hosts import publish, worker_share
 from ipt.synth import backends
 from ipt.synth.backend import Backend, Request, Result
 from ipt.synth.cache import Cache, NoCache
+from ipt.synth.ids import RenamedDoc, held_out, unique_ids
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +75,6 @@ class Entry:
     pairs: list[Pair]
 
 
-@dataclass(frozen=True)
-class RenamedDoc(src.Doc):
-    """A document whose id an earlier document of the run has: kept under a new id."""
-
-    input_id: str = ""
-
-
 def chosen(doc_id: str, fraction: float, seed: int) -> bool:
     """Whether a document is synthesized: a hash of its id, the same on every machine."""
     h = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
@@ -93,22 +91,22 @@ def synthesize_group(backend: Backend, cfg: SynthesizeConfig, k: int,
     cache = NoCache() if backend.name == "rules" else \
         Cache(out / "cache" / f"{name}.jsonl",
               f"{backend.name}|{backend.cfg.max_new_tokens}|{backend.cfg.temperature}")
-    picked = [d for d in docs if chosen(d.id, cfg.fraction, cfg.seed)
-              and not is_valid_doc(d.id, cfg.valid_fraction)]
+    held = {d.id for d in docs if held_out(d, cfg.valid_fraction)}
+    picked = [d for d in docs if d.id not in held and chosen(d.id, cfg.fraction, cfg.seed)]
     done = run_rounds(backend, cfg, picked, previous, cache)
     rows = [done.get(d.id) or {"id": d.id, "source": cfg.source.name, "text": d.text,
-                               "status": "held_out" if is_valid_doc(d.id, cfg.valid_fraction)
-                               else "raw", "pairs": [], "synthesizer": backend.name}
+                               "status": "held_out" if d.id in held else "raw", "pairs": [],
+                               "synthesizer": backend.name}
             for d in docs]
     for row, d in zip(rows, docs, strict=True):
         if isinstance(d, RenamedDoc):
             row["input_id"] = d.input_id  # to join the record back to its source
-    _write_atomic(out / "shards" / f"{name}.jsonl",
-                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    _write_atomic(out / "rejects" / f"{name}.jsonl",
-                  "".join(json.dumps({"id": r.id, "reason": r.reason}) + "\n" for r in rejects))
+    publish(out / "shards" / f"{name}.jsonl",
+             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    publish(out / "rejects" / f"{name}.jsonl",
+             "".join(json.dumps({"id": r.id, "reason": r.reason}) + "\n" for r in rejects))
     part = account(k, rows, rejects, backend)
-    _write_atomic(out / "parts" / f"{name}.json", json.dumps(part))  # the completion mark
+    publish(out / "parts" / f"{name}.json", json.dumps(part))  # the completion mark
     return part
 
 
@@ -197,13 +195,6 @@ def _read_shard(path: Path) -> dict[str, dict]:
     return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def groups(cfg: SynthesizeConfig) -> Iterator[list[src.Record]]:
     records = src.read(cfg.source)
     if cfg.max_docs is not None:
@@ -213,42 +204,26 @@ def groups(cfg: SynthesizeConfig) -> Iterator[list[src.Record]]:
         yield batch
 
 
-def unique_ids(records: Iterator[src.Record]) -> Iterator[src.Record]:
-    """The records with each repeat of a document id `x` renamed `x#2`, `x#3`, ... (the next
-    suffix no document has), so that no document overwrites another."""
-    # Every id of the run is remembered: a repeat may come from anywhere in the source.
-    taken: set[str] = set()
-    last_suffix: dict[str, int] = {}
-    for r in records:
-        if isinstance(r, src.Doc):
-            if r.id in taken:
-                n = last_suffix.get(r.id, 1) + 1
-                while f"{r.id}#{n}" in taken:  # the source has that id itself
-                    n += 1
-                last_suffix[r.id] = n
-                r = RenamedDoc(f"{r.id}#{n}", r.text, r.loss_spans, input_id=r.id)
-            taken.add(r.id)
-        yield r
-
-
-SETTINGS = ("rounds", "fraction", "docs_per_shard", "max_docs", "seed")
+# valid_fraction among them: another value would hold out other documents in the groups
+# still to do than in the groups done.
+SETTINGS = ("rounds", "fraction", "valid_fraction", "docs_per_shard", "max_docs", "seed")
 
 
 def check_settings(cfg: SynthesizeConfig, synthesizer: str) -> None:
-    """An output folder holds one run's settings; continuing it with others would mix them."""
+    """An output folder holds one run's settings; continuing it with others would mix them.
+    The first worker to get here writes them (hosts may start together); the rest compare."""
     path = Path(cfg.out) / "stage.json"
     now = {"source": cfg.source.path, "synthesizer": synthesizer,
            "context": cfg.synth.context, "max_new_tokens": cfg.synth.max_new_tokens,
            "temperature": cfg.synth.temperature,
            **{k: getattr(cfg, k) for k in SETTINGS}}
-    if path.exists():
-        then = json.loads(path.read_text())
-        if diff := [f"{k}: {then.get(k)!r} -> {v!r}" for k, v in now.items() if then.get(k) != v]:
-            raise ConfigError(f"out={cfg.out} holds a run with other settings "
-                              f"({'; '.join(diff)}); continue it with the same settings or "
-                              "write to a new out")
-    else:
-        _write_atomic(path, json.dumps(now, indent=1))
+    if publish(path, json.dumps(now, indent=1), once=True):
+        return
+    then = json.loads(path.read_text())
+    if diff := [f"{k}: {then.get(k)!r} -> {v!r}" for k, v in now.items() if then.get(k) != v]:
+        raise ConfigError(f"out={cfg.out} holds a run with other settings "
+                          f"({'; '.join(diff)}); continue it with the same settings or "
+                          "write to a new out")
 
 
 def synthesize(cfg: SynthesizeConfig) -> dict[str, Any]:
@@ -257,11 +232,15 @@ def synthesize(cfg: SynthesizeConfig) -> dict[str, Any]:
         raise ConfigError("rounds and docs_per_shard must be >= 1")
     if not 0 < cfg.fraction <= 1:
         raise ConfigError(f"fraction={cfg.fraction} must be in (0, 1]")
+    if not 0 <= cfg.valid_fraction < 1:
+        raise ConfigError(f"valid_fraction={cfg.valid_fraction} must be in [0, 1)")
     cfg.source.name = cfg.source.name or Path(cfg.source.path).stem
     src.check(cfg.source)
     index, count = worker_share(cfg.worker_index, cfg.num_workers)
     out = Path(cfg.out)
     backend = backends.build(cfg.synth)  # fails fast on a bad model folder or URL
+    for folder in ("shards", "rejects", "parts"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
     check_settings(cfg, backend.name)
     skip = _finished(out, cfg.retry_failed)
     bar = _progress(cfg)
@@ -336,7 +315,21 @@ def _progress(cfg: SynthesizeConfig) -> Any:
 
 
 def summarize(out: Path, total_groups: int, synthesizer: str) -> dict[str, Any]:
-    """Add up the finished groups; every record read is a document or a reject."""
+    """Write `summary.json`, the finished groups added up. Hosts that finish together each
+    write what they see; a group may finish (or be redone) while one adds up, so each reads
+    them again after writing and writes again until nothing changed in between. The last
+    summary written has then seen every group finished before it."""
+    summary = add_up(out, total_groups, synthesizer)
+    while True:
+        publish(out / "summary.json", json.dumps(summary, indent=1))
+        now = add_up(out, total_groups, synthesizer)
+        if now == summary:
+            return summary
+        summary = now
+
+
+def add_up(out: Path, total_groups: int, synthesizer: str) -> dict[str, Any]:
+    """The finished groups' accounting; every record read is a document or a reject."""
     total: Counter[str] = Counter()
     by: dict[str, Counter[str]] = {"kinds": Counter(), "drops": Counter(), "errors": Counter()}
     parts = sorted((out / "parts").glob("shard_*.json"))
@@ -350,13 +343,11 @@ def summarize(out: Path, total_groups: int, synthesizer: str) -> dict[str, Any]:
             sum(total[s] for s in STATUSES) != total["docs"]:
         raise RuntimeError(f"{out}: records do not add up: {dict(total)}")
     tried = total["ok"] + total["no_pairs"]
-    summary = {"synthesizer": synthesizer, "groups_done": len(parts),
-               "groups_total": max(total_groups, len(parts)), **dict(total),
-               "parse_rate": round(total["ok"] / tried, 4) if tried else None,
-               "pairs_per_doc": round(total["pairs"] / tried, 3) if tried else None,
-               "tokens_per_pair": round(total["pair_tokens"] / total["pairs"], 1)
-               if total["pairs"] else None,
-               **{k: dict(v.most_common()) for k, v in by.items()}}
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=1))
-    return summary
+    return {"synthesizer": synthesizer, "groups_done": len(parts),
+            "groups_total": max(total_groups, len(parts)), **dict(total),
+            "parse_rate": round(total["ok"] / tried, 4) if tried else None,
+            "pairs_per_doc": round(total["pairs"] / tried, 3) if tried else None,
+            "tokens_per_pair": round(total["pair_tokens"] / total["pairs"], 1)
+            if total["pairs"] else None,
+            **{k: dict(v.most_common()) for k, v in by.items()}}
 
