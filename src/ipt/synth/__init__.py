@@ -14,5 +14,6 @@ Files:
 - `hf.py`, `openai.py`, `server.py`: a local `transformers` model, an OpenAI-compatible
   server, and a small such server for a local model;
 - `rules.py`: the rule-based miner;
-- `rc_tasks.py`: held-out reading-comprehension tasks.
+- `rc_tasks.py`: held-out reading-comprehension tasks;
+- `ids.py`: documents' ids: repeats renamed, and held out by the id the source gave.
 """
