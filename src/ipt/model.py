@@ -1,6 +1,13 @@
-"""Llama-family causal LMs from `transformers`: built from a config or loaded for continual
-pre-training, with the attention kernel chosen by what the machine has; and `FusedLM`, the
-module the training engine wraps, whose forward is the loss."""
+"""Causal LMs from `transformers`: a Llama built from a config, or any causal LM loaded for
+continual pre-training, with the attention kernel chosen by what the machine has; and
+`FusedLM`, the module the training engine wraps, whose forward is the loss.
+
+Nothing here assumes a Llama's layout (`model.layers`, `model.norm`, `lm_head`): the decoder,
+the embeddings and the unembedding come from transformers' own accessors (`get_decoder()`,
+`get_input_embeddings()`, `get_output_embeddings()`), and the layer stack and final norm,
+which transformers has no accessor for, are found by what they are (`layer_stack`,
+`final_norm`), so a GPT-2 (`transformer.h`, `ln_f`) or a GPT-NeoX (`gpt_neox.layers`,
+`final_layer_norm`) trains as a Llama does."""
 
 from __future__ import annotations
 
@@ -13,22 +20,88 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 from ipt import attention
 from ipt.config import ConfigError, ModelConfig
 
+# The names a model or decoder layer takes its KV cache by, in transformers 5.x.
+CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
+
 
 def cache_kwargs(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
     """The keyword argument that hands `cache` (a `transformers.Cache`) to a model or decoder
     layer. transformers 5.24 renamed `past_key_values` to `cache` and, on the inner model and
-    its layers, ignores the old name without an error, so the name is read off the signature
-    rather than assumed."""
+    its layers, ignores the old name without an error (a GPT-NeoX layer calls it
+    `layer_past`), so the name is read off the signature rather than assumed."""
     cls = type(module)
     if cls not in _CACHE_NAMES:
         params = inspect.signature(cls.forward).parameters
-        _CACHE_NAMES[cls] = "cache" if "cache" in params else "past_key_values"
+        _CACHE_NAMES[cls] = next((n for n in CACHE_KWARGS if n in params), "past_key_values")
     return {_CACHE_NAMES[cls]: cache}
 
 
 _CACHE_NAMES: dict[type, str] = {}
 
-CACHE_KWARGS = ("cache", "past_key_values")
+
+def architecture(lm: torch.nn.Module) -> str:
+    """The causal LM's class name, for messages: `GPTNeoXForCausalLM`."""
+    return type(lm).__name__
+
+
+def layer_stack(lm: PreTrainedModel) -> torch.nn.ModuleList | None:
+    """The decoder's layers: its one child list of `num_hidden_layers` modules (`model.layers`
+    of a Llama, `transformer.h` of a GPT-2); None where there is no such list."""
+    decoder = lm.get_decoder()
+    count = getattr(lm.config, "num_hidden_layers", None)
+    found = [m for m in decoder.children()
+             if isinstance(m, torch.nn.ModuleList) and len(m) == count]
+    return found[0] if len(found) == 1 else None
+
+
+def final_norm(lm: PreTrainedModel) -> torch.nn.Module | None:
+    """The norm the decoder applies after its last layer: its one child that is a norm
+    (`model.norm`, `transformer.ln_f`, `gpt_neox.final_layer_norm`); None where there is no
+    such child (an OPT with post-layer norms ends in none)."""
+    found = [m for m in lm.get_decoder().children() if isinstance(m, torch.nn.LayerNorm)
+             or type(m).__name__.endswith("Norm")]
+    return found[0] if len(found) == 1 else None
+
+
+def unembedding(lm: PreTrainedModel) -> torch.nn.Module:
+    """The output embedding (`get_output_embeddings()`), which the fused loss multiplies by
+    the decoder's last hidden state."""
+    head = lm.get_output_embeddings()
+    if not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ConfigError(f"{architecture(lm)} has no output embedding ipt can read "
+                          "(get_output_embeddings() gives none): it cannot be trained here")
+    return head
+
+
+@torch.no_grad()
+def check_unembedding(lm: PreTrainedModel, what: str) -> None:
+    """Refuse a causal LM whose logits are not its output embedding's weight times its
+    decoder's last hidden state, which is what the fused loss and online KD compute: one
+    that scales or soft-caps its logits, or adds a bias to them. One forward of 4 tokens,
+    whose decoder output a hook keeps."""
+    head = unembedding(lm)
+    seen: list[torch.Tensor] = []
+    hook = lm.get_decoder().register_forward_hook(
+        lambda module, args, out: seen.append(out.last_hidden_state))
+    training = lm.training
+    lm.eval()
+    try:
+        theirs = lm(input_ids=torch.arange(min(4, lm.config.vocab_size))[None]).logits
+    finally:
+        hook.remove()
+        lm.train(training)
+    weight = head.weight
+    assert isinstance(weight, torch.Tensor)  # `unembedding` checked it
+    ours = seen[-1].float() @ weight.float().T
+    theirs = theirs.float()
+    tol = max(1e-3, 4 * torch.finfo(weight.dtype).eps)  # bf16 rounds its logits
+    scale = float(theirs.abs().max()) or 1.0
+    if getattr(head, "bias", None) is not None or not torch.allclose(
+            ours, theirs, rtol=tol, atol=tol * scale):
+        raise ConfigError(f"{what}: {architecture(lm)} computes its logits otherwise than as "
+                          "its output embedding of its decoder's last hidden state (scaled, "
+                          "soft-capped or biased logits), which ipt's fused loss and KD "
+                          "assume; it cannot be trained here")
 
 
 def llama_config(cfg: ModelConfig, vocab_size: int, bos_id: int, eos_id: int) -> LlamaConfig:
@@ -59,6 +132,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, bos_id: int = 1, eos_id: int 
         if model.config.vocab_size != vocab_size:
             raise ConfigError(f"model.init_from={cfg.init_from} has a vocabulary of "
                               f"{model.config.vocab_size}, the tokenizer has {vocab_size}")
+        check_unembedding(model, f"model.init_from={cfg.init_from}")
     else:
         config = llama_config(cfg, vocab_size, bos_id, eos_id)
         config._attn_implementation = attn
@@ -89,16 +163,24 @@ def flops_per_token(model: PreTrainedModel, seq_len: int, extra_heads: int = 0,
     n = count_params(model, exclude_embeddings=True)
     if c.tie_word_embeddings:
         n += _embedding_numel(model)  # the unembedding matmul still runs
-    if head_params is None:
-        head_params = sum(p.numel() for p in model.model.layers[-1].parameters())
+    if head_params is None and extra_heads:
+        layers = layer_stack(model)
+        assert layers is not None, f"{architecture(model)} has no decoder layers to count"
+        head_params = sum(p.numel() for p in layers[-1].parameters())
+    head_params = head_params or 0
     per_head = 6 * (head_params + c.vocab_size * c.hidden_size) + 12 * c.hidden_size * seq_len
     return 6 * n + 12 * c.num_hidden_layers * c.hidden_size * seq_len + extra_heads * per_head
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder layers of a causal LM, then any MTP heads' blocks, in order."""
-    inner = getattr(model, "model", model)
-    layers = list(getattr(inner, "layers", []))
+def decoder_layers(model: torch.nn.Module, what: str) -> list[torch.nn.Module]:
+    """The decoder layers of a causal LM (or of a `FusedLM`'s), then any MTP heads' blocks,
+    in order; `what` needs them, and is named where the model has none ipt can find."""
+    lm: Any = getattr(model, "lm", model)
+    stack = layer_stack(lm)
+    if stack is None:
+        raise ConfigError(f"{what} works on decoder layers, and {architecture(lm)} has no "
+                          "list of them ipt can find; leave it off for this model")
+    layers = list(stack)
     for head in getattr(model, "mtp_heads", []):
         layers.append(getattr(head, "block", head))
     return layers
@@ -116,10 +198,11 @@ def checkpoint_layers(model: torch.nn.Module, mode: str, every: int = 2) -> int:
     from torch.utils.checkpoint import checkpoint
 
     chosen = 0
-    for i, layer in enumerate(decoder_layers(model)):
+    what = f"train.activation_checkpointing={mode}"
+    for i, layer in enumerate(decoder_layers(model, what)):
         on = mode == "full" or i % every == 0
         if not hasattr(layer, "gradient_checkpointing"):
-            raise ConfigError(f"train.activation_checkpointing={mode}: {type(layer).__name__} "
+            raise ConfigError(f"{what}: {type(layer).__name__} "
                               "has no gradient checkpointing switch")
         setattr(layer, "gradient_checkpointing", on)  # noqa: B010 - a plain attribute
         if on:
@@ -133,28 +216,42 @@ def compile_layers(model: torch.nn.Module) -> int:
     """Regional `torch.compile` (`train.compile`): each decoder layer's (and MTP head's)
     forward, not the module call, so module hooks (ZeRO-3's gathering, the MTP heads' capture)
     stay outside the compiled graph. The layers share one compiled graph."""
-    layers = decoder_layers(model)
+    layers = decoder_layers(model, "train.compile=true")
     for layer in layers:
         layer.forward = torch.compile(layer.forward)
     return len(layers)
 
 
 class FusedLM(torch.nn.Module):
-    """The module the training engine wraps: `model` and `lm_head` (the causal LM's own
-    modules, so their state-dict keys stay the causal LM's). Its forward is the fused
-    unembedding and loss of its heads' hidden states (`ipt.losses.fused`): here head 1 alone;
-    a technique that adds heads extends `hidden` (`ipt.mtp.heads.MTPModel`)."""
+    """The module the training engine wraps: the causal LM's own modules, registered under
+    their own names, so the state-dict keys stay the causal LM's (`model.*` of a Llama,
+    `gpt_neox.*` of a GPT-NeoX). Its forward is the fused unembedding and loss of its heads'
+    hidden states (`ipt.losses.fused`): here head 1 alone; a technique that adds heads
+    extends `hidden` (`ipt.mtp.heads.MTPModel`)."""
+
+    lm: PreTrainedModel
 
     def __init__(self, lm: PreTrainedModel) -> None:
         super().__init__()
-        self.model, self.lm_head = lm.model, lm.lm_head
+        for name, child in lm.named_children():
+            self.add_module(name, child)
         self.config = lm.config
         object.__setattr__(self, "lm", lm)  # the whole causal LM, not registered twice
         # The fused loss reads the unembedding directly rather than calling its module: under
         # ZeRO-3 this keeps it gathered for the whole forward (elsewhere it is a no-op).
         from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
-        register_external_parameter(self, self.lm_head.weight)
+        register_external_parameter(self, self.unembedding.weight)
+
+    @property
+    def decoder(self) -> Any:
+        """The causal LM's decoder (`get_decoder()`): the layers and final norm, no head."""
+        return self.lm.get_decoder()
+
+    @property
+    def unembedding(self) -> Any:
+        """The causal LM's output embedding (`get_output_embeddings()`)."""
+        return unembedding(self.lm)
 
     def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                past: Any = None, head_past: Any = None, heads: bool = True,
@@ -165,8 +262,9 @@ class FusedLM(torch.nn.Module):
         kernel's document inputs (`ipt.attention.model_inputs`), which replace
         `position_ids`."""
         inputs = dict(documents) if documents is not None else {"position_ids": position_ids}
-        out = self.model(input_ids=input_ids, use_cache=past is not None,
-                         **cache_kwargs(self.model, past), **inputs)
+        decoder = self.decoder
+        out = decoder(input_ids=input_ids, use_cache=past is not None,
+                      **cache_kwargs(decoder, past), **inputs)
         return [out.last_hidden_state]
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, scales: list[Any],
@@ -179,4 +277,5 @@ class FusedLM(torch.nn.Module):
         from ipt.losses.fused import heads_loss
 
         hs = self.hidden(input_ids, heads=heads, documents=documents)
-        return heads_loss(hs, self.lm_head, targets, scales, kd, memory_efficient, chunk_size)
+        return heads_loss(hs, self.unembedding, targets, scales, kd, memory_efficient,
+                          chunk_size)

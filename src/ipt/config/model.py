@@ -9,7 +9,7 @@ from omegaconf import MISSING
 
 @dataclass
 class ModelConfig:
-    """A Llama-family causal LM (see `configs/model/`)."""
+    """A Llama's shape (see `configs/model/`), or the folder of any causal LM to continue."""
 
     name: str = MISSING
     hidden_size: int = 64
@@ -21,8 +21,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     init_std: float = 0.02
-    # A Hugging Face folder to continue pre-training from (weights and architecture);
-    # null means random initialisation from the fields above.
+    # A Hugging Face folder to continue pre-training from (weights and architecture: any
+    # causal LM transformers loads, docs/configuration.md); null means random
+    # initialisation of a Llama from the fields above.
     init_from: str | None = None
     # auto | flash_attn | varlen | flex | sdpa: the kernel that masks documents (ipt.attention);
     # auto picks the fastest that runs here at train.precision, and logs it.

@@ -18,12 +18,18 @@ causal LM with the heads in a file beside it:
     mtp_config.json         how many, of which type and block, for which model shape
 
 The heads see exactly what the last layer sees: a forward hook on it captures its input,
-its output and the keyword arguments it got (attention mask, rotary embeddings, positions),
+its output and the arguments it got (attention mask, rotary embeddings, positions),
 whatever attention kernel or document masking the model uses.
+
+Any causal LM whose decoder is a list of layers ending in one final norm takes heads (a
+Llama, a GPT-2, a GPT-NeoX: `ipt.model.layer_stack`, `ipt.model.final_norm`); another is
+refused by name.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -34,7 +40,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ipt.config import HEAD_TYPES
-from ipt.model import CACHE_KWARGS, FusedLM, cache_kwargs
+from ipt.model import CACHE_KWARGS, FusedLM, architecture, cache_kwargs, final_norm, layer_stack
 
 HEADS_FILE = "mtp_heads.safetensors"
 HEADS_CONFIG = "mtp_config.json"
@@ -45,17 +51,47 @@ class HeadsError(ValueError):
     """Heads that do not fit the model, or a model without heads where they are needed."""
 
 
+def last_layer_and_norm(lm: PreTrainedModel) -> tuple[nn.Module, nn.Module]:
+    """The decoder layer the heads copy and the final norm they share, or a refusal that
+    names the architecture."""
+    layers, norm = layer_stack(lm), final_norm(lm)
+    if layers is None or norm is None:
+        missing = "list of decoder layers" if layers is None else "single final norm"
+        raise HeadsError(f"MTP heads copy the last decoder layer and share the final norm; "
+                         f"{architecture(lm)} has no {missing} ipt can find, so it trains "
+                         "with loss=ntp only")
+    return layers[-1], norm
+
+
+def new_block(lm: PreTrainedModel, k: int) -> nn.Module:
+    """A fresh decoder layer of the model's own type, keeping KV cache slot `k`."""
+    last, _ = last_layer_and_norm(lm)
+    try:
+        return type(last)(lm.config, layer_idx=k)
+    except TypeError as e:
+        raise HeadsError(f"MTP heads copy the last decoder layer, and {architecture(lm)}'s "
+                         f"{type(last).__name__} is not built as (config, layer_idx) ({e}); "
+                         "it trains with loss=ntp only") from e
+
+
+def new_norm(lm: PreTrainedModel) -> nn.Module:
+    """A norm of the final norm's type and shape, whatever its constructor takes (a copy,
+    which the caller initialises afresh: a parameter's copy is not marked as loaded)."""
+    return copy.deepcopy(last_layer_and_norm(lm)[1])
+
+
 class SequentialModule(nn.Module):
-    """DeepSeek-V3's MTP module: the projection of [RMSNorm(h_{k-1}); RMSNorm(Emb(x_{t+k}))]
-    to the model's width, then one decoder layer of the model's own type."""
+    """DeepSeek-V3's MTP module: the projection of [Norm(h_{k-1}); Norm(Emb(x_{t+k}))] to
+    the model's width (each norm of the final norm's type), then one decoder layer of the
+    model's own type."""
 
     def __init__(self, lm: PreTrainedModel, k: int) -> None:
         super().__init__()
-        c, norm = lm.config, type(lm.model.norm)
-        self.hidden_norm = norm(c.hidden_size, eps=c.rms_norm_eps)
-        self.embed_norm = norm(c.hidden_size, eps=c.rms_norm_eps)
-        self.proj = nn.Linear(2 * c.hidden_size, c.hidden_size, bias=False)
-        self.block = type(lm.model.layers[-1])(c, layer_idx=k)
+        width = lm.config.hidden_size
+        self.hidden_norm = new_norm(lm)
+        self.embed_norm = new_norm(lm)
+        self.proj = nn.Linear(2 * width, width, bias=False)
+        self.block = new_block(lm, k)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         x = self.proj(torch.cat([self.hidden_norm(h), self.embed_norm(emb)], dim=-1))
@@ -68,15 +104,15 @@ def new_heads(lm: PreTrainedModel, count: int, head_type: str = "parallel") -> n
     cache slot k when decoding."""
     kinds = set(getattr(lm.config, "layer_types", None) or ())
     if len(kinds) > 1:  # a head gets the last layer's mask, so all layers must share one kind
-        raise HeadsError(f"MTP heads need one attention type in every layer; this model mixes "
-                         f"{sorted(kinds)}")
+        raise HeadsError(f"MTP heads need one attention type in every layer; "
+                         f"{architecture(lm)} mixes {sorted(kinds)}")
     if head_type not in HEAD_TYPES:
         raise HeadsError(f"MTP head type {head_type!r}; known: {HEAD_TYPES}")
+    last_layer_and_norm(lm)  # refused here, by name, when the layout has no place for heads
     if head_type == "sequential":
         heads = nn.ModuleList(SequentialModule(lm, k) for k in range(count))
     else:
-        block = type(lm.model.layers[-1])
-        heads = nn.ModuleList(block(lm.config, layer_idx=k) for k in range(count))
+        heads = nn.ModuleList(new_block(lm, k) for k in range(count))
     heads.apply(lm._init_weights)
     return heads.to(dtype=lm.dtype)
 
@@ -88,6 +124,9 @@ def head_type_of(heads: nn.ModuleList) -> str:
 class MTPModel(FusedLM):
     """`FusedLM` with `mtp_heads`: its hidden states are head 1's, then each extra head's."""
 
+    _last: nn.Module  # the model's last decoder layer and final norm (not registered twice)
+    _norm: nn.Module
+
     def __init__(self, lm: PreTrainedModel, heads: nn.ModuleList) -> None:
         super().__init__(lm)
         self.mtp_heads = heads
@@ -95,7 +134,15 @@ class MTPModel(FusedLM):
         self._seen: tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None = None
         self._capturing = False
         if len(heads):
-            lm.model.layers[-1].register_forward_hook(self._capture, with_kwargs=True)
+            last, norm = last_layer_and_norm(lm)
+            object.__setattr__(self, "_last", last)
+            object.__setattr__(self, "_norm", norm)
+            # a layer's positional parameters, to name the arguments a model passes by
+            # position (a GPT-2 hands its block the cache and the mask so)
+            params = inspect.signature(type(last).forward).parameters.values()
+            self._params = [p.name for p in params
+                            if p.kind == p.POSITIONAL_OR_KEYWORD][1:] or ["hidden_states"]
+            last.register_forward_hook(self._capture, with_kwargs=True)
 
     @property
     def n(self) -> int:
@@ -105,9 +152,10 @@ class MTPModel(FusedLM):
                  output: Any) -> None:
         if not self._capturing:  # recomputation under activation checkpointing
             return
-        z = args[0] if args else kwargs["hidden_states"]
+        named = dict(zip(self._params, args, strict=False)) | kwargs
+        z = named.pop(self._params[0])
         out = output[0] if isinstance(output, tuple) else output
-        self._seen = (z, out, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+        self._seen = (z, out, named)
 
     def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                past: Any = None, head_past: Any = None, heads: bool = True,
@@ -124,19 +172,19 @@ class MTPModel(FusedLM):
             z, h, kwargs = self._seen
             self._seen = None
             kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
-            kwargs.update(cache_kwargs(self.model.layers[-1], head_past))  # a head is such a layer
+            kwargs.update(cache_kwargs(self._last, head_past))  # a head is such a layer
             if self.head_type == "sequential":
-                emb = self.model.embed_tokens(input_ids)
+                emb = self.lm.get_input_embeddings()(input_ids)
                 for k, module in enumerate(self.mtp_heads, start=1):
                     # Emb(x_{t+k}); past the sequence's end zeros (those positions have no
                     # target at this depth, and causal attention keeps them from the rest)
                     shifted = torch.cat([emb[:, k:], emb.new_zeros(emb[:, :k].shape)], dim=1)
                     h = module(h, shifted, **kwargs)
-                    hs.append(self.model.norm(h))
+                    hs.append(self._norm(h))
             else:
                 for head in self.mtp_heads:
                     out = head(z, **kwargs)
-                    hs.append(self.model.norm(out[0] if isinstance(out, tuple) else out))
+                    hs.append(self._norm(out[0] if isinstance(out, tuple) else out))
         return hs
 
 

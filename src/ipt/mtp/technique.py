@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from ipt.config import PretrainConfig
+from ipt.config import ConfigError, PretrainConfig
 from ipt.model import flops_per_token
-from ipt.mtp.heads import PREFIX, MTPModel, attach, save_heads
+from ipt.mtp.heads import PREFIX, HeadsError, MTPModel, attach, save_heads
 from ipt.technique import Flops, Setup, Technique
 
 
@@ -34,7 +34,10 @@ class MultiToken(Technique):
     def model(self, lm: Any, setup: Setup) -> MTPModel | None:
         if not self.extra:
             return None
-        model = attach(lm, self.extra, self.cfg.model.init_from, self.cfg.loss.head_type)
+        try:
+            model = attach(lm, self.extra, self.cfg.model.init_from, self.cfg.loss.head_type)
+        except HeadsError as e:  # a start-up refusal, with the config that asked for heads
+            raise ConfigError(f"loss=mtp loss.heads={self.cfg.loss.heads}: {e}") from e
         self.head_params = sum(p.numel() for p in model.mtp_heads[0].parameters())
         return model
 

@@ -92,9 +92,9 @@ class DistillationLoss:
         else:
             assert self.teacher is not None, "the teacher was released before the KD phase ended"
             with torch.no_grad():
-                h_t = self.teacher.model(input_ids=batch["input_ids"], **model_inputs(
+                h_t = self.teacher.get_decoder()(input_ids=batch["input_ids"], **model_inputs(
                     batch, kernel_of(self.teacher))).last_hidden_state
-            probs = online_probs(h_t, self.teacher.lm_head, tau)
+            probs = online_probs(h_t, self.teacher.get_output_embeddings(), tau)
         if logits is None:
             takes_kd: Any = self.base  # a loss with `takes_kd` has the `kd` keyword
             out = takes_kd(model, batch, step, norm, kd=KDTerm(probs, tau, w))

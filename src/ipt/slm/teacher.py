@@ -64,10 +64,12 @@ def load(cfg: TeacherConfig, device: torch.device, dtype: torch.dtype,
     from transformers import AutoModelForCausalLM
 
     from ipt import attention
+    from ipt.model import check_unembedding
 
     attention.register()  # the student's attention kernel, with its document masking
     model: Any = AutoModelForCausalLM.from_pretrained(
         resolve(cfg.path), dtype=dtype, attn_implementation=attention.PREFIX + kernel)
+    check_unembedding(model, f"teacher.path={cfg.path}")  # KD computes its logits so
     model.requires_grad_(False)
     model.eval()
     if zero3_micro_batch is None:
