@@ -204,3 +204,32 @@ def test_an_unknown_task_stops_the_run_before_training(data_dir, heldout, tmp_pa
     assert proc.returncode == 2
     assert "unknown task(s) ['nope']; local tasks in include_path:" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.fixture
+def stalling_task(tasks, tmp_path):
+    """rc_mc, whose documents never come: the harness stalls before any forward pass."""
+    out = tmp_path / "stalling"
+    out.mkdir()
+    (out / "stall.py").write_text("import time\n\n\ndef process_docs(dataset):\n"
+                                  "    time.sleep(3600)\n    return dataset\n")
+    (out / "stall_mc.yaml").write_text((tasks / "rc_mc.yaml").read_text().replace(
+        "task: rc_mc", "task: stall_mc\nprocess_docs: !function stall.process_docs"))
+    return out
+
+
+@pytest.mark.slow
+def test_an_evaluation_that_hangs_ends_the_job_within_the_hang_timeout(data_dir, stalling_task,
+                                                                       tmp_path):
+    """The harness captures stderr while it runs; the watchdog still writes rank 0's stacks
+    to the job's log and ends it, and the rank waiting for rank 0 ends too."""
+    timeout = 6
+    proc = run_pretrain(tiny_overrides(data_dir, tmp_path / "run", **{
+        "train.hang_timeout_s": timeout, "train.max_steps": 4},
+        **eval_overrides(stalling_task, "[stall_mc]", 2, None)), nproc=2, check=False,
+        timeout=40)
+    err = proc.stderr
+    assert proc.returncode != 0
+    assert "rank 0: no progress for" in err and "in rank 0's downstream evaluation" in err
+    assert "rank 1: no progress for" in err and "waiting for rank 0's downstream" in err
+    assert "in process_docs" in err  # rank 0's stacks: where it hangs

@@ -71,3 +71,32 @@ def test_export_cli_writes_a_loadable_folder(trained, tmp_path):
 def test_export_cli_names_a_missing_checkpoint(tmp_path):
     proc = run_entry("train/export_hf.py", [f"checkpoint={tmp_path}", f"out={tmp_path / 'o'}"])
     assert proc.returncode == 2 and "no usable checkpoint" in proc.stderr
+
+
+def export_on_a_slow_disk(data_dir: Path, run: Path, how: str, seconds: float, timeout: int):
+    """A 2-rank run whose export at the end meets a slow file system
+    (`tests/workers/slow_export.py`); rank 1 waits for rank 0 meanwhile."""
+    return run_entry("tests/workers/slow_export.py", tiny_overrides(data_dir, run, **{
+        "train.export_at_end": True, "train.eval_every": 0, "train.max_steps": 2,
+        "train.hang_timeout_s": timeout}), nproc=2,
+        env={"SLOW_EXPORT": how, "SLOW_EXPORT_S": str(seconds)}, timeout=120)
+
+
+@pytest.mark.slow
+def test_an_export_slower_than_the_hang_timeout_finishes_while_it_writes(data_dir, tmp_path):
+    timeout = 3
+    proc = export_on_a_slow_disk(data_dir, tmp_path / "run", "trickle", 3 * timeout, timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    took = float(proc.stderr.split(" to ")[-1].split(" in ")[1].split(" s")[0])
+    assert took > 2 * timeout
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf").num_parameters() > 0
+
+
+@pytest.mark.slow
+def test_an_export_stuck_on_its_file_system_ends_the_job_within_the_hang_timeout(data_dir,
+                                                                                 tmp_path):
+    proc = export_on_a_slow_disk(data_dir, tmp_path / "run", "stuck", 0, 3)
+    assert proc.returncode != 0
+    assert "rank 0: no progress for" in proc.stderr and "in rank 0's export" in proc.stderr
+    assert "rank 1: no progress for" in proc.stderr \
+        and "waiting for rank 0's export" in proc.stderr

@@ -82,5 +82,6 @@ class Checkpointer:
             self.save(trainer)
 
     def save(self, trainer: Trainer) -> None:
-        checkpoint.save(trainer.engine, self.root, trainer.state, self.keep_last)
+        with trainer.watchdog.while_files_move():  # however long the file system takes
+            checkpoint.save(trainer.engine, self.root, trainer.state, self.keep_last)
         self.last_saved = trainer.state.step

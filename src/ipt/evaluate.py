@@ -23,15 +23,14 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as tdist
 
 from ipt import quiet
 from ipt.config import ConfigError, EvalConfig, EvaluateConfig
+from ipt.health import Solo
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +258,7 @@ def plain_copy(lm: Any, device: torch.device) -> Any:
     config = copy.deepcopy(lm.config)
     config._attn_implementation = "sdpa"  # noqa: SLF001 - how transformers picks a kernel
     dtype = next(lm.parameters()).dtype
-    with torch.device(device), torch.random.fork_rng(devices=[]):
+    with torch.device(device):
         twin = type(lm)._from_config(config, dtype=dtype)  # noqa: SLF001 - public in effect
     source = dict(lm.named_parameters(remove_duplicate=False))
     with torch.no_grad():
@@ -294,10 +293,10 @@ class DownstreamEval:
     lm-evaluation-harness and adds `downstream/<task>/<metric>` to the step's metrics.
 
     Under ZeRO-3 every rank joins the gather of the weights for the copy. The other ranks
-    then wait on a separate gloo group (no device time, no collective timeout), telling
-    their hang watchdogs they are alive; rank 0's watchdog hears from each forward of the
-    harness, so a rank that hangs for real still ends the job. While rank 0 evaluates on
-    the CPU it borrows the idle ranks' threads.
+    then wait for rank 0 (`ipt.health.Solo`): rank 0's watchdog hears from each forward of
+    the harness, and the waiting ranks' from rank 0's, so an evaluation that hangs for real
+    still ends the job within `train.hang_timeout_s`. While rank 0 evaluates on the CPU it
+    borrows the idle ranks' threads.
     """
 
     def __init__(self, cfg: EvalConfig, tokenizer: Any, max_steps: int, zero3: bool) -> None:
@@ -306,13 +305,12 @@ class DownstreamEval:
         tasks = list(cfg.tasks)
         self.manager = task_manager(cfg.include_path, tasks)
         check_tasks(tasks, self.manager, cfg.include_path)  # before training, on every rank
-        self.group: Any = None
+        self.solo = Solo("downstream evaluation")
         self.seconds, self.runs, self.started = 0.0, 0, time.perf_counter()
 
     def on_start(self, trainer: Any) -> None:
         self.started = time.perf_counter()
-        if trainer.dist.world_size > 1:  # collective: every rank creates it
-            self.group = tdist.new_group(backend="gloo", timeout=timedelta(days=1))
+        self.solo.start(trainer.dist.world_size, trainer.watchdog)
 
     def on_step(self, trainer: Any, metrics: dict[str, Any]) -> None:
         step = metrics["step"]
@@ -331,9 +329,10 @@ class DownstreamEval:
         twin = None
         with _gathered(lm, self.zero3):
             if trainer.dist.is_main:
-                twin = plain_copy(lm, trainer.dist.device)
+                with _random_states():  # building it must not draw on any generator
+                    twin = plain_copy(lm, trainer.dist.device)
         if twin is None:
-            self._wait(trainer)
+            self.solo.wait(trainer.watchdog)
             return {}
         step = trainer.state.step
         beat = twin.register_forward_pre_hook(lambda *_: trainer.watchdog.beat(step))
@@ -341,7 +340,8 @@ class DownstreamEval:
         if trainer.dist.device.type == "cpu":  # the node's threads: the other ranks wait
             torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         try:
-            with _random_states(), quiet.prints_to_log(log, stderr=True):
+            with self.solo.work(trainer.watchdog), _random_states(), \
+                    quiet.prints_to_log(log, stderr=True):
                 results = harness(twin, self.tokenizer, list(self.cfg.tasks), self.manager,
                                   self.cfg, trainer.dist.device)["results"]
         except Exception as e:  # noqa: BLE001 - a failed evaluation must not end the run
@@ -352,23 +352,12 @@ class DownstreamEval:
             torch.set_num_threads(threads)
             beat.remove()
             del twin
-            if self.group is not None:
-                tdist.barrier(group=self.group)  # the others may go on
         seconds = time.perf_counter() - start
         self.seconds += seconds
         self.runs += 1
         wall = time.perf_counter() - self.started
         return {**flat_metrics(results), "downstream/seconds": seconds,
                 "downstream/share": self.seconds / wall}
-
-    def _wait(self, trainer: Any) -> None:
-        if self.group is None:
-            return
-        done = tdist.barrier(group=self.group, async_op=True)
-        while not done.is_completed():
-            trainer.watchdog.beat(trainer.state.step)
-            time.sleep(0.05)
-        done.wait()
 
 
 @contextlib.contextmanager

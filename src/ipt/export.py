@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as tdist
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from ipt import checkpoint, quiet
 from ipt.checkpoint import CheckpointError
+from ipt.health import Solo
 from ipt.techniques import TECHNIQUES, state_prefixes
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,10 @@ def _load(path: Path) -> tuple[PreTrainedModel, dict[str, torch.Tensor]]:
     owned = state_prefixes()
     extra = {k: state.pop(k) for k in [k for k in state if k.startswith(owned)]}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    # a checkpoint may keep a tied output embedding under the input embedding's name alone
+    head = model.get_output_embeddings()
+    tied = {f"{name}.weight" for name, m in model.named_modules()
+            if m is head} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise CheckpointError(f"{path} does not fit its model config: missing {missing}, "
                               f"unexpected {unexpected}")
@@ -94,13 +98,17 @@ def export_hf(ckpt: str | Path, out: str | Path, tokenizer_dir: str | Path) -> P
 
 
 class ExportAtEnd:
-    """Trainer callback: after the final checkpoint, rank 0 writes the Hugging Face folder."""
+    """Trainer callback: after the final checkpoint, rank 0 writes the Hugging Face folder
+    while the other ranks wait (`ipt.health.Solo`: a large model on a slow file system may
+    take longer than `train.hang_timeout_s`; the watchdogs go on as long as the export reads
+    or writes)."""
 
     def __init__(self, ckpt_root: Path, out: Path, tokenizer_dir: str) -> None:
         self.ckpt_root, self.out, self.tokenizer_dir = ckpt_root, out, tokenizer_dir
+        self.solo = Solo("export")
 
     def on_start(self, trainer: Any) -> None:
-        pass
+        self.solo.start(trainer.dist.world_size, trainer.watchdog)
 
     def on_step(self, trainer: Any, metrics: dict[str, Any]) -> None:
         pass
@@ -108,14 +116,17 @@ class ExportAtEnd:
     def on_end(self, trainer: Any) -> None:
         if not trainer.finished:
             return  # stopped early: the run is not over
-        if trainer.dist.is_main:
-            path = self.ckpt_root / checkpoint.tag_for(trainer.state.step)
-            shown = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()  # a bar per shard of a seconds-long step
-            try:
+        if not trainer.dist.is_main:
+            self.solo.wait(trainer.watchdog)
+            return
+        path = self.ckpt_root / checkpoint.tag_for(trainer.state.step)
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a bar per shard of a seconds-long step
+        start = time.perf_counter()
+        try:
+            with self.solo.work(trainer.watchdog):
                 export_hf(path, self.out, self.tokenizer_dir)
-            finally:
-                if shown:
-                    hf_logging.enable_progress_bar()
-            log.info("exported %s to %s", path, self.out)
-        tdist.barrier()
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
+        log.info("exported %s to %s in %.1f s", path, self.out, time.perf_counter() - start)

@@ -8,11 +8,13 @@ as `train.on_anomaly` says.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,11 +204,15 @@ class HangWatchdog:
     far longer (or forever) before noticing. A background thread checks the time since the
     last `beat()`; past the limit it logs what happened, dumps every thread's stack (where
     this rank was waiting) and exits with `EXIT_HUNG`, so the job ends instead of hanging.
+    The message and stacks go to the process's stderr file descriptor, whatever `sys.stderr`
+    is at the time (a harness's output is captured while it runs).
     """
 
     def __init__(self, timeout: float, rank: int) -> None:
         self.timeout, self.rank = timeout, rank
         self.step = 0
+        self.doing: str | None = None  # what this rank is busy with, for the message
+        self.relay: Callable[[], None] | None = None  # also called on every beat (`Solo`)
         self._last = time.monotonic()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
@@ -220,9 +226,36 @@ class HangWatchdog:
 
     def beat(self, step: int) -> None:
         self.step, self._last = step, time.monotonic()
+        if self.relay is not None:
+            self.relay()
 
     def stop(self) -> None:
         self._done.set()
+
+    @contextlib.contextmanager
+    def while_files_move(self) -> Iterator[None]:
+        """Count this process's reads and writes of storage in the block as progress
+        (Linux's /proc/self/io; elsewhere nothing more is counted): a checkpoint or an export
+        that takes longer than the timeout goes on, one stuck on its file system still ends."""
+        if self.timeout <= 0:
+            yield
+            return
+        done = threading.Event()
+        every = min(1.0, self.timeout / 8)
+
+        def watch() -> None:
+            files = _IoBytes()
+            while files.total is not None and not done.wait(every):
+                if files.moved():
+                    self.beat(self.step)
+
+        thread = threading.Thread(target=watch, name="file-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def _watch(self) -> None:
         while not self._done.wait(min(self.timeout / 4, 10.0)):
@@ -232,15 +265,121 @@ class HangWatchdog:
 
     def _expire(self, idle: float) -> None:
         import faulthandler
-        import os
-        import sys
 
-        print(f"ipt: rank {self.rank}: no progress for {idle:.0f} s after step {self.step} "
-              f"(train.hang_timeout_s={self.timeout:g}). Another rank has most likely died or "
-              "hung, and this one waits for it in a collective; its stacks follow. Ending the "
-              "job: the same command resumes from the last checkpoint. If steps (with evaluation and "
-              "checkpointing) can take this long, raise train.hang_timeout_s.",
-              file=sys.stderr, flush=True)
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        sys.stderr.flush()
-        os._exit(EXIT_HUNG)
+        where = f" in {self.doing}" if self.doing else ""
+        message = (
+            f"ipt: rank {self.rank}: no progress for {idle:.0f} s{where} after step "
+            f"{self.step} (train.hang_timeout_s={self.timeout:g}). Another rank has most likely "
+            "died or hung, and this one waits for it in a collective (or this one hangs); its "
+            "stacks follow. Ending the job: the same command resumes from the last checkpoint. "
+            "If steps (with evaluation and checkpointing) can take this long, raise "
+            "train.hang_timeout_s.\n")
+        try:
+            os.write(STDERR_FD, message.encode())
+            faulthandler.dump_traceback(file=STDERR_FD, all_threads=True)
+        finally:
+            os._exit(EXIT_HUNG)
+
+
+STDERR_FD = 2
+
+
+class Solo:
+    """Rank 0 works alone (a downstream evaluation, the export) while the other ranks wait.
+
+    A waiting rank cannot tell a slow rank 0 from a hung one, and must not beat its watchdog
+    blindly, or a hung rank 0 would hold the job for as long as the wait allows. So while
+    rank 0 works, its beats (and, on Linux, any progress of its file reads and writes:
+    loading a checkpoint, writing shards) move a counter in the job's store, at most once a
+    second; a waiting rank beats its watchdog only when the counter has moved. If rank 0
+    hangs, every rank's watchdog ends it within `train.hang_timeout_s`, rank 0's with its
+    stacks. The wait is on a gloo group of its own: no device time, and no collective timeout
+    shorter than the work may take.
+
+    Every rank creates it in `start` (a collective), in the same order.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.group: Any = None
+        self.store: Any = None
+        self.key = f"ipt/solo/{name}"
+        self.every = 1.0  # seconds between relayed beats (shorter for a short hang timeout)
+
+    def start(self, world_size: int, watchdog: HangWatchdog) -> None:
+        if world_size > 1:
+            from datetime import timedelta
+
+            import torch.distributed as tdist
+            from torch.distributed import distributed_c10d
+
+            self.group = tdist.new_group(backend="gloo", timeout=timedelta(days=1))
+            self.store = distributed_c10d._get_default_store()  # noqa: SLF001
+        if watchdog.timeout > 0:
+            self.every = min(1.0, watchdog.timeout / 8)
+
+    @contextlib.contextmanager
+    def work(self, watchdog: HangWatchdog) -> Iterator[None]:
+        """Rank 0's side: the block's beats (and file progress) reach the waiting ranks;
+        they go on when it ends."""
+        last = [0.0]
+
+        def relay() -> None:
+            now = time.monotonic()
+            if self.store is not None and now - last[0] >= self.every:
+                last[0] = now
+                self.store.add(self.key, 1)
+
+        watchdog.relay, watchdog.doing = relay, f"rank 0's {self.name}"
+        try:
+            with watchdog.while_files_move():
+                yield
+        finally:
+            watchdog.relay, watchdog.doing = None, None
+            watchdog.beat(watchdog.step)
+            if self.group is not None:
+                import torch.distributed as tdist
+
+                tdist.barrier(group=self.group)
+
+    def wait(self, watchdog: HangWatchdog) -> None:
+        """The other ranks' side: until rank 0's work ends, beating while it moves."""
+        if self.group is None:
+            return
+        import torch.distributed as tdist
+
+        watchdog.doing = f"waiting for rank 0's {self.name}"
+        seen = self.store.add(self.key, 0)
+        done = tdist.barrier(group=self.group, async_op=True)
+        while not done.is_completed():
+            moved = self.store.add(self.key, 0)
+            if moved != seen:
+                seen = moved
+                watchdog.beat(watchdog.step)
+            time.sleep(min(0.2, self.every))
+        done.wait()
+        watchdog.doing = None
+        watchdog.beat(watchdog.step)
+
+
+class _IoBytes:
+    """Bytes this process has had read from and written to storage (`/proc/self/io`'s
+    read_bytes and write_bytes: files, not sockets, pipes or the page cache); `total` is None
+    where the system does not say."""
+
+    PATH = "/proc/self/io"
+
+    def __init__(self) -> None:
+        self.total = self._read()
+
+    def moved(self) -> bool:
+        last, self.total = self.total, self._read()
+        return self.total is not None and last is not None and self.total > last
+
+    def _read(self) -> int | None:
+        try:
+            with open(self.PATH, "rb") as f:
+                fields = dict(line.split(b": ") for line in f.read().splitlines())
+        except OSError:
+            return None
+        return int(fields[b"read_bytes"]) + int(fields[b"write_bytes"])

@@ -166,6 +166,7 @@ class Trainer:
                         self.stopped)
         for cb in self.callbacks:
             cb.on_end(self)
+            self.watchdog.beat(self.state.step)  # a final checkpoint or export is progress
         return self.state
 
     def _norm(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[float]:
