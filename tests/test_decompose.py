@@ -184,3 +184,18 @@ def test_the_early_phase_draws_from_the_selection_then_the_whole(demo_pieces):
     phased = EarlyPhase(early, full, 20)
     assert all(set(phased.batch(s)[1].tolist()) <= set(keep[0].tolist()) for s in range(20))
     assert all(np.array_equal(phased.batch(s)[1], full.batch(s)[1]) for s in range(20, 30))
+
+
+def test_a_bucket_no_source_fills_is_left_out_and_every_step_of_an_epoch_builds(caplog):
+    """Source 1's few 16-token pieces round to none at its weight, and source 0 has none:
+    the 16-token bucket is empty. Every step of an epoch is built, none of 16 tokens, and the
+    empty bucket is said once."""
+    sources = [{64: range(0, 400), 32: range(400, 800)}, {16: range(800, 802),
+                                                          32: range(802, 900)}]
+    with caplog.at_level("INFO", logger="ipt.decompose.order"):
+        order = DecomposedOrder(sources, [0.95, 0.05], 8 * 64, "grow_p2", 2, 0, "fp",
+                                names=["big", "small"])
+    assert 16 not in order.batches or order.batches[16] == 0
+    lengths = [order.batch(t)[0] for t in range(order.epoch_steps)]
+    assert set(lengths) == {32, 64}
+    assert caplog.text.count("no 16-token step") == 1

@@ -29,6 +29,7 @@ step's pieces.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -39,6 +40,8 @@ from ipt.data.pieces import DecomposedShards
 
 # A bucket's pieces of one source, as global indices: all of them (a range), or a selection
 Ids = range | np.ndarray
+
+log = logging.getLogger(__name__)
 
 
 def odds(curriculum: str, n_buckets: int) -> np.ndarray:
@@ -125,6 +128,12 @@ class DecomposedOrder:
                        for f, s in zip(factor, sources, strict=True)]
         self.batches = {L: sum(c[L] for c in self.counts) // (tokens_per_step // L)
                         for L in self.lengths}
+        for L in self.lengths:
+            if self.batches[L] == 0:
+                pieces = sum(c[L] for c in self.counts)
+                log.info("Dataset Decomposition: no %d-token step: the sources' pieces of %d "
+                         "tokens, %d an epoch at their weights, fill none of %d; they are left "
+                         "out", L, L, pieces, tokens_per_step // L)
         self.epoch_steps = sum(n if curriculum == "natural" else n // cycles * cycles
                                for n in self.batches.values())
         if self.epoch_steps == 0:
