@@ -70,3 +70,20 @@ def test_auto_picks_sdpa_on_the_cpu_and_refuses_what_cannot_run():
                         ("eager", "not one of")]:
         with pytest.raises(ConfigError, match=why):
             attention.choose(kernel, CPU, torch.float32)
+
+
+def test_flex_compiles_at_most_twice_for_the_shapes_of_a_decomposed_run():
+    """The micro-batches of pieces of 16, 32 and 64 tokens (2 x 64 tokens each), then
+    validation's: one compile, and one more once the sizes change (counted by Dynamo's
+    counting backend; on a GPU the backend is inductor)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    flex = attention.compiled_flex(counter)
+    for batch, seq in [(2, 64), (8, 16), (4, 32), (2, 64), (8, 16), (2, 64)]:
+        ends = torch.arange(0, batch * seq + 1, seq // 2, dtype=torch.int32)  # 2 docs a row
+        block = attention.Documents(ends, seq // 2, batch, seq).inputs("flex")["ipt_block_mask"]
+        q, k, v = torch.randn(batch, 4, seq, 8), *torch.randn(2, batch, 2, seq, 8)
+        flex(q, k, v, block_mask=block, enable_gqa=True)
+    assert counter.frame_count <= 2

@@ -4,6 +4,7 @@ and a training run that distils, switches, and releases its teacher."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -17,7 +18,7 @@ from ipt.observe import read_metrics
 from ipt.slm import teacher
 from ipt.slm.kd import kd_weight
 
-from .conftest import run_pretrain, tiny_overrides
+from .conftest import run_entry, run_pretrain, tiny_overrides
 
 
 def naive(logits, h_t, labels, head_t, tau):
@@ -168,3 +169,30 @@ def test_a_chunk_without_targets_still_runs_the_teacher_head_like_every_rank_mus
     mixed, ce, kd, n = kd_losses(head_s(h_s), labels, probs, 1.0, 0.5, chunk_size=32)
     mixed.backward()
     assert len(calls) == 4 and n == 1 and torch.isfinite(mixed)
+
+
+def rolled_back_into_the_kd_phase(data_dir, run, **opts):
+    """A run whose step 6 (index 5) is anomalous after the KD phase (steps < 4) ended: it
+    rolls back to the checkpoint of step 3, inside the phase."""
+    proc = run_entry("tests/workers/planted_nan.py", tiny_overrides(data_dir, run, **{
+        "teacher.kd_steps": 4, "train.max_steps": 8, "train.checkpoint_every": 3,
+        "train.eval_every": 0, "train.on_anomaly": "rollback", **opts}),
+        env={"PLANT_NAN_AT": "5"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 8]
+    assert rows[5]["rolled_back_to"] == 3
+    after = rows[6:8]  # steps 4 (index 3, in the phase) and 5 (after it) again
+    assert after[0]["kd_weight"] == 0.5 and math.isfinite(after[0]["kd"]) and after[0]["kd"] > 0
+    assert after[1]["kd_weight"] == 0.0 and "kd" not in after[1]
+    return proc
+
+
+
+def test_a_rollback_into_the_kd_phase_reloads_the_released_teacher(tiny_lm, data_dir, tmp_path):
+    proc = rolled_back_into_the_kd_phase(data_dir, tmp_path / "run",
+                                         **{"teacher.path": str(tiny_lm)})
+    log = proc.stderr
+    assert log.index("KD phase over: teacher released") < log.index("rolled back to the "
+                                                                       "checkpoint of step 3")
+    assert "step 3 is in the KD phase again (a rollback): reloading the teacher" in log

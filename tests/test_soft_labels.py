@@ -21,7 +21,7 @@ from ipt.slm import soft_labels
 from ipt.slm.score import score
 
 from .conftest import run_pretrain, scored_copy, tiny_overrides
-from .test_kd import setup
+from .test_kd import rolled_back_into_the_kd_phase, setup
 
 SOURCES = ("docstrings", "packages")
 
@@ -178,3 +178,7 @@ def test_offline_kd_resumes_exactly_inside_the_kd_phase_and_the_decay(labelled, 
     assert per_step(cut) == per_step(ref)
     assert [round(w, 3) for *_, w in per_step(ref).values()] == \
         [0.5, 0.5, 0.5, 0.333, 0.167, 0.0, 0.0]
+
+
+def test_a_rollback_into_the_kd_phase_distils_from_the_stored_labels_again(labelled, tmp_path):
+    rolled_back_into_the_kd_phase(labelled, tmp_path / "run", **{"teacher.soft_labels": "true"})

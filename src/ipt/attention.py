@@ -185,13 +185,25 @@ def _flex(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value
     return out.transpose(1, 2), None
 
 
+def compiled_flex(backend: Any = "inductor") -> Any:
+    """flex_attention compiled to serve every shape a run brings: Dataset Decomposition's
+    buckets and validation change the batch and sequence sizes from step to step. Dynamo
+    compiles the first shape as it is and, at the first change, once more with the sizes that
+    changed symbolic (its automatic dynamic shapes); compiled for fixed sizes, each bucket
+    would recompile, until past the recompile limit it ran uncompiled, materialising every
+    score."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=None, backend=backend)
+
+
 @cache
 def _flex_attention(device_type: str) -> Any:
     """flex_attention, compiled on a GPU (uncompiled it materialises every score)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     if device_type == "cuda":
-        return torch.compile(flex_attention, dynamic=False)
+        return compiled_flex()
     # elsewhere only forwards run (a CPU teacher, the tests): slow is fine, say nothing
     warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
     return flex_attention

@@ -185,12 +185,16 @@ class LossAnomalies:
 class AnomalyPolicy:
     """What the trainer does on an anomalous step (`train.on_anomaly`). `rollback` loads the
     newest checkpoint into the engine and returns its state (None when there is none yet);
-    after `max_rollbacks` of them in one run the next anomaly ends it."""
+    after `max_rollbacks` of them in one run the next anomaly ends it. `reopen` gives the
+    micro-batches from a rolled-back state on (its step is the checkpoint's, its samples
+    those after the anomaly's), so that what the loader adds by step (soft labels) follows
+    the step."""
 
     detector: LossAnomalies
     action: str
     rollback: Callable[[Any], Any] | None = None
     max_rollbacks: int = 5
+    reopen: Callable[[Any], Any] | None = None
 
 
 # A hung job ends with this status (torchrun then stops the other ranks).

@@ -224,8 +224,11 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests,
     loss_fn = build_loss(cfg.loss, tokenizer.eos_token_id)
     for technique in techniques:
         loss_fn = technique.loss(loss_fn, state.step, setup)
-    batches = sampling.batches(data, state.consumed_samples, grad_accum, dist.rank,
-                               dist.world_size, pin_memory=dist.device.type == "cuda")
+    def open_batches(at: TrainerState) -> Any:
+        return sampling.batches(data, at.consumed_samples, grad_accum, dist.rank,
+                                dist.world_size, dist.device.type == "cuda", at.step)
+
+    batches = open_batches(state)
     callbacks: list = []
     if data.valid and cfg.train.eval_every > 0:
         callbacks.append(Evaluator(data.valid, loss_fn, cfg.train.micro_batch_size,
@@ -251,7 +254,7 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests,
 
     anomalies = None if t.on_anomaly == "none" else AnomalyPolicy(
         LossAnomalies(t.spike_sigma, t.spike_window, t.max_anomalies_in_row), t.on_anomaly,
-        rollback, t.max_rollbacks)
+        rollback, t.max_rollbacks, open_batches)
     flops: Flops = functools.partial(flops_per_token, lm)  # of a sequence length
     for technique in techniques:
         flops = technique.flops(flops, lm)
@@ -269,7 +272,7 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests,
     try:
         state = trainer.fit()
     finally:
-        batches.close()
+        trainer.batches.close()  # type: ignore[attr-defined]
     if trainer.stopped is not None:
         raise Stopped(state.step, trainer.stopped, stop_requests.signum)
     if dist.is_main and trainer.finished:

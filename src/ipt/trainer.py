@@ -377,6 +377,9 @@ class Trainer:
                 restored.tokens_seen = self.state.tokens_seen
                 restored.rollbacks = self.state.rollbacks + 1
                 self.state = restored
+                if policy.reopen is not None:
+                    self.batches.close()  # type: ignore[attr-defined]
+                    self.batches = policy.reopen(restored)
                 metrics["rolled_back_to"] = restored.step  # its checkpoint is not rewritten
                 return
         if self.dist.is_main:

@@ -45,8 +45,9 @@ class TrainData:
     valid: dict[str, PackedShards]  # held-out sequences, by source
     order: Any = None  # the global order: `key`, and what the sampling's loader reads
     dataset: Dataset | None = None  # the parts concatenated, or wrapped (`channels_until`)
-    # Samples before this one get the dataset's extra per-sample channels (offline soft
-    # labels): the dataset then takes (index, wanted) items. None: no extra channels.
+    # Samples of steps before this one get the dataset's extra per-sample channels (offline
+    # soft labels): the dataset then takes (index, wanted) items. None: no extra channels.
+    # A step, not a sample: after a rollback the step goes back while the data moves on.
     channels_until: int | None = None
 
 
@@ -76,8 +77,10 @@ class Sampling(Protocol):
         ...
 
     def batches(self, data: TrainData, consumed: int, micro_batches: int, rank: int,
-                world_size: int, pin_memory: bool) -> Prefetcher:
-        """This rank's micro-batches from global sample `consumed` onwards."""
+                world_size: int, pin_memory: bool, step: int | None = None) -> Prefetcher:
+        """This rank's micro-batches from global sample `consumed` onwards, the first of
+        them for step `step` (`consumed` / the global batch unless a rollback took the step
+        back while the data moved on)."""
         ...
 
 
@@ -134,12 +137,16 @@ class Packed:
                              steps * self.cfg.train.global_batch_size, d.max_repeat, data.names)
 
     def batches(self, data: TrainData, consumed: int, micro_batches: int, rank: int,
-                world_size: int, pin_memory: bool) -> Prefetcher:
+                world_size: int, pin_memory: bool, step: int | None = None) -> Prefetcher:
         t = self.cfg.train
         assert data.dataset is not None
+        soft_until = None
+        if data.channels_until is not None:  # the samples of the steps still before it
+            step = consumed // t.global_batch_size if step is None else step
+            soft_until = consumed + max(0, data.channels_until - step) * t.global_batch_size
         return train_loader(data.dataset, data.order, consumed, t.global_batch_size,
                             t.micro_batch_size, rank, world_size, self.cfg.data.num_workers,
-                            pin_memory=pin_memory, soft_until=data.channels_until)
+                            pin_memory=pin_memory, soft_until=soft_until)
 
 
 def packed(shards: ShardSet, cfg: PretrainConfig) -> PackedShards:

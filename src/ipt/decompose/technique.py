@@ -70,7 +70,7 @@ class Pieces:
         return EarlyPhase(early, full, steps)
 
     def batches(self, data: TrainData, consumed: int, micro_batches: int, rank: int,
-                world_size: int, pin_memory: bool) -> Prefetcher:
+                world_size: int, pin_memory: bool, step: int | None = None) -> Prefetcher:
         """A step's pieces, by steps consumed."""
         assert data.dataset is not None and data.channels_until is None
         steps_done = consumed // self.cfg.train.global_batch_size

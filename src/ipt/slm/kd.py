@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -55,11 +55,15 @@ class DistillationLoss:
 
     Online (`teacher` a model) the teacher runs on each batch; offline (`cfg.soft_labels`,
     `teacher` None) its stored top-K log-probabilities come with the batch, from the loader.
+    The phase follows the step: a rollback that returns into it after the teacher was
+    released loads it again (`reload`).
     """
 
     def __init__(self, teacher: Any, cfg: TeacherConfig, base: Loss,
-                 vocab_size: int | None = None) -> None:
+                 vocab_size: int | None = None,
+                 reload: Callable[[], Any] | None = None) -> None:
         self.teacher, self.cfg, self.base, self.vocab_size = teacher, cfg, base, vocab_size
+        self.reload = reload
 
     def count_targets(self, batch: dict[str, torch.Tensor]) -> list[int]:
         return self.base.count_targets(batch)  # KD counts where next-token loss does
@@ -90,7 +94,13 @@ class DistillationLoss:
                                  "the model itself (loss=mtp)")
             probs = offline_probs(batch["teacher_ids"], batch["teacher_logp"], vocab, tau)
         else:
-            assert self.teacher is not None, "the teacher was released before the KD phase ended"
+            if self.teacher is None:
+                if self.reload is None:
+                    raise RuntimeError(f"step {step} is in the KD phase but the teacher was "
+                                       "released")
+                log.info("step %d is in the KD phase again (a rollback): reloading the "
+                         "teacher", step)
+                self.teacher = self.reload()
             with torch.no_grad():
                 h_t = self.teacher.get_decoder()(input_ids=batch["input_ids"], **model_inputs(
                     batch, kernel_of(self.teacher))).last_hidden_state

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Any
 
 from ipt.config import PretrainConfig
 from ipt.data.loader import Concat
@@ -42,7 +43,7 @@ class SmallLM(Technique):
             teacher.check(k, self.cfg.tokenizer)  # before any model is built
 
     def data(self, data: TrainData, sampling: Sampling, setup: Setup) -> TrainData:
-        sel, k, t = self.cfg.data.select, self.cfg.teacher, self.cfg.train
+        sel, k = self.cfg.data.select, self.cfg.teacher
         if sel.fraction is not None:
             chosen = select.selections(data.order.key, data.parts, data.dirs, data.names, sel)
             data = replace(data, order=sampling.restricted(data.order, data, chosen,
@@ -55,8 +56,7 @@ class SmallLM(Technique):
             assert isinstance(data.dataset, Concat), "soft labels wrap the packed sources"
             labelled = soft_labels.for_run(data.dataset, data.names, data.dirs,
                                            setup.tokenizer_fp, setup.vocab_size, k.path)
-            data = replace(data, dataset=labelled, channels_until=(k.kd_steps + k.decay_steps)
-                           * t.global_batch_size)
+            data = replace(data, dataset=labelled, channels_until=k.kd_steps + k.decay_steps)
         return data
 
     def loss(self, loss: Loss, step: int, setup: Setup) -> Loss:
@@ -71,12 +71,16 @@ class SmallLM(Technique):
             return DistillationLoss(None, k, loss, setup.vocab_size)
         pending = any(kd_weight(k, s) > 0 for s in range(step, k.kd_steps + k.decay_steps))
         zero3 = cfg.train.micro_batch_size if cfg.deepspeed.stage == 3 else None
-        model = None
-        if pending:
+
+        def load() -> Any:
             from ipt.slm import teacher
 
             # the student's kernel: it runs the precision, and the teacher needs no backward
-            model = teacher.load(k, setup.dist.device, setup.dtype, zero3, setup.kernel)
+            return teacher.load(k, setup.dist.device, setup.dtype, zero3, setup.kernel)
+
+        model = None
+        if pending:
+            model = load()
             log.info("teacher %s%s: KD for steps < %d (%s switch)", k.path,
                      ", sharded with ZeRO-3" if zero3 else "", k.kd_steps, k.switch)
-        return DistillationLoss(model, k, loss, setup.vocab_size)
+        return DistillationLoss(model, k, loss, setup.vocab_size, reload=load)
