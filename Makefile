@@ -14,7 +14,7 @@ DEMO_SLM  ?= runs/demo-slm
 # CI runs the slow end-to-end tests too; `make test` locally skips them (`make test-slow` runs them).
 PYTEST_SELECT := $(if $(CI),,-m "not slow")
 
-.PHONY: setup train test test-slow bench experiment-salt experiment-ipt experiment-dd lint clean slurm check-latest lock gpu-kit check-gpu-versions
+.PHONY: setup train test test-slow bench experiment-salt experiment-ipt experiment-dd experiment-knowledge lint clean slurm check-latest lock gpu-kit check-gpu-versions
 
 setup: $(STAMP)
 
@@ -109,6 +109,9 @@ experiment-dd: $(STAMP)
 # Instruction pre-training against raw pre-training at equal tokens, 3 seeds (docs/evaluation.md)
 experiment-ipt: $(STAMP)
 	$(PY) experiments/ipt_vs_raw.py $(ARGS)
+
+experiment-knowledge: $(STAMP)
+	$(PY) experiments/knowledge.py $(ARGS)
 
 # What the GPU node (no network; bench/gpu_node.txt) lacks for bench/gpu.py, in gpu-kit/ to
 # carry: wheels at the lock's versions for CPython 3.12, and the benchmark's tokenizer and

@@ -39,7 +39,12 @@ from ipt.config.loss import HEAD_TYPES, LossConfig, check_loss
 from ipt.config.model import ModelConfig
 from ipt.config.run import PretrainConfig, validate
 from ipt.config.slm import SCORE_COLUMNS, ScoreConfig, SelectConfig, TeacherConfig
-from ipt.config.synth import RCTasksConfig, SynthBackendConfig, SynthesizeConfig
+from ipt.config.synth import (
+    RCTasksConfig,
+    SynthBackendConfig,
+    SynthesizeConfig,
+    WorldConfig,
+)
 from ipt.config.train import (
     ACTIVATION_CHECKPOINTING,
     ANOMALY_ACTIONS,
@@ -62,7 +67,7 @@ __all__ = [
     "LoggerConfig", "LossConfig", "MixSourceConfig", "ModelConfig", "OptimConfig",
     "PrepareConfig", "PretrainConfig", "RCTasksConfig", "ScheduleConfig", "ScoreConfig",
     "SelectConfig", "SourceConfig", "SynthBackendConfig", "SynthesizeConfig", "TeacherConfig",
-    "TokenizerConfig", "TrainConfig", "check_decompose", "check_loss", "max_len", "register",
+    "TokenizerConfig", "TrainConfig", "WorldConfig", "check_decompose", "check_loss", "max_len", "register",
     "to_object", "validate", "writable_dir",
 ]
 
@@ -79,7 +84,8 @@ def register() -> None:
                          ("evaluate", EvaluateConfig),
                          ("demo_data", DemoDataConfig), ("prepare", PrepareConfig),
                          ("tokenizer", TokenizerConfig), ("synthesize", SynthesizeConfig),
-                         ("score", ScoreConfig), ("rc_tasks", RCTasksConfig)):
+                         ("score", ScoreConfig), ("rc_tasks", RCTasksConfig),
+                         ("world", WorldConfig)):
         cs.store(name=f"{name}_schema", node=_schema_node(schema))
     OmegaConf.register_new_resolver("ipt.writable_dir", writable_dir, replace=True)
 

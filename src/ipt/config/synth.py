@@ -83,3 +83,22 @@ class RCTasksConfig:
     min_sentence_chars: int = 30
     max_gen_toks: int = 64  # extractive: the answer's length limit in tokens
     seed: int = 0
+
+
+@dataclass
+class WorldConfig:
+    """`data_pipeline/world.py`: a synthetic world of people, their biographies and questions
+    about them (`ipt.synth.world`)."""
+
+    out: str = MISSING
+    people: int = 1000
+    seed: int = 0
+    paraphrases: int = 1  # biographies per person (1: the paper's `single`)
+    permute: bool = False  # each biography's sentences in a shuffled order
+    fullname: bool = False  # the full name in every sentence, not pronouns after the first
+    test_fraction: float = 0.5  # people whose questions are never trained on
+    # The training QA alone (closed-book: the paper's mixed training), or after one of the
+    # person's biographies (Instruction Pre-Training's layout).
+    qa_with_biography: bool = False
+    people_per_shard: int = 1000  # of the QA in the synthesize stage's format
+    max_gen_toks: int = 16  # the tasks' answer length limit

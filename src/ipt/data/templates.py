@@ -100,6 +100,8 @@ def render_entry(text: str, pairs: Sequence[Pair], doc_id: str, seed: int) -> st
         block = " ".join(qa.replace("\n", " ") for qa in qas)
     else:
         block = "\n\n".join(qas)
+    if not text.strip():  # pairs without a text (closed-book questions): the pairs alone
+        return block
     if rng.random() < PAIRS_FIRST:
         return f"{rng.choice(FIRST_LEAD_INS)}\n\n{block}\n\n{text.strip()}"
     lead = rng.choice(LEAD_INS)

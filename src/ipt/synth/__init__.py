@@ -15,5 +15,7 @@ Files:
   server, and a small such server for a local model;
 - `rules.py`: the rule-based miner;
 - `rc_tasks.py`: held-out reading-comprehension tasks;
-- `ids.py`: documents' ids: repeats renamed, and held out by the id the source gave.
+- `ids.py`: documents' ids: repeats renamed, and held out by the id the source gave;
+- `world.py`: a synthetic world of people, biographies and questions (an oracle
+  synthesizer, with ground truth for knowledge extraction).
 """

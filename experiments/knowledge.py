@@ -1,0 +1,187 @@
+"""Does instruction-augmented pre-training make knowledge extractable, where pre-training then
+fine-tuning does not? Closed-book questions about synthetic people (Allen-Zhu and Li's bioS).
+
+    python experiments/knowledge.py            # or: make experiment-knowledge
+    python experiments/knowledge.py --people 200 --steps 400 --ft-steps 100 --seeds 0 1 2
+
+The data, built once under `--out`/data, every stage a real entry point:
+1. a world of `--people` people (`data_pipeline/world.py`): biographies, the train half's
+   questions in the synthesize stage's format and as fine-tuning examples, and
+   lm-evaluation-harness tasks for both halves;
+2. a sentencepiece tokenizer trained on the world's text (`data_pipeline/tokenizer.py`);
+3. the three corpora prepared into shards, none held out (`data_pipeline/prepare.py`).
+
+The arms, per seed, from the same initial weights and at the same number of training
+tokens (`--steps` steps of the same batch and sequence length):
+- **A**: the biographies for `steps - ft_steps` steps, then `train/finetune.py` on the train
+  half's questions for `ft_steps` steps (loss on the answers);
+- **B**: the biographies and the train half's questions in ipt's templates, mixed in one
+  pre-training run, the questions `--qa-share` of the tokens (by default as many question
+  tokens as A fine-tunes on);
+- **A-mtp**, **B-mtp**: the same with multi-token prediction (`loss=mtp`, `--heads` heads).
+
+Each run is exported and scored by the harness on both halves (exact match of the greedy
+answer). Results: experiments/results/knowledge.json and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ARMS = ("A", "B", "A-mtp", "B-mtp")
+SEQ_LEN, BATCH = 256, 32
+
+
+def run(cmd: list[str], log: Path, threads: int = 1) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.run([sys.executable, *cmd], stdout=out, stderr=subprocess.STDOUT,
+                              env=env, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
+
+
+def build_data(out: Path, people: int, world_options: list[str]) -> Path:
+    data = out / "data"
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    world = data / "world"
+    if not (world / "summary.json").exists():
+        run(["data_pipeline/world.py", f"out={world}", f"people={people}", *world_options],
+            logs / "world.log")
+    tok = data / "tokenizer"
+    if not (tok / "tokenizer_config.json").exists():
+        run(["data_pipeline/tokenizer.py", f"out={tok}", "vocab_size=2048",
+             f"+sources.bios.path={world}/biographies.jsonl",
+             f"+sources.questions.path={world}/tasks/world_train.jsonl",
+             "+sources.questions.text_field=question"], logs / "tokenizer.log")
+    shards = data / "shards"
+    if not (shards / "qa_ft" / "summary.json").exists():
+        run(["data_pipeline/prepare.py", f"tokenizer={tok}", f"out={shards}",
+             "valid_fraction=0.0", "workers=2", "progress_bar=never",
+             f"+sources.bios.path={world}/biographies.jsonl", "+sources.bios.id_field=id",
+             f"+sources.qa.path={world}/qa", "+sources.qa.format=synth",
+             f"+sources.qa_ft.path={world}/qa_finetune.jsonl",
+             "+sources.qa_ft.segments_field=segments", "+sources.qa_ft.id_field=id"],
+            logs / "prepare.log", threads=2)
+    return data
+
+
+def common(data: Path, run_dir: Path, seed: int, steps: int, mtp: int) -> list[str]:
+    return ["model=tiny", "data=custom", f"data.root={data}", f"tokenizer={data}/tokenizer",
+            f"data.seq_len={SEQ_LEN}", "model.max_seq_len=512", "data.max_repeat=100000",
+            f"run_dir={run_dir}", f"name={run_dir.name}", f"train.max_steps={steps}",
+            f"train.global_batch_size={BATCH}", "train.micro_batch_size=8",
+            "train.eval_every=0", "train.checkpoint_every=0", "train.keep_last=1",
+            f"train.seed={seed}", f"data.seed={seed}", "train.threads_per_rank=1",
+            "logger.progress_bar=never", "logger.plot=false", "logger.log_every=50",
+            *(["loss=mtp", f"loss.heads={mtp}"] if mtp > 1 else [])]
+
+
+def train(data: Path, out: Path, arm: str, seed: int, args: argparse.Namespace) -> Path:
+    """The arm's runs for a seed; the folder of its exported model."""
+    mtp = args.heads if arm.endswith("-mtp") else 1
+    shards = data / "shards"
+    run_dir = out / f"{arm}-s{seed}"
+    if arm.startswith("A"):
+        pre = run_dir.with_name(run_dir.name + "-pt")
+        if not (pre / "summary.json").exists():
+            run(["train/pretrain.py", *common(data, pre, seed, args.steps - args.ft_steps, mtp),
+                 f"+data.sources.bios.path={shards}/bios", "schedule.warmup_steps=20",
+                 f"optim.lr={args.lr}"], pre.with_suffix(".log"))
+        if not (run_dir / "summary.json").exists():
+            run(["train/finetune.py", *common(data, run_dir, seed, args.ft_steps, mtp),
+                 f"model.init_from={pre}/hf", f"+data.sources.qa_ft.path={shards}/qa_ft",
+                 "schedule.warmup_steps=5", f"optim.lr={args.ft_lr}"],
+                run_dir.with_suffix(".log"))
+    elif not (run_dir / "summary.json").exists():
+        share = args.qa_share if args.qa_share is not None else args.ft_steps / args.steps
+        run(["train/pretrain.py", *common(data, run_dir, seed, args.steps, mtp),
+             f"+data.sources.bios.path={shards}/bios",
+             f"+data.sources.bios.weight={1 - share}",
+             f"+data.sources.qa.path={shards}/qa", f"+data.sources.qa.weight={share}",
+             "schedule.warmup_steps=20", f"optim.lr={args.lr}"], run_dir.with_suffix(".log"))
+    return run_dir / "hf"
+
+
+def evaluate(data: Path, model: Path) -> dict[str, float]:
+    out = model.parent / "eval"
+    if not (out / "results.json").exists():
+        run(["train/evaluate.py", f"checkpoint={model}", "tasks=[world_train,world_test]",
+             f"include_path={data}/world/tasks", f"out={out}", "batch_size=32"],
+            model.parent.with_name(model.parent.name + "-eval.log"))
+    results = json.loads((out / "results.json").read_text())["results"]
+    return {half: results[f"world_{half}"]["exact_match,strip"] for half in ("train", "test")}
+
+
+def one(data: Path, out: Path, arm: str, seed: int, args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    scores = evaluate(data, train(data, out, arm, seed, args))
+    return {**scores, "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def table(runs: dict[str, dict], arms: list[str]) -> tuple[dict, str]:
+    rows, lines = {}, ["| arm | train half EM | test half EM | runs |", "|---|---|---|---|"]
+    for arm in arms:
+        mine = [r for name, r in runs.items() if name.rsplit("-s", 1)[0] == arm]
+        row = {}
+        for half in ("train", "test"):
+            v = [r[half] for r in mine]
+            row[half] = {"mean": statistics.fmean(v),
+                         "sd": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
+        rows[arm] = row
+        lines.append(f"| {arm} | {row['train']['mean']:.3f} ± {row['train']['sd']:.3f} | "
+                     f"{row['test']['mean']:.3f} ± {row['test']['sd']:.3f} | {len(mine)} |")
+    return rows, "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--people", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=400, help="training steps of every arm")
+    ap.add_argument("--ft-steps", type=int, default=100, help="of them, A's fine-tuning")
+    ap.add_argument("--qa-share", type=float, default=None,
+                    help="B's share of question tokens (default: ft_steps / steps)")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--ft-lr", type=float, default=1e-3)
+    ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--world", nargs="*", default=[],
+                    help="options of data_pipeline/world.py, e.g. paraphrases=2 permute=true")
+    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "exp-knowledge"))
+    ap.add_argument("--results", default=str(ROOT / "experiments" / "results" / "knowledge.json"))
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    start = time.perf_counter()
+    data = build_data(out, args.people, args.world)
+    jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        futures = {f"{a}-s{s}": pool.submit(one, data, out, a, s, args) for a, s in jobs}
+        runs = {name: f.result() for name, f in futures.items()}
+    rows, md = table(runs, args.arms)
+    world = json.loads((data / "world" / "summary.json").read_text())
+    result = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "results")},
+              "tokens_per_run": args.steps * BATCH * SEQ_LEN, "seq_len": SEQ_LEN,
+              "global_batch": BATCH, "world": world, "table": rows, "runs": runs,
+              "wall_s": round(time.perf_counter() - start, 1)}
+    dest = Path(args.results)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(result, indent=1))
+    print(md, end="")
+
+
+if __name__ == "__main__":
+    main()

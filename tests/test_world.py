@@ -1,0 +1,115 @@
+"""The synthetic world of `data_pipeline/world.py`: deterministic, every fact stated and asked
+as it is, no test-half question trained on, and tasks that score right answers 1 and wrong
+ones 0."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ipt.config import PrepareConfig, SourceConfig, WorldConfig
+from ipt.data.prepare import prepare
+from ipt.data.shards import ShardSet
+from ipt.data.tokenizer import load
+from ipt.synth import world
+
+from .conftest import run_entry
+
+
+def build(out: Path, **options) -> dict:
+    return world.build(WorldConfig(out=str(out), **{"people": 60, **options}))
+
+
+def files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.suffix != ".yaml"}  # the tasks name their own folder
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_world_is_a_function_of_its_seed(tmp_path):
+    build(tmp_path / "a", paraphrases=2, permute=True)
+    build(tmp_path / "b", paraphrases=2, permute=True)
+    build(tmp_path / "c", paraphrases=2, permute=True, seed=1)
+    assert files(tmp_path / "a") == files(tmp_path / "b")
+    assert files(tmp_path / "a")["biographies.jsonl"] != files(tmp_path / "c")["biographies.jsonl"]
+
+
+@pytest.mark.parametrize("options", [{}, {"paraphrases": 3, "permute": True},
+                                     {"fullname": True}])
+def test_every_biography_states_every_attribute_and_every_answer_is_one(tmp_path, options):
+    summary = build(tmp_path, **options)
+    people = world.people(WorldConfig(out="", people=60))
+    assert len({p.name for p in people}) == 60  # unique names
+    bios = jsonl(tmp_path / "biographies.jsonl")
+    assert len(bios) == summary["biographies"] == 60 * options.get("paraphrases", 1)
+    by_id = {p.id: p for p in people}
+    for b in bios:
+        person = by_id[b["person"]]
+        assert all(v in b["text"] for v in person.attributes.values())
+        assert b["text"].startswith(person.name) or person.name in b["text"].split(".")[0]
+        sentences = b["text"].rstrip(".").split(". ")
+        assert len(sentences) == 6
+        named = [person.name in s for s in sentences]
+        assert all(named) if options.get("fullname") else named.count(True) == 1
+    questions = jsonl(tmp_path / "tasks" / "world_train.jsonl") + \
+        jsonl(tmp_path / "tasks" / "world_test.jsonl")
+    assert len(questions) == 6 * 60
+    assert all(q["answer"] == by_id[q["person"]].attributes[q["attribute"]] for q in questions)
+    assert summary["train"]["people"] + summary["test"]["people"] == 60
+    assert {p.split for p in people} == {"train", "test"}
+
+
+def test_paraphrases_draw_their_templates_anew(tmp_path):
+    build(tmp_path, paraphrases=4)
+    bios = jsonl(tmp_path / "biographies.jsonl")
+    for i in range(0, len(bios), 4):
+        assert len({b["text"] for b in bios[i:i + 4]}) > 1
+    assert all(len(world.templates(a)) >= 30 for a in world.ATTRIBUTES)
+
+
+def test_no_test_half_question_reaches_a_training_shard(data_dir, tmp_path):
+    """Through the prepare stage: every train-half question is in the training tokens, and
+    no test-half question is."""
+    summary = build(tmp_path / "world")
+    prepare(PrepareConfig(
+        sources={"bios": SourceConfig(path=str(tmp_path / "world" / "biographies.jsonl"),
+                                      id_field="id"),
+                 "qa": SourceConfig(path=str(tmp_path / "world" / "qa"), format="synth")},
+        tokenizer=str(data_dir / "tokenizer"), out=str(tmp_path / "shards"),
+        valid_fraction=0.0, workers=1, progress_bar="never"))
+    tok = load(str(data_dir / "tokenizer"))
+    text = ""
+    for name in ("bios", "qa"):
+        for shard in ShardSet(tmp_path / "shards" / name / "train").shards:
+            text += tok.decode(np.asarray(shard.tokens).tolist())
+    train = jsonl(tmp_path / "world" / "tasks" / "world_train.jsonl")
+    test = jsonl(tmp_path / "world" / "tasks" / "world_test.jsonl")
+    assert len(train) == summary["qa_training_pairs"]
+    assert all(q["question"] in text for q in train)
+    assert not any(q["question"] in text for q in test)
+
+
+def test_the_tasks_score_right_answers_one_and_wrong_ones_zero(tmp_path):
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    build(tmp_path)
+    task = get_task_dict(["world_test"], TaskManager(include_path=str(tmp_path / "tasks"),
+                                                     include_defaults=False))["world_test"]
+    docs = list(task.test_docs())
+    assert docs
+    right = [task.process_results(d, [d["answer"]])["exact_match"] for d in docs]
+    wrong = [task.process_results(d, [d["answer"] + " 7"])["exact_match"] for d in docs]
+    assert right == [1.0] * len(docs) and wrong == [0.0] * len(docs)
+
+
+def test_the_stage_runs_from_its_command_line(tmp_path):
+    proc = run_entry("data_pipeline/world.py", [f"out={tmp_path}", "people=10"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["people"] == 10
