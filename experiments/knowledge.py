@@ -18,7 +18,9 @@ tokens (`--steps` steps of the same batch and sequence length):
 - **B**: the biographies and the train half's questions in ipt's templates, mixed in one
   pre-training run, the questions `--qa-share` of the tokens (by default as many question
   tokens as A fine-tunes on);
-- **A-mtp**, **B-mtp**: the same with multi-token prediction (`loss=mtp`, `--heads` heads).
+- **B-plain**: B with the questions as plain text in the tasks' prompt format, one document
+  per person (the paper's mixed training, without ipt's templates);
+- **A-mtp**, **B-mtp**: A and B with multi-token prediction (`loss=mtp`, `--heads` heads).
 
 Each run is exported and scored by the harness on both halves (exact match of the greedy
 answer). Results: experiments/results/knowledge.json and a markdown table on stdout.
@@ -37,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ARMS = ("A", "B", "A-mtp", "B-mtp")
+ARMS = ("A", "B", "B-plain", "A-mtp", "B-mtp")
 SEQ_LEN, BATCH = 256, 32
 
 
@@ -71,6 +73,7 @@ def build_data(out: Path, people: int, world_options: list[str]) -> Path:
              "valid_fraction=0.0", "workers=2", "progress_bar=never",
              f"+sources.bios.path={world}/biographies.jsonl", "+sources.bios.id_field=id",
              f"+sources.qa.path={world}/qa", "+sources.qa.format=synth",
+             f"+sources.qa_plain.path={world}/qa_plain.jsonl", "+sources.qa_plain.id_field=id",
              f"+sources.qa_ft.path={world}/qa_finetune.jsonl",
              "+sources.qa_ft.segments_field=segments", "+sources.qa_ft.id_field=id"],
             logs / "prepare.log", threads=2)
@@ -106,10 +109,11 @@ def train(data: Path, out: Path, arm: str, seed: int, args: argparse.Namespace) 
                 run_dir.with_suffix(".log"))
     elif not (run_dir / "summary.json").exists():
         share = args.qa_share if args.qa_share is not None else args.ft_steps / args.steps
+        qa = "qa_plain" if arm == "B-plain" else "qa"
         run(["train/pretrain.py", *common(data, run_dir, seed, args.steps, mtp),
              f"+data.sources.bios.path={shards}/bios",
              f"+data.sources.bios.weight={1 - share}",
-             f"+data.sources.qa.path={shards}/qa", f"+data.sources.qa.weight={share}",
+             f"+data.sources.qa.path={shards}/{qa}", f"+data.sources.qa.weight={share}",
              "schedule.warmup_steps=20", f"optim.lr={args.lr}"], run_dir.with_suffix(".log"))
     return run_dir / "hf"
 

@@ -124,6 +124,17 @@ def test_continuing_with_another_valid_fraction_is_refused(data_dir, tmp_path):
         synthesize(config(tmp_path / "in.jsonl", out, valid_fraction=0.1))
 
 
+def test_an_output_of_an_older_ipt_is_refused_naming_the_changed_rule(data_dir, tmp_path):
+    write_corpus(data_dir, tmp_path / "in.jsonl", 40)
+    out = tmp_path / "out"
+    synthesize(config(tmp_path / "in.jsonl", out))
+    stage = json.loads((out / "stage.json").read_text())
+    del stage["valid_fraction"]  # as written before it was a recorded setting
+    (out / "stage.json").write_text(json.dumps(stage))
+    with pytest.raises(ConfigError, match="older ipt.*renamed ids.*new out"):
+        synthesize(config(tmp_path / "in.jsonl", out))
+
+
 def test_the_entry_point_names_an_unknown_key(tmp_path):
     import subprocess
     import sys

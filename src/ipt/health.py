@@ -139,7 +139,7 @@ class LossAnomalies:
             n = len(recent)
             mean = sum(recent) / n
             std = math.sqrt(sum((x - mean) ** 2 for x in recent) / n)
-            if watched > mean + self.sigma * std:
+            if watched > mean + self.sigma * std and std > 0:
                 of = f"{length}-token " if len(self.recent) > 1 else ""
                 why = (f"loss spike: {watched:.4f} is {(watched - mean) / std:.1f} standard "
                        f"deviations above the mean of the last {n} {of}steps ({mean:.4f}; "

@@ -237,11 +237,12 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests,
         callbacks.append(downstream)
     callbacks.append(Checkpointer(run_dir / "checkpoints", cfg.train.checkpoint_every,
                                   cfg.train.keep_last))
+    if cfg.train.export_at_end:  # before the logger's end (wandb's sync, the plot): the
+        # other ranks wait for the export only
+        callbacks.append(ExportAtEnd(run_dir / "checkpoints", run_dir / "hf", cfg.tokenizer))
     if dist.is_main:
         callbacks.append(MetricsLogger(cfg.logger, run_dir, cfg.train.max_steps,
                                        fresh.config, cfg.name))
-    if cfg.train.export_at_end:
-        callbacks.append(ExportAtEnd(run_dir / "checkpoints", run_dir / "hf", cfg.tokenizer))
     callbacks += extra_callbacks
 
     def rollback(current: TrainerState) -> TrainerState | None:

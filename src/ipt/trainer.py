@@ -367,7 +367,8 @@ class Trainer:
                     "past it; resume from an earlier checkpoint with a lower learning rate, or "
                     "look at the data")
                 return
-            restored = policy.rollback(self.state)
+            with self.watchdog.while_files_move():  # reading a checkpoint is progress
+                restored = policy.rollback(self.state)
             if restored is not None:
                 if self.dist.is_main:
                     log.warning("step %d: %s; rolled back to the checkpoint of step %d, "

@@ -220,6 +220,10 @@ def check_settings(cfg: SynthesizeConfig, synthesizer: str) -> None:
     if publish(path, json.dumps(now, indent=1), once=True):
         return
     then = json.loads(path.read_text())
+    if "valid_fraction" not in then:
+        raise ConfigError(f"out={cfg.out} was written by an older ipt, which held documents "
+                          "out by their renamed ids (x#2) rather than the source's: write to "
+                          "a new out (its cache/ folder of generations can be copied there)")
     if diff := [f"{k}: {then.get(k)!r} -> {v!r}" for k, v in now.items() if then.get(k) != v]:
         raise ConfigError(f"out={cfg.out} holds a run with other settings "
                           f"({'; '.join(diff)}); continue it with the same settings or "

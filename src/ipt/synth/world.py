@@ -1,9 +1,10 @@
 """A synthetic world of people and their biographies: ground truth for knowledge extraction
-(Allen-Zhu and Li's bioS; spec: `knowledge_extraction.md`).
+(Allen-Zhu and Li's bioS, "Physics of Language Models: Part 3.1", arXiv 2309.14316).
 
 Each person has a unique full name and six attributes: birth date, birth city, university,
 major, employer and the employer's city (fixed by the employer). A biography states each
-attribute in one sentence, drawn from 30 templates per attribute; options give several
+attribute in one sentence, drawn from 30 templates per attribute (the paper drew from about
+50); options give several
 paraphrases per person, a shuffled sentence order, and the full name in every sentence
 instead of pronouns. Each attribute has one question, whose answer is the attribute's exact
 text. People are split by a hash of their id into a train half and a test half.
@@ -14,6 +15,8 @@ text. People are split by a hash of their id into a train half and a test half.
   stage renders them with its templates as it renders synthesized pairs (an oracle
   synthesizer); alone (closed-book, the paper's mixed training) or after one of the
   person's biographies (`qa_with_biography`, Instruction Pre-Training's layout);
+- `qa_plain.jsonl`: the same questions as plain text, a person's six in one document, in the
+  tasks' prompt format (the paper's mixed training, without ipt's templates);
 - `qa_finetune.jsonl`: the same questions as prompt and answer segments, the answer alone
   trained on, for fine-tuning after pre-training (`train/finetune.py`);
 - `tasks/`: lm-evaluation-harness tasks `world_train` and `world_test` (the question, the
@@ -221,7 +224,7 @@ def questions(person: Person) -> list[tuple[str, str, str]]:
 def task_yaml(name: str, data: Path, max_gen_toks: int) -> str:
     """A harness task over a local jsonl of questions: greedy to the end of the line,
     exact match with the answer."""
-    return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files: {data}\n"
+    return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files: {json.dumps(str(data))}\n"
             f"test_split: train\noutput_type: generate_until\n"
             f"doc_to_text: {json.dumps(PROMPT.replace('{question}', '{{question}}'))}\n"
             'doc_to_target: "{{answer}}"\ntarget_delimiter: " "\n'
@@ -267,6 +270,10 @@ def build(cfg: WorldConfig) -> dict[str, Any]:
         "groups_total": len(shards), "docs": len(qa_rows),
         "pairs": sum(len(r["pairs"]) for r in qa_rows)}, indent=1))
 
+    _write_jsonl(out / "qa_plain.jsonl", [
+        {"id": f"{p.id}/qa", "text": "\n\n".join(f"{PROMPT.format(question=q)} {ans}"
+                                                for _, q, ans in questions(p))}
+        for p in train])
     _write_jsonl(out / "qa_finetune.jsonl", [
         {"id": f"{p.id}/{a}", "segments": [
             {"text": PROMPT.format(question=q), "loss": False},
@@ -274,7 +281,7 @@ def build(cfg: WorldConfig) -> dict[str, Any]:
         for p in train for a, q, ans in questions(p)])
 
     tasks = out / "tasks"
-    counts = {}
+    counts: dict[str, dict[str, int]] = {}
     for split in ("train", "test"):
         rows = [{"id": f"{p.id}/{a}", "person": p.id, "attribute": a, "question": q,
                  "answer": ans} for p in everyone if p.split == split
@@ -285,7 +292,7 @@ def build(cfg: WorldConfig) -> dict[str, Any]:
                       cfg.max_gen_toks))
         counts[split] = {"people": sum(p.split == split for p in everyone),
                          "questions": len(rows)}
-    summary = {
+    summary: dict[str, Any] = {
         "people": len(everyone), "biographies": len(bios), "paraphrases": cfg.paraphrases,
         "permute": cfg.permute, "fullname": cfg.fullname,
         "qa_with_biography": cfg.qa_with_biography, "seed": cfg.seed,
@@ -294,7 +301,5 @@ def build(cfg: WorldConfig) -> dict[str, Any]:
         "qa_training_pairs": sum(len(r["pairs"]) for r in qa_rows),
         "biography_chars": sum(len(b["text"]) for b in bios),
     }
-    if summary["train"]["people"] + summary["test"]["people"] != len(everyone):
-        raise RuntimeError("people lost between the halves")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
