@@ -65,8 +65,7 @@ def build_data(out: Path, people: int, world_options: list[str]) -> Path:
     if not (tok / "tokenizer_config.json").exists():
         run(["data_pipeline/tokenizer.py", f"out={tok}", "vocab_size=2048",
              f"+sources.bios.path={world}/biographies.jsonl",
-             f"+sources.questions.path={world}/tasks/world_train.jsonl",
-             "+sources.questions.text_field=question"], logs / "tokenizer.log")
+             f"+sources.questions.path={world}/qa_plain.jsonl"], logs / "tokenizer.log")
     shards = data / "shards"
     if not (shards / "qa_ft" / "summary.json").exists():
         run(["data_pipeline/prepare.py", f"tokenizer={tok}", f"out={shards}",

@@ -113,3 +113,35 @@ def test_the_stage_runs_from_its_command_line(tmp_path):
     proc = run_entry("data_pipeline/world.py", [f"out={tmp_path}", "people=10"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "summary.json").read_text())["people"] == 10
+
+
+@pytest.mark.slow
+def test_the_whole_path_from_world_to_scores(data_dir, tmp_path):
+    """world -> prepare -> pretrain (biographies and the train half's questions) -> export ->
+    the harness on both halves."""
+    pytest.importorskip("lm_eval")
+    from .conftest import run_pretrain, tiny_overrides
+
+    build(tmp_path / "world", people=40)
+    prepare(PrepareConfig(
+        sources={"bios": SourceConfig(path=str(tmp_path / "world" / "biographies.jsonl"),
+                                      id_field="id"),
+                 "qa": SourceConfig(path=str(tmp_path / "world" / "qa"), format="synth")},
+        tokenizer=str(data_dir / "tokenizer"), out=str(tmp_path / "shards"),
+        valid_fraction=0.0, workers=1, progress_bar="never"))
+    run = tmp_path / "run"
+    run_pretrain([*tiny_overrides(tmp_path / "shards", run, **{
+        "train.max_steps": 20, "train.eval_every": 0, "train.export_at_end": True,
+        "data.max_repeat": 1000}), f"tokenizer={data_dir / 'tokenizer'}", "data=custom",
+        f"+data.sources.bios.path={tmp_path / 'shards' / 'bios'}",
+        f"+data.sources.qa.path={tmp_path / 'shards' / 'qa'}"])
+    proc = run_entry("train/evaluate.py", [
+        f"checkpoint={run / 'hf'}", "tasks=[world_train,world_test]",
+        f"include_path={tmp_path / 'world' / 'tasks'}", f"out={tmp_path / 'eval'}",
+        "batch_size=16"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
+    for half in ("train", "test"):
+        assert results[f"world_{half}"]["sample_len"] == 6 * \
+            json.loads((tmp_path / "world" / "summary.json").read_text())[half]["people"]
+        assert 0 <= results[f"world_{half}"]["exact_match,strip"] <= 1

@@ -11,12 +11,14 @@ text. People are split by a hash of their id into a train half and a test half.
 
 `build` writes, into `out`:
 - `biographies.jsonl`: every biography (`id` `<person>/<k>`, `text`), an ordinary source;
-- `qa/`: the train half's questions in the synthesize stage's output format, so the prepare
-  stage renders them with its templates as it renders synthesized pairs (an oracle
-  synthesizer); alone (closed-book, the paper's mixed training) or after one of the
-  person's biographies (`qa_with_biography`, Instruction Pre-Training's layout);
-- `qa_plain.jsonl`: the same questions as plain text, a person's six in one document, in the
-  tasks' prompt format (the paper's mixed training, without ipt's templates);
+- `qa/`: the train half's questions in the synthesize stage's output format, one record per
+  question, so the prepare stage renders them with its templates as it renders synthesized
+  pairs (an oracle synthesizer); alone (closed-book, the paper's mixed training) or after one
+  of the person's biographies (`qa_with_biography`, Instruction Pre-Training's layout);
+- `qa_plain.jsonl`: the same questions as plain text in the tasks' prompt format, one
+  document each (the paper's mixed training, without ipt's templates). A person's questions
+  in one document would always put the same question first, right after BOS where the tasks
+  ask theirs, and a model learns to answer that one whatever is asked;
 - `qa_finetune.jsonl`: the same questions as prompt and answer segments, the answer alone
   trained on, for fine-tuning after pre-training (`train/finetune.py`);
 - `tasks/`: lm-evaluation-harness tasks `world_train` and `world_test` (the question, the
@@ -257,10 +259,11 @@ def build(cfg: WorldConfig) -> dict[str, Any]:
     first_bio = {b["person"]: b["text"] for b in bios if b["id"].endswith("/0")}
 
     train = [p for p in everyone if p.split == "train"]
-    qa_rows = [{"id": f"{p.id}/qa", "input_id": f"{p.id}/qa", "status": "ok",
+    # one record per question: each drawn its own template, none always first after BOS
+    qa_rows = [{"id": f"{p.id}/{a}", "input_id": f"{p.id}/{a}", "status": "ok",
                 "text": first_bio[p.id] if cfg.qa_with_biography else "",
-                "pairs": [{"instruction": q, "response": a} for _, q, a in questions(p)]}
-               for p in train]
+                "pairs": [{"instruction": q, "response": ans}]}
+               for p in train for a, q, ans in questions(p)]
     per_shard = max(1, cfg.people_per_shard)
     shards = [qa_rows[i:i + per_shard] for i in range(0, len(qa_rows), per_shard)] or [[]]
     for n, rows in enumerate(shards):
@@ -271,9 +274,8 @@ def build(cfg: WorldConfig) -> dict[str, Any]:
         "pairs": sum(len(r["pairs"]) for r in qa_rows)}, indent=1))
 
     _write_jsonl(out / "qa_plain.jsonl", [
-        {"id": f"{p.id}/qa", "text": "\n\n".join(f"{PROMPT.format(question=q)} {ans}"
-                                                for _, q, ans in questions(p))}
-        for p in train])
+        {"id": f"{p.id}/{a}", "text": f"{PROMPT.format(question=q)} {ans}"}
+        for p in train for a, q, ans in questions(p)])
     _write_jsonl(out / "qa_finetune.jsonl", [
         {"id": f"{p.id}/{a}", "segments": [
             {"text": PROMPT.format(question=q), "loss": False},
