@@ -79,8 +79,13 @@ def build_data(out: Path, people: int, world_options: list[str]) -> Path:
     return data
 
 
-def common(data: Path, run_dir: Path, seed: int, steps: int, mtp: int) -> list[str]:
-    return ["model=tiny", "data=custom", f"data.root={data}", f"tokenizer={data}/tokenizer",
+def common(data: Path, run_dir: Path, seed: int, steps: int, mtp: int,
+           curve: int = 0) -> list[str]:
+    """The overrides every run shares; with `curve`, the harness scores both halves every
+    `curve` steps during training (the metrics' `downstream/world_*`)."""
+    every = ["eval.tasks=[world_train,world_test]", f"eval.include_path={data}/world/tasks",
+             f"eval.every={curve}", "eval.batch_size=32"] if curve else []
+    return [*every, "model=tiny", "data=custom", f"data.root={data}", f"tokenizer={data}/tokenizer",
             f"data.seq_len={SEQ_LEN}", "model.max_seq_len=512", "data.max_repeat=100000",
             f"run_dir={run_dir}", f"name={run_dir.name}", f"train.max_steps={steps}",
             f"train.global_batch_size={BATCH}", "train.micro_batch_size=8",
@@ -98,18 +103,19 @@ def train(data: Path, out: Path, arm: str, seed: int, args: argparse.Namespace) 
     if arm.startswith("A"):
         pre = run_dir.with_name(run_dir.name + "-pt")
         if not (pre / "summary.json").exists():
-            run(["train/pretrain.py", *common(data, pre, seed, args.steps - args.ft_steps, mtp),
+            run(["train/pretrain.py", *common(data, pre, seed, args.steps - args.ft_steps, mtp,
+                                               args.curve),
                  f"+data.sources.bios.path={shards}/bios", "schedule.warmup_steps=20",
                  f"optim.lr={args.lr}"], pre.with_suffix(".log"))
         if not (run_dir / "summary.json").exists():
-            run(["train/finetune.py", *common(data, run_dir, seed, args.ft_steps, mtp),
+            run(["train/finetune.py", *common(data, run_dir, seed, args.ft_steps, mtp, args.curve),
                  f"model.init_from={pre}/hf", f"+data.sources.qa_ft.path={shards}/qa_ft",
                  "schedule.warmup_steps=5", f"optim.lr={args.ft_lr}"],
                 run_dir.with_suffix(".log"))
     elif not (run_dir / "summary.json").exists():
         share = args.qa_share if args.qa_share is not None else args.ft_steps / args.steps
         qa = "qa_plain" if arm == "B-plain" else "qa"
-        run(["train/pretrain.py", *common(data, run_dir, seed, args.steps, mtp),
+        run(["train/pretrain.py", *common(data, run_dir, seed, args.steps, mtp, args.curve),
              f"+data.sources.bios.path={shards}/bios",
              f"+data.sources.bios.weight={1 - share}",
              f"+data.sources.qa.path={shards}/{qa}", f"+data.sources.qa.weight={share}",
@@ -127,10 +133,31 @@ def evaluate(data: Path, model: Path) -> dict[str, float]:
     return {half: results[f"world_{half}"]["exact_match,strip"] for half in ("train", "test")}
 
 
+def curve(run_dirs: list[Path], offset: int) -> list[dict]:
+    """(step, train and test exact match) of the scores taken during training; the steps of
+    a run after the first are counted on from `offset` (A's fine-tuning after its
+    pre-training)."""
+    points = []
+    for i, d in enumerate(run_dirs):
+        if not (d / "metrics.jsonl").exists():
+            continue
+        for line in (d / "metrics.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if "downstream/world_test/exact_match" in r:
+                points.append({"step": r["step"] + (offset if i else 0),
+                               "train": r["downstream/world_train/exact_match"],
+                               "test": r["downstream/world_test/exact_match"]})
+    return points
+
+
 def one(data: Path, out: Path, arm: str, seed: int, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
-    scores = evaluate(data, train(data, out, arm, seed, args))
-    return {**scores, "wall_s": round(time.perf_counter() - start, 1)}
+    model = train(data, out, arm, seed, args)
+    scores = evaluate(data, model)
+    runs = [model.parent.with_name(model.parent.name + "-pt"), model.parent]
+    return {**scores, "wall_s": round(time.perf_counter() - start, 1),
+            "curve": curve(runs if arm.startswith("A") else runs[1:],
+                           args.steps - args.ft_steps)}
 
 
 def table(runs: dict[str, dict], arms: list[str]) -> tuple[dict, str]:
@@ -158,6 +185,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ft-lr", type=float, default=1e-3)
     ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--curve", type=int, default=0,
+                    help="score both halves every this many steps during training (0: off)")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--world", nargs="*", default=[],
