@@ -20,6 +20,12 @@ tokens (`--steps` steps of the same batch and sequence length):
   tokens as A fine-tunes on);
 - **B-plain**: B with the questions as plain text in the tasks' prompt format, one document
   per person (the paper's mixed training, without ipt's templates);
+- **C**: Instruction Pre-Training's whole path: a tiny synthesizer tuned on the train half's
+  biographies and their questions (`train/finetune.py` on `format=synth_tuning`) writes
+  pairs for every biography (`data_pipeline/synthesize.py`, `synth=hf`), test half included;
+  the biographies mixed with that output (each biography followed by its pairs, in ipt's
+  templates) as B mixes its questions. The synthesizer is built once for all seeds; its
+  parse rate and faithfulness per half are in the results;
 - **A-mtp**, **B-mtp**: A and B with multi-token prediction (`loss=mtp`, `--heads` heads).
 
 Each run is exported and scored by the harness on both halves (exact match of the greedy
@@ -34,12 +40,13 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ARMS = ("A", "B", "B-plain", "A-mtp", "B-mtp")
+ARMS = ("A", "B", "B-plain", "C", "A-mtp", "B-mtp")
 SEQ_LEN, BATCH = 256, 32
 
 
@@ -65,18 +72,67 @@ def build_data(out: Path, people: int, world_options: list[str]) -> Path:
     if not (tok / "tokenizer_config.json").exists():
         run(["data_pipeline/tokenizer.py", f"out={tok}", "vocab_size=2048",
              f"+sources.bios.path={world}/biographies.jsonl",
-             f"+sources.questions.path={world}/qa_plain.jsonl"], logs / "tokenizer.log")
+             f"+sources.questions.path={world}/qa_plain.jsonl",
+             f"+sources.qa.path={world}/qa", "+sources.qa.format=synth",
+             f"+sources.tuning.path={world}/tuning", "+sources.tuning.format=synth_tuning"],
+            logs / "tokenizer.log")
     shards = data / "shards"
-    if not (shards / "qa_ft" / "summary.json").exists():
+    if not (shards / "tuning" / "summary.json").exists():
         run(["data_pipeline/prepare.py", f"tokenizer={tok}", f"out={shards}",
              "valid_fraction=0.0", "workers=2", "progress_bar=never",
              f"+sources.bios.path={world}/biographies.jsonl", "+sources.bios.id_field=id",
              f"+sources.qa.path={world}/qa", "+sources.qa.format=synth",
              f"+sources.qa_plain.path={world}/qa_plain.jsonl", "+sources.qa_plain.id_field=id",
              f"+sources.qa_ft.path={world}/qa_finetune.jsonl",
-             "+sources.qa_ft.segments_field=segments", "+sources.qa_ft.id_field=id"],
+             "+sources.qa_ft.segments_field=segments", "+sources.qa_ft.id_field=id",
+             f"+sources.tuning.path={world}/tuning", "+sources.tuning.format=synth_tuning",
+             "+sources.tuning.shots=2"],
             logs / "prepare.log", threads=2)
     return data
+
+
+SYNTH_LOCK = threading.Lock()
+
+
+def synthesize(data: Path, args: argparse.Namespace) -> Path:
+    """Arm C's data, built once for its seeds: a tiny synthesizer tuned on the train half's
+    biographies and their questions (loss on the pairs) writes pairs for every biography,
+    and its output is prepared as the synthesize stage's output always is."""
+    with SYNTH_LOCK:
+        logs = data.parent / "logs"
+        tuned, synth, shards = data / "synthesizer", data / "synth", data / "shards_c"
+        if not (tuned / "summary.json").exists():
+            run(["train/finetune.py", "model=tiny", f"data.root={data}",
+                 f"tokenizer={data}/tokenizer",
+                 f"data.sources.synth_tuning.path={data}/shards/tuning", "data.max_repeat=100000",
+                 f"run_dir={tuned}", "name=synthesizer", f"train.max_steps={args.synth_steps}",
+                 "train.global_batch_size=16", "train.micro_batch_size=8", "train.eval_every=0",
+                 "train.checkpoint_every=0", "train.keep_last=1", "train.threads_per_rank=1",
+                 "schedule.warmup_steps=20", "optim.lr=3e-3", "logger.progress_bar=never",
+                 "logger.plot=false", "logger.log_every=50"], logs / "synthesizer.log")
+        if not (synth / "summary.json").exists():
+            run(["data_pipeline/synthesize.py", f"source.path={data}/world/biographies.jsonl",
+                 "source.id_field=id", f"out={synth}", "synth=hf", f"synth.model={tuned}/hf",
+                 "synth.context=512", "synth.max_new_tokens=256", "rounds=1",
+                 "valid_fraction=0.0", "progress_bar=never"], logs / "synthesize.log")
+        if not (shards / "synth" / "summary.json").exists():
+            run(["data_pipeline/prepare.py", f"tokenizer={data}/tokenizer", f"out={shards}",
+                 "valid_fraction=0.0", "workers=1", "progress_bar=never",
+                 f"+sources.synth.path={synth}", "+sources.synth.format=synth"],
+                logs / "prepare_synth.log")
+        return shards / "synth"
+
+
+def synthesizer_figures(data: Path) -> dict | None:
+    """The synthesize stage's parse rate, and per half the share of biographies parsed and of
+    faithful pairs (`ipt.synth.world.score_synthesis`)."""
+    if not (data / "synth" / "summary.json").exists():
+        return None
+    from ipt.synth.world import score_synthesis
+
+    stage = json.loads((data / "synth" / "summary.json").read_text())
+    return {"parse_rate": stage["parse_rate"], "pairs_per_doc": stage["pairs_per_doc"],
+            **score_synthesis(data / "world", data / "synth")}
 
 
 def common(data: Path, run_dir: Path, seed: int, steps: int, mtp: int,
@@ -114,11 +170,12 @@ def train(data: Path, out: Path, arm: str, seed: int, args: argparse.Namespace) 
                 run_dir.with_suffix(".log"))
     elif not (run_dir / "summary.json").exists():
         share = args.qa_share if args.qa_share is not None else args.ft_steps / args.steps
-        qa = "qa_plain" if arm == "B-plain" else "qa"
+        qa = synthesize(data, args) if arm == "C" else \
+            shards / ("qa_plain" if arm == "B-plain" else "qa")
         run(["train/pretrain.py", *common(data, run_dir, seed, args.steps, mtp, args.curve),
              f"+data.sources.bios.path={shards}/bios",
              f"+data.sources.bios.weight={1 - share}",
-             f"+data.sources.qa.path={shards}/{qa}", f"+data.sources.qa.weight={share}",
+             f"+data.sources.qa.path={qa}", f"+data.sources.qa.weight={share}",
              "schedule.warmup_steps=20", f"optim.lr={args.lr}"], run_dir.with_suffix(".log"))
     return run_dir / "hf"
 
@@ -185,6 +242,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ft-lr", type=float, default=1e-3)
     ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--synth-steps", type=int, default=300,
+                    help="arm C: the synthesizer's tuning steps (16 sequences of 512 tokens)")
     ap.add_argument("--curve", type=int, default=0,
                     help="score both halves every this many steps during training (0: off)")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
@@ -208,6 +267,7 @@ def main() -> None:
     result = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "results")},
               "tokens_per_run": args.steps * BATCH * SEQ_LEN, "seq_len": SEQ_LEN,
               "global_batch": BATCH, "world": world, "table": rows, "runs": runs,
+              "synthesizer": synthesizer_figures(data),
               "wall_s": round(time.perf_counter() - start, 1)}
     dest = Path(args.results)
     dest.parent.mkdir(parents=True, exist_ok=True)

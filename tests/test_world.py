@@ -80,12 +80,14 @@ def test_no_test_half_question_reaches_a_training_shard(data_dir, tmp_path):
     prepare(PrepareConfig(
         sources={"bios": SourceConfig(path=str(tmp_path / "world" / "biographies.jsonl"),
                                       id_field="id"),
-                 "qa": SourceConfig(path=str(tmp_path / "world" / "qa"), format="synth")},
+                 "qa": SourceConfig(path=str(tmp_path / "world" / "qa"), format="synth"),
+                 "tuning": SourceConfig(path=str(tmp_path / "world" / "tuning"),
+                                        format="synth_tuning")},
         tokenizer=str(data_dir / "tokenizer"), out=str(tmp_path / "shards"),
         valid_fraction=0.0, workers=1, progress_bar="never"))
     tok = load(str(data_dir / "tokenizer"))
     text = ""
-    for name in ("bios", "qa"):
+    for name in ("bios", "qa", "tuning"):
         for shard in ShardSet(tmp_path / "shards" / name / "train").shards:
             text += tok.decode(np.asarray(shard.tokens).tolist())
     train = jsonl(tmp_path / "world" / "tasks" / "world_train.jsonl")
@@ -93,6 +95,46 @@ def test_no_test_half_question_reaches_a_training_shard(data_dir, tmp_path):
     assert len(train) == summary["qa_training_pairs"]
     assert all(q["question"] in text for q in train)
     assert not any(q["question"] in text for q in test)
+
+
+def test_the_synthesizer_is_tuned_on_every_train_half_biography_with_all_its_questions(
+        tmp_path):
+    summary = build(tmp_path, paraphrases=2)
+    people = {p.id: p for p in world.people(WorldConfig(out="", people=60))}
+    rows = jsonl(tmp_path / "tuning" / "shards" / "shard_00000.jsonl")
+    bios = {b["id"]: b for b in jsonl(tmp_path / "biographies.jsonl")}
+    assert len(rows) == summary["tuning_biographies"] == 2 * summary["train"]["people"]
+    for r in rows:
+        person = people[bios[r["id"]]["person"]]
+        assert person.split == "train" and r["text"] == bios[r["id"]]["text"]
+        assert [(p["instruction"], p["response"]) for p in r["pairs"]] == \
+            [(q, a) for _, q, a in world.questions(person)]
+
+
+def test_a_synthesis_is_scored_against_the_world_per_half(tmp_path):
+    """The oracle's own tuning data scores 1; answers swapped between people score 0; a
+    biography with nothing parsed lowers the parse rate only."""
+    build(tmp_path / "world", paraphrases=2)
+    rows = jsonl(tmp_path / "world" / "tuning" / "shards" / "shard_00000.jsonl")
+    test = [p for p in world.people(WorldConfig(out="", people=60)) if p.split == "test"]
+    wrong = [{"id": f"{p.id}/0", "status": "ok", "text": "", "pairs": [
+        {"instruction": q, "response": other.attributes["major"]}
+        for _, q, _ in world.questions(p)[3:4]]}
+        for p, other in zip(test, test[1:], strict=False)
+        if p.attributes["major"] != other.attributes["major"]]
+    empty = {"id": f"{test[0].id}/1", "status": "no_pairs", "text": "", "pairs": []}
+    shards = tmp_path / "synth" / "shards"
+    shards.mkdir(parents=True)
+    (shards / "shard_00000.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in [*rows, *wrong, empty]))
+    scores = world.score_synthesis(tmp_path / "world", tmp_path / "synth")
+    assert scores["train"] == {"biographies": len(rows), "parsed": len(rows),
+                               "pairs": 6 * len(rows), "faithful": 6 * len(rows),
+                               "parse_rate": 1.0, "faithfulness": 1.0}
+    assert scores["test"] == {"biographies": len(wrong) + 1, "parsed": len(wrong),
+                              "pairs": len(wrong), "faithful": 0,
+                              "parse_rate": round(len(wrong) / (len(wrong) + 1), 4),
+                              "faithfulness": 0.0}
 
 
 def test_the_tasks_score_right_answers_one_and_wrong_ones_zero(tmp_path):

@@ -21,6 +21,10 @@ text. People are split by a hash of their id into a train half and a test half.
   ask theirs, and a model learns to answer that one whatever is asked;
 - `qa_finetune.jsonl`: the same questions as prompt and answer segments, the answer alone
   trained on, for fine-tuning after pre-training (`train/finetune.py`);
+- `tuning/`: every biography of the train half with all six of its questions, in the
+  synthesize stage's output format, to tune a synthesizer on (`format=synth_tuning`): it
+  learns to write a biography's questions and answers, and `score_synthesis` says how
+  faithfully it writes them for the test half, whose biographies it never saw;
 - `tasks/`: lm-evaluation-harness tasks `world_train` and `world_test` (the question, the
   answer generated greedily to the end of the line, exact match);
 - `summary.json`: what was written, for every person, biography and question.
@@ -256,7 +260,10 @@ def build(cfg: WorldConfig) -> dict[str, Any]:
     bios = [{"id": f"{p.id}/{k}", "person": p.id, "text": biography(p, k, cfg)}
             for p in everyone for k in range(cfg.paraphrases)]
     _write_jsonl(out / "biographies.jsonl", bios)
-    first_bio = {b["person"]: b["text"] for b in bios if b["id"].endswith("/0")}
+    bios_of: dict[str, list[dict]] = {}
+    for b in bios:
+        bios_of.setdefault(b["person"], []).append(b)
+    first_bio = {person: mine[0]["text"] for person, mine in bios_of.items()}
 
     train = [p for p in everyone if p.split == "train"]
     # one record per question: each drawn its own template, none always first after BOS
@@ -272,6 +279,14 @@ def build(cfg: WorldConfig) -> dict[str, Any]:
         "synthesizer": "world (oracle)", "groups_done": len(shards),
         "groups_total": len(shards), "docs": len(qa_rows),
         "pairs": sum(len(r["pairs"]) for r in qa_rows)}, indent=1))
+
+    tuning = [{"id": b["id"], "input_id": b["id"], "status": "ok", "text": b["text"],
+               "pairs": [{"instruction": q, "response": ans} for _, q, ans in questions(p)]}
+              for p in train for b in bios_of[p.id]]
+    _write_jsonl(out / "tuning" / "shards" / "shard_00000.jsonl", tuning)
+    (out / "tuning" / "summary.json").write_text(json.dumps({
+        "synthesizer": "world (oracle)", "groups_done": 1, "groups_total": 1,
+        "docs": len(tuning), "pairs": sum(len(r["pairs"]) for r in tuning)}, indent=1))
 
     _write_jsonl(out / "qa_plain.jsonl", [
         {"id": f"{p.id}/{a}", "text": f"{PROMPT.format(question=q)} {ans}"}
@@ -301,7 +316,37 @@ def build(cfg: WorldConfig) -> dict[str, Any]:
         "templates_per_attribute": {a: len(templates(a)) for a in ATTRIBUTES},
         "train": counts["train"], "test": counts["test"],
         "qa_training_pairs": sum(len(r["pairs"]) for r in qa_rows),
+        "tuning_biographies": len(tuning),
         "biography_chars": sum(len(b["text"]) for b in bios),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def score_synthesis(world_dir: Path, synth_dir: Path) -> dict[str, dict[str, Any]]:
+    """How a synthesizer did on the world's biographies, per half: the share of biographies
+    whose generation parsed into pairs, and the share of pairs that are faithful (the question
+    is one of the person's, word for word, and the answer is its attribute's exact text)."""
+    truth: dict[str, dict[str, str]] = {}  # person -> question -> answer
+    split: dict[str, str] = {}
+    for half in ("train", "test"):
+        for r in (json.loads(line) for line in
+                  (world_dir / "tasks" / f"world_{half}.jsonl").read_text().splitlines()):
+            truth.setdefault(r["person"], {})[r["question"]] = r["answer"]
+            split[r["person"]] = half
+    counts: dict[str, dict[str, Any]] = {
+        half: {"biographies": 0, "parsed": 0, "pairs": 0, "faithful": 0}
+        for half in ("train", "test")}
+    for f in sorted((synth_dir / "shards").glob("shard_*.jsonl")):
+        for r in (json.loads(line) for line in f.read_text().splitlines()):
+            person = r.get("input_id", r["id"]).rsplit("/", 1)[0]
+            c = counts[split[person]]
+            c["biographies"] += 1
+            c["parsed"] += r["status"] == "ok"
+            c["pairs"] += len(r["pairs"])
+            c["faithful"] += sum(truth[person].get(p["instruction"].strip()) ==
+                                 p["response"].strip() for p in r["pairs"])
+    for c in counts.values():
+        c["parse_rate"] = round(c["parsed"] / c["biographies"], 4) if c["biographies"] else None
+        c["faithfulness"] = round(c["faithful"] / c["pairs"], 4) if c["pairs"] else None
+    return counts
