@@ -42,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -135,8 +136,8 @@ def synthesizer_figures(data: Path) -> dict | None:
             **score_synthesis(data / "world", data / "synth")}
 
 
-def common(data: Path, run_dir: Path, seed: int, steps: int, mtp: int,
-           curve: int = 0) -> list[str]:
+def common(data: Path, run_dir: Path, seed: int, steps: int, mtp: int, curve: int = 0,
+           mtp_options: Sequence[str] = ()) -> list[str]:
     """The overrides every run shares; with `curve`, the harness scores both halves every
     `curve` steps during training (the metrics' `downstream/world_*`)."""
     every = ["eval.tasks=[world_train,world_test]", f"eval.include_path={data}/world/tasks",
@@ -148,7 +149,7 @@ def common(data: Path, run_dir: Path, seed: int, steps: int, mtp: int,
             "train.eval_every=0", "train.checkpoint_every=0", "train.keep_last=1",
             f"train.seed={seed}", f"data.seed={seed}", "train.threads_per_rank=1",
             "logger.progress_bar=never", "logger.plot=false", "logger.log_every=50",
-            *(["loss=mtp", f"loss.heads={mtp}"] if mtp > 1 else [])]
+            *(["loss=mtp", f"loss.heads={mtp}", *mtp_options] if mtp > 1 else [])]
 
 
 def train(data: Path, out: Path, arm: str, seed: int, args: argparse.Namespace) -> Path:
@@ -160,11 +161,12 @@ def train(data: Path, out: Path, arm: str, seed: int, args: argparse.Namespace) 
         pre = run_dir.with_name(run_dir.name + "-pt")
         if not (pre / "summary.json").exists():
             run(["train/pretrain.py", *common(data, pre, seed, args.steps - args.ft_steps, mtp,
-                                               args.curve),
+                                               args.curve, args.mtp_options),
                  f"+data.sources.bios.path={shards}/bios", "schedule.warmup_steps=20",
                  f"optim.lr={args.lr}"], pre.with_suffix(".log"))
         if not (run_dir / "summary.json").exists():
-            run(["train/finetune.py", *common(data, run_dir, seed, args.ft_steps, mtp, args.curve),
+            run(["train/finetune.py", *common(data, run_dir, seed, args.ft_steps, mtp, args.curve,
+                                              args.mtp_options),
                  f"model.init_from={pre}/hf", f"+data.sources.qa_ft.path={shards}/qa_ft",
                  "schedule.warmup_steps=5", f"optim.lr={args.ft_lr}"],
                 run_dir.with_suffix(".log"))
@@ -172,7 +174,8 @@ def train(data: Path, out: Path, arm: str, seed: int, args: argparse.Namespace) 
         share = args.qa_share if args.qa_share is not None else args.ft_steps / args.steps
         qa = synthesize(data, args) if arm == "C" else \
             shards / ("qa_plain" if arm == "B-plain" else "qa")
-        run(["train/pretrain.py", *common(data, run_dir, seed, args.steps, mtp, args.curve),
+        run(["train/pretrain.py", *common(data, run_dir, seed, args.steps, mtp, args.curve,
+                                                args.mtp_options),
              f"+data.sources.bios.path={shards}/bios",
              f"+data.sources.bios.weight={1 - share}",
              f"+data.sources.qa.path={qa}", f"+data.sources.qa.weight={share}",
@@ -242,6 +245,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ft-lr", type=float, default=1e-3)
     ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--mtp-options", nargs="*", default=[],
+                    help="more overrides of the -mtp arms' loss, e.g. loss.reduction=sum")
     ap.add_argument("--synth-steps", type=int, default=300,
                     help="arm C: the synthesizer's tuning steps (16 sequences of 512 tokens)")
     ap.add_argument("--curve", type=int, default=0,

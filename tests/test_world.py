@@ -111,6 +111,24 @@ def test_the_synthesizer_is_tuned_on_every_train_half_biography_with_all_its_que
             [(q, a) for _, q, a in world.questions(person)]
 
 
+def test_a_synthesizer_can_be_tuned_on_people_outside_the_world(tmp_path):
+    summary = build(tmp_path / "inside")
+    build(tmp_path / "outside", paraphrases=2, tuning_people=30)
+    assert jsonl(tmp_path / "inside" / "biographies.jsonl") == \
+        jsonl(tmp_path / "outside" / "biographies.jsonl")[::2]  # the same 60 people
+    cfg = WorldConfig(out="", people=60, paraphrases=2)
+    everyone = world.people(cfg, 90)
+    assert everyone[:60] == world.people(cfg)
+    rows = jsonl(tmp_path / "outside" / "tuning" / "shards" / "shard_00000.jsonl")
+    assert len(rows) == 2 * 30 and summary["tuning_biographies"] == summary["train"]["people"]
+    names = {p.name for p in everyone[:60]}
+    for r, (p, k) in zip(rows, [(p, k) for p in everyone[60:] for k in range(2)], strict=True):
+        assert r["id"] == f"{p.id}/{k}" and r["text"] == world.biography(p, k, cfg)
+        assert p.name not in names and p.name in r["text"]
+        assert [(x["instruction"], x["response"]) for x in r["pairs"]] == \
+            [(q, a) for _, q, a in world.questions(p)]
+
+
 def test_a_synthesis_is_scored_against_the_world_per_half(tmp_path):
     """The oracle's own tuning data scores 1; answers swapped between people score 0; a
     biography with nothing parsed lowers the parse rate only."""

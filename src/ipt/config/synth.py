@@ -100,5 +100,8 @@ class WorldConfig:
     # The training QA alone (closed-book: the paper's mixed training), or after one of the
     # person's biographies (Instruction Pre-Training's layout).
     qa_with_biography: bool = False
+    # The synthesizer's tuning data (`tuning/`): the train half's biographies (0), or those of
+    # this many people outside the world, so that it cannot have learned whom it writes about.
+    tuning_people: int = 0
     people_per_shard: int = 1000  # of the QA in the synthesize stage's format
     max_gen_toks: int = 16  # the tasks' answer length limit

@@ -24,7 +24,10 @@ text. People are split by a hash of their id into a train half and a test half.
 - `tuning/`: every biography of the train half with all six of its questions, in the
   synthesize stage's output format, to tune a synthesizer on (`format=synth_tuning`): it
   learns to write a biography's questions and answers, and `score_synthesis` says how
-  faithfully it writes them for the test half, whose biographies it never saw;
+  faithfully it writes them for the test half, whose biographies it never saw. With
+  `tuning_people`, the biographies of that many people outside the world instead (drawn
+  after the world's own, from the same pools and templates): a synthesizer that must copy
+  from the text, because it cannot have learned anyone it is asked about;
 - `tasks/`: lm-evaluation-harness tasks `world_train` and `world_test` (the question, the
   answer generated greedily to the end of the line, exact match);
 - `summary.json`: what was written, for every person, biography and question.
@@ -167,16 +170,18 @@ def split_of(person_id: str, seed: int, test_fraction: float) -> str:
     return "test" if int.from_bytes(h, "little") / 2**64 < test_fraction else "train"
 
 
-def people(cfg: WorldConfig) -> list[Person]:
-    """`cfg.people` people with unique full names, in a fixed order."""
+def people(cfg: WorldConfig, count: int | None = None) -> list[Person]:
+    """`count` (by default `cfg.people`) people with unique full names, in a fixed order:
+    the first n of a larger count are the n people of the smaller one."""
+    count = cfg.people if count is None else count
     p = pools(cfg.seed)
     capacity = POOLS["first"] * POOLS["middle"] * POOLS["last"]
-    if not 0 < cfg.people <= capacity:
-        raise ConfigError(f"people={cfg.people} must be between 1 and {capacity:,}")
+    if not 0 < count <= capacity:
+        raise ConfigError(f"people={count} must be between 1 and {capacity:,}")
     rng = random.Random(f"world-people:{cfg.seed}")
     names: set[str] = set()
     out = []
-    for i in range(cfg.people):
+    for i in range(count):
         while True:
             name = f"{rng.choice(p['first'])} {rng.choice(p['middle'])} {rng.choice(p['last'])}"
             if name not in names:
@@ -280,9 +285,16 @@ def build(cfg: WorldConfig) -> dict[str, Any]:
         "groups_total": len(shards), "docs": len(qa_rows),
         "pairs": sum(len(r["pairs"]) for r in qa_rows)}, indent=1))
 
-    tuning = [{"id": b["id"], "input_id": b["id"], "status": "ok", "text": b["text"],
+    # the synthesizer's teachers: the train half, or people outside the world altogether
+    if cfg.tuning_people:
+        teachers = people(cfg, cfg.people + cfg.tuning_people)[cfg.people:]
+        texts = {p.id: [biography(p, k, cfg) for k in range(cfg.paraphrases)]
+                 for p in teachers}
+    else:
+        teachers, texts = train, {p.id: [b["text"] for b in bios_of[p.id]] for p in train}
+    tuning = [{"id": f"{p.id}/{k}", "input_id": f"{p.id}/{k}", "status": "ok", "text": text,
                "pairs": [{"instruction": q, "response": ans} for _, q, ans in questions(p)]}
-              for p in train for b in bios_of[p.id]]
+              for p in teachers for k, text in enumerate(texts[p.id])]
     _write_jsonl(out / "tuning" / "shards" / "shard_00000.jsonl", tuning)
     (out / "tuning" / "summary.json").write_text(json.dumps({
         "synthesizer": "world (oracle)", "groups_done": 1, "groups_total": 1,
@@ -316,7 +328,7 @@ def build(cfg: WorldConfig) -> dict[str, Any]:
         "templates_per_attribute": {a: len(templates(a)) for a in ATTRIBUTES},
         "train": counts["train"], "test": counts["test"],
         "qa_training_pairs": sum(len(r["pairs"]) for r in qa_rows),
-        "tuning_biographies": len(tuning),
+        "tuning_people": cfg.tuning_people, "tuning_biographies": len(tuning),
         "biography_chars": sum(len(b["text"]) for b in bios),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
