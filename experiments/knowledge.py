@@ -1,25 +1,25 @@
 """Does instruction-augmented pre-training make knowledge extractable, where pre-training then
 fine-tuning does not? Closed-book questions about synthetic people (Allen-Zhu and Li's bioS).
 
-    python experiments/knowledge.py            # or: make experiment-knowledge
-    python experiments/knowledge.py --people 200 --steps 400 --ft-steps 100 --seeds 0 1 2
+    python experiments/knowledge.py            # or: make experiment-knowledge (about 40 min)
+    python experiments/knowledge.py --arms A B B-plain --seeds 0 --curve 50
 
 The data, built once under `--out`/data, every stage a real entry point:
-1. a world of `--people` people (`data_pipeline/world.py`): biographies, the train half's
-   questions in the synthesize stage's format and as fine-tuning examples, and
-   lm-evaluation-harness tasks for both halves;
+1. a world of `--people` people (`data_pipeline/world.py`, options `--world`; by default
+   four paraphrased biographies per person with their sentences shuffled): biographies, the
+   train half's questions in the synthesize stage's format and as fine-tuning examples, the
+   synthesizer's tuning data, and lm-evaluation-harness tasks for both halves;
 2. a sentencepiece tokenizer trained on the world's text (`data_pipeline/tokenizer.py`);
-3. the three corpora prepared into shards, none held out (`data_pipeline/prepare.py`).
+3. the corpora prepared into shards, none held out (`data_pipeline/prepare.py`).
 
 The arms, per seed, from the same initial weights and at the same number of training
 tokens (`--steps` steps of the same batch and sequence length):
 - **A**: the biographies for `steps - ft_steps` steps, then `train/finetune.py` on the train
   half's questions for `ft_steps` steps (loss on the answers);
 - **B**: the biographies and the train half's questions in ipt's templates, mixed in one
-  pre-training run, the questions `--qa-share` of the tokens (by default as many question
-  tokens as A fine-tunes on);
-- **B-plain**: B with the questions as plain text in the tasks' prompt format, one document
-  per person (the paper's mixed training, without ipt's templates);
+  pre-training run, the questions `--qa-share` of the tokens;
+- **B-plain**: B with the questions as plain text in the tasks' prompt format, one question
+  per document (the paper's mixed training, without ipt's templates);
 - **C**: Instruction Pre-Training's whole path: a tiny synthesizer tuned on the train half's
   biographies and their questions (`train/finetune.py` on `format=synth_tuning`) writes
   pairs for every biography (`data_pipeline/synthesize.py`, `synth=hf`), test half included;
@@ -171,7 +171,7 @@ def train(data: Path, out: Path, arm: str, seed: int, args: argparse.Namespace) 
                  "schedule.warmup_steps=5", f"optim.lr={args.ft_lr}"],
                 run_dir.with_suffix(".log"))
     elif not (run_dir / "summary.json").exists():
-        share = args.qa_share if args.qa_share is not None else args.ft_steps / args.steps
+        share = args.qa_share
         qa = synthesize(data, args) if arm == "C" else \
             shards / ("qa_plain" if arm == "B-plain" else "qa")
         run(["train/pretrain.py", *common(data, run_dir, seed, args.steps, mtp, args.curve,
@@ -220,28 +220,31 @@ def one(data: Path, out: Path, arm: str, seed: int, args: argparse.Namespace) ->
                            args.steps - args.ft_steps)}
 
 
-def table(runs: dict[str, dict], arms: list[str]) -> tuple[dict, str]:
-    rows, lines = {}, ["| arm | train half EM | test half EM | runs |", "|---|---|---|---|"]
+def table(runs: dict[str, dict], arms: list[str], tokens: int) -> tuple[dict, str]:
+    rows = {}
+    lines = ["| arm | train half EM | test half EM | seeds | tokens per run | wall per run |",
+             "|---|---|---|---|---|---|"]
     for arm in arms:
         mine = [r for name, r in runs.items() if name.rsplit("-s", 1)[0] == arm]
-        row = {}
+        row: dict = {"wall_s": statistics.fmean(r["wall_s"] for r in mine)}
         for half in ("train", "test"):
             v = [r[half] for r in mine]
             row[half] = {"mean": statistics.fmean(v),
                          "sd": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
         rows[arm] = row
         lines.append(f"| {arm} | {row['train']['mean']:.3f} ± {row['train']['sd']:.3f} | "
-                     f"{row['test']['mean']:.3f} ± {row['test']['sd']:.3f} | {len(mine)} |")
+                     f"{row['test']['mean']:.3f} ± {row['test']['sd']:.3f} | {len(mine)} | "
+                     f"{tokens / 1e6:.2f}M | {row['wall_s'] / 60:.1f} min |")
     return rows, "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--people", type=int, default=200)
-    ap.add_argument("--steps", type=int, default=400, help="training steps of every arm")
-    ap.add_argument("--ft-steps", type=int, default=100, help="of them, A's fine-tuning")
-    ap.add_argument("--qa-share", type=float, default=None,
-                    help="B's share of question tokens (default: ft_steps / steps)")
+    ap.add_argument("--people", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=250, help="training steps of every arm")
+    ap.add_argument("--ft-steps", type=int, default=60, help="of them, A's fine-tuning")
+    ap.add_argument("--qa-share", type=float, default=0.5,
+                    help="B's and C's share of question tokens")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ft-lr", type=float, default=1e-3)
     ap.add_argument("--heads", type=int, default=2)
@@ -251,9 +254,10 @@ def main() -> None:
                     help="arm C: the synthesizer's tuning steps (16 sequences of 512 tokens)")
     ap.add_argument("--curve", type=int, default=0,
                     help="score both halves every this many steps during training (0: off)")
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--arms", nargs="+", default=["A", "B", "C", "A-mtp", "B-mtp"],
+                    choices=ARMS)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--world", nargs="*", default=[],
+    ap.add_argument("--world", nargs="*", default=["paraphrases=4", "permute=true"],
                     help="options of data_pipeline/world.py, e.g. paraphrases=2 permute=true")
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "runs" / "exp-knowledge"))
@@ -267,10 +271,11 @@ def main() -> None:
     with ThreadPoolExecutor(args.parallel) as pool:
         futures = {f"{a}-s{s}": pool.submit(one, data, out, a, s, args) for a, s in jobs}
         runs = {name: f.result() for name, f in futures.items()}
-    rows, md = table(runs, args.arms)
+    tokens = args.steps * BATCH * SEQ_LEN
+    rows, md = table(runs, args.arms, tokens)
     world = json.loads((data / "world" / "summary.json").read_text())
     result = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "results")},
-              "tokens_per_run": args.steps * BATCH * SEQ_LEN, "seq_len": SEQ_LEN,
+              "tokens_per_run": tokens, "seq_len": SEQ_LEN,
               "global_batch": BATCH, "world": world, "table": rows, "runs": runs,
               "synthesizer": synthesizer_figures(data),
               "wall_s": round(time.perf_counter() - start, 1)}
@@ -278,6 +283,12 @@ def main() -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(result, indent=1))
     print(md, end="")
+    if result["synthesizer"]:
+        syn = result["synthesizer"]
+        print(f"synthesizer: parse rate {syn['parse_rate']}; faithful pairs "
+              f"{syn['train']['faithfulness']} (train half), {syn['test']['faithfulness']} "
+              "(test half)")
+    print(f"{result['wall_s'] / 60:.1f} min in all; every run in {dest}")
 
 
 if __name__ == "__main__":
