@@ -61,6 +61,26 @@ def run(cmd: list[str], log: Path, threads: int = 1) -> None:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
 
 
+# What the data and every run under --out follow from: a later call must agree.
+SETTINGS = ("people", "world", "steps", "ft_steps", "qa_share", "lr", "ft_lr", "heads",
+            "mtp_options", "synth_steps", "curve")
+
+
+def check_out(out: Path, args: argparse.Namespace) -> None:
+    """Runs and data under `out` are reused, so they must be of these settings."""
+    mine = {k: getattr(args, k) for k in SETTINGS}
+    f = out / "settings.json"
+    if f.exists():
+        theirs = json.loads(f.read_text())
+        changed = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if changed:
+            what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+            raise SystemExit(f"{out} holds runs of other settings ({what}): pass another "
+                             "--out, or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(mine, indent=1))
+
+
 def build_data(out: Path, people: int, world_options: list[str]) -> Path:
     data = out / "data"
     logs = out / "logs"
@@ -265,6 +285,7 @@ def main() -> None:
     args = ap.parse_args()
 
     out = Path(args.out)
+    check_out(out, args)
     start = time.perf_counter()
     data = build_data(out, args.people, args.world)
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
