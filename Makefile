@@ -11,6 +11,7 @@ DEMO_DATA ?= data/demo
 DEMO_RUN  ?= runs/demo
 DEMO_SYNTH ?= runs/demo-synth
 DEMO_SLM  ?= runs/demo-slm
+DEMO_WORLD ?= runs/demo-world
 # CI runs the slow end-to-end tests too; `make test` locally skips them (`make test-slow` runs them).
 PYTEST_SELECT := $(if $(CI),,-m "not slow")
 
@@ -56,10 +57,14 @@ lock: check-latest
 #     (SALT), scored on the held-out tasks every 50 steps, then exported; it continues a
 #     prompt greedily, then self-speculatively, and lm-evaluation-harness scores the export
 #     on every held-out task
+#  8. knowledge: a synthetic world of 100 people; the tiny model reads their biographies and
+#     the questions about half of them (in ipt's templates), then answers a question about
+#     someone from the other half, and the harness scores both halves (docs/evaluation.md)
 # The share of documents held out (by id hash) from every stage: validation loss, and the
 # held-out reading-comprehension tasks the model is evaluated on
 DEMO_HELDOUT ?= 0.05
 HELDOUT_TASKS := heldout_mc_sciq,heldout_mc_race,heldout_mc_unseen,heldout_boolq,heldout_em_sciq,heldout_em_unseen
+WORLD := $(DEMO_DATA)/world
 SYNTH := $(PY) data_pipeline/synthesize.py valid_fraction=$(DEMO_HELDOUT)
 PREP  := $(PY) data_pipeline/prepare.py tokenizer=$(DEMO_DATA)/tokenizer out=$(DEMO_DATA)/shards \
 	valid_fraction=$(DEMO_HELDOUT)
@@ -88,6 +93,18 @@ train: $(STAMP)
 	$(PY) train/sample.py model=$(DEMO_RUN)/hf prompt="Return the number of"
 	$(PY) train/evaluate.py checkpoint=$(DEMO_RUN)/hf 'tasks=[$(HELDOUT_TASKS)]' \
 		include_path=$(DEMO_DATA)/rc_tasks out=$(DEMO_RUN)/eval
+	$(PY) data_pipeline/world.py out=$(WORLD) people=100 paraphrases=4 permute=true > /dev/null
+	$(PY) data_pipeline/tokenizer.py out=$(WORLD)/tokenizer vocab_size=2048 \
+		+sources.bios.path=$(WORLD)/biographies.jsonl +sources.qa.path=$(WORLD)/qa +sources.qa.format=synth
+	$(PY) data_pipeline/prepare.py tokenizer=$(WORLD)/tokenizer out=$(WORLD)/shards valid_fraction=0.0 \
+		+sources.bios.path=$(WORLD)/biographies.jsonl +sources.bios.id_field=id \
+		+sources.qa.path=$(WORLD)/qa +sources.qa.format=synth
+	NPROC=$(NPROC) bash launch/torchrun.sh train/pretrain.py experiment=demo_world data=world \
+		data.root=$(WORLD) run_dir=$(DEMO_WORLD)
+	$(PY) train/sample.py model=$(DEMO_WORLD)/hf prompt_file=$(WORLD)/example/prompt.txt max_new_tokens=8
+	@echo "  the world's answer: $$(cat $(WORLD)/example/answer.txt) (a question about the test half: never trained on)"
+	$(PY) train/evaluate.py checkpoint=$(DEMO_WORLD)/hf 'tasks=[world_train,world_test]' \
+		include_path=$(WORLD)/tasks out=$(DEMO_WORLD)/eval
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_SELECT) $(ARGS)

@@ -15,9 +15,10 @@ from .conftest import ROOT
 @pytest.mark.slow
 def test_make_train_runs_the_demo_end_to_end(tmp_path):
     data, run, synth_run = tmp_path / "data", tmp_path / "run", tmp_path / "synth_run"
-    slm = tmp_path / "slm"
+    slm, world_run = tmp_path / "slm", tmp_path / "world_run"
     proc = subprocess.run(["make", "-s", "train", f"DEMO_DATA={data}", f"DEMO_RUN={run}",
-                           f"DEMO_SYNTH={synth_run}", f"DEMO_SLM={slm}"],
+                           f"DEMO_SYNTH={synth_run}", f"DEMO_SLM={slm}",
+                           f"DEMO_WORLD={world_run}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     console = proc.stdout + proc.stderr  # ipt's progress and results, not third-party noise
@@ -67,3 +68,11 @@ def test_make_train_runs_the_demo_end_to_end(tmp_path):
     results = json.loads((run / "eval" / "results.json").read_text())["results"]
     assert len(results) == 6 and all(0 <= r["acc,none"] <= 1 for n, r in results.items()
                                      if "_em_" not in n)
+    # Knowledge: the world's model answers questions about people it was never asked about
+    assert "ipt: demo-world finished at step 250" in proc.stdout
+    answer = (data / "world" / "example" / "answer.txt").read_text().strip()
+    assert f"[{world_run}/hf, greedy] 'Question: What is the birth city of " in proc.stdout
+    assert f"the world's answer: {answer} (a question about the test half" in proc.stdout
+    world = json.loads((world_run / "eval" / "results.json").read_text())["results"]
+    assert world["world_train"]["exact_match,strip"] > 0.8  # 0.957 measured
+    assert world["world_test"]["exact_match,strip"] > 0.2  # 0.525 measured; chance about 0.01

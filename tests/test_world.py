@@ -153,6 +153,9 @@ def test_a_synthesis_is_scored_against_the_world_per_half(tmp_path):
                               "pairs": len(wrong), "faithful": 0,
                               "parse_rate": round(len(wrong) / (len(wrong) + 1), 4),
                               "faithfulness": 0.0}
+    (shards / "shard_00001.jsonl").write_text(json.dumps({**empty, "id": "q000001/0"}) + "\n")
+    with pytest.raises(ValueError, match="'q000001/0' is not a biography of the world"):
+        world.score_synthesis(tmp_path / "world", tmp_path / "synth")
 
 
 def test_the_tasks_score_right_answers_one_and_wrong_ones_zero(tmp_path):
@@ -167,6 +170,15 @@ def test_the_tasks_score_right_answers_one_and_wrong_ones_zero(tmp_path):
     right = [task.process_results(d, [d["answer"]])["exact_match"] for d in docs]
     wrong = [task.process_results(d, [d["answer"] + " 7"])["exact_match"] for d in docs]
     assert right == [1.0] * len(docs) and wrong == [0.0] * len(docs)
+
+
+def test_the_example_is_a_test_half_question_with_its_answer(tmp_path):
+    build(tmp_path)
+    test = {q["question"]: q["answer"] for q in jsonl(tmp_path / "tasks" / "world_test.jsonl")}
+    prompt = (tmp_path / "example" / "prompt.txt").read_text()
+    question = prompt.removeprefix("Question: ").removesuffix("\nAnswer:")
+    assert prompt == world.PROMPT.format(question=question)
+    assert test[question] == (tmp_path / "example" / "answer.txt").read_text().strip()
 
 
 def test_the_stage_runs_from_its_command_line(tmp_path):

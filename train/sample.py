@@ -2,6 +2,9 @@
 
     python train/sample.py model=runs/demo/hf prompt="Return the" [max_new_tokens=40]
                            [decode=auto|greedy|speculative|both]
+    python train/sample.py model=runs/demo-world/hf prompt_file=data/demo/world/example/prompt.txt
+
+prompt_file= reads the prompt from a file, whole (a prompt of several lines).
 
 decode=speculative drafts with the model's MTP heads and verifies with its next-token head
 (the same text as greedy, in fewer forwards); `both` runs the two and compares them; `auto`
@@ -18,15 +21,24 @@ from ipt.mtp import decode
 from ipt.mtp.heads import HeadsError, has_heads, stored_head_type
 
 MODES = ("auto", "greedy", "speculative", "both")
-KEYS = ("model", "prompt", "max_new_tokens", "decode")
+KEYS = ("model", "prompt", "prompt_file", "max_new_tokens", "decode")
 
 
 def main(argv: list[str]) -> None:
     args = dict(a.split("=", 1) for a in argv)
     unknown = set(args) - set(KEYS)
     if unknown or "model" not in args or args.get("decode", "auto") not in MODES:
-        sys.exit(f"usage: sample.py model=<hf folder> [prompt=...] [max_new_tokens=40] "
+        sys.exit(f"usage: sample.py model=<hf folder> [prompt=... | prompt_file=...] "
+                 f"[max_new_tokens=40] "
                  f"[decode={'|'.join(MODES)}] (unknown: {sorted(unknown)})")
+    if "prompt" in args and "prompt_file" in args:
+        sys.exit("error: give prompt= or prompt_file=, not both")
+    if "prompt_file" in args:
+        try:
+            with open(args["prompt_file"]) as f:
+                args["prompt"] = f.read()
+        except OSError as e:
+            sys.exit(f"error: prompt_file: {e}")
     path, mode = args["model"], args.get("decode", "auto")
     if not sys.stderr.isatty():
         hf_logging.disable_progress_bar()  # "Loading weights": a bar is for a terminal

@@ -30,6 +30,8 @@ text. People are split by a hash of their id into a train half and a test half.
   from the text, because it cannot have learned anyone it is asked about;
 - `tasks/`: lm-evaluation-harness tasks `world_train` and `world_test` (the question, the
   answer generated greedily to the end of the line, exact match);
+- `example/`: one test-half question as a prompt (`prompt.txt`, for `train/sample.py
+  prompt_file=`) and its answer (`answer.txt`): the demo's last act;
 - `summary.json`: what was written, for every person, biography and question.
 
 Everything follows from `seed`: the name and value pools, the people, the templates drawn.
@@ -260,6 +262,8 @@ def build(cfg: WorldConfig) -> dict[str, Any]:
         raise ConfigError(f"paraphrases={cfg.paraphrases} must be >= 1")
     if not 0 < cfg.test_fraction < 1:
         raise ConfigError(f"test_fraction={cfg.test_fraction} must be in (0, 1)")
+    if cfg.tuning_people < 0:
+        raise ConfigError(f"tuning_people={cfg.tuning_people} must be >= 0")
     out = Path(cfg.out)
     everyone = people(cfg)
     bios = [{"id": f"{p.id}/{k}", "person": p.id, "text": biography(p, k, cfg)}
@@ -321,6 +325,12 @@ def build(cfg: WorldConfig) -> dict[str, Any]:
                       cfg.max_gen_toks))
         counts[split] = {"people": sum(p.split == split for p in everyone),
                          "questions": len(rows)}
+    asked = next((p for p in everyone if p.split == "test"), None)
+    if asked is not None:  # a one-word answer: the birth city
+        (out / "example").mkdir(parents=True, exist_ok=True)
+        (out / "example" / "prompt.txt").write_text(
+            PROMPT.format(question=QUESTIONS["birth_city"].format(name=asked.name)))
+        (out / "example" / "answer.txt").write_text(asked.attributes["birth_city"] + "\n")
     summary: dict[str, Any] = {
         "people": len(everyone), "biographies": len(bios), "paraphrases": cfg.paraphrases,
         "permute": cfg.permute, "fullname": cfg.fullname,
@@ -352,6 +362,9 @@ def score_synthesis(world_dir: Path, synth_dir: Path) -> dict[str, dict[str, Any
     for f in sorted((synth_dir / "shards").glob("shard_*.jsonl")):
         for r in (json.loads(line) for line in f.read_text().splitlines()):
             person = r.get("input_id", r["id"]).rsplit("/", 1)[0]
+            if person not in split:
+                raise ValueError(f"{f}: record {r['id']!r} is not a biography of the world in "
+                                 f"{world_dir} (no person {person!r})")
             c = counts[split[person]]
             c["biographies"] += 1
             c["parsed"] += r["status"] == "ok"
