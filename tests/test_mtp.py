@@ -178,7 +178,7 @@ def test_under_deepspeed_the_fused_loss_trains_like_the_naive_one(data_dir, tmp_
     """Gradient accumulation (4 or 2 micro-batches) and clipping (active: the norms exceed
     it) see the same gradients, step after step."""
     opts = {"loss": "mtp", "loss.heads": 3, "loss.chunk_size": 40, "deepspeed.stage": stage,
-            "train.max_steps": 4, "optim.grad_clip": 0.5, "train.eval_every": 2}
+            "train.max_steps": 4, "optim.grad_clip": 0.4, "train.eval_every": 2}
     runs = {}
     for efficient in (True, False):
         run = tmp_path / f"efficient-{efficient}"
@@ -186,7 +186,7 @@ def test_under_deepspeed_the_fused_loss_trains_like_the_naive_one(data_dir, tmp_
                                     **{"loss.memory_efficient": efficient}), nproc)
         runs[efficient] = read_metrics(run / "metrics.jsonl")
     for a, b in zip(runs[True], runs[False], strict=True):
-        assert a["grad_norm"] > 0.5
+        assert a["grad_norm"] > 0.4  # clipped: the demo corpus gives 0.49 and more
         for key in ("loss", "ce", "ce_2", "ce_3", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=2e-5), (a["step"], key)
     assert [r["val_loss"] for r in runs[True] if "val_loss" in r] == \
