@@ -162,11 +162,11 @@ def repeated_kv(args: argparse.Namespace, seq: int, opts: dict[str, Any]) -> dic
     that passes fewer K/V heads (where the installed torch can)."""
     if attention.choose("auto", m.DEVICE, m.DTYPE) != "varlen":
         return {"skipped": "auto does not pick varlen here"}
-    attention.VARLEN_GQA = False
+    attention.kernels.VARLEN_GQA = False
     try:
         return m.trainer_run(args, "1b-varlen-repeat-kv", "1b", seq, opts)
     finally:
-        attention.VARLEN_GQA = True
+        attention.kernels.VARLEN_GQA = True
 
 
 def decomposition(args: argparse.Namespace, seq: int, trainer: Any) -> list[Measurement]:

@@ -138,7 +138,7 @@ def test_mtp_heads_of_each_family_see_only_their_document(family, head_type, dat
 
     attention.register()
     lm = AutoModelForCausalLM.from_pretrained(save_tiny(family, data_dir, tmp_path / family),
-                                              attn_implementation="ipt_sdpa")
+                                              attn_implementation=attention.registered_name("sdpa"))
     model = attach(lm, 2, None, head_type).eval()
     torch.manual_seed(1)
     first, second = torch.randint(3, 500, (1, 11)), torch.randint(3, 500, (1, 13))
@@ -146,7 +146,7 @@ def test_mtp_heads_of_each_family_see_only_their_document(family, head_type, dat
     positions = torch.cat([torch.arange(11), torch.arange(13)])[None]
     batch = {"input_ids": ids, "position_ids": positions}
     with torch.no_grad():
-        packed = model.hidden(ids, documents=attention.model_inputs(batch, "sdpa"))
+        packed = model.hidden(ids, documents=attention.model_inputs(batch, model))
         alone = model.hidden(second, position_ids=torch.arange(13)[None])
     assert len(packed) == 3
     # a sequential head reads the next tokens' embeddings: the last k positions of the

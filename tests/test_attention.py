@@ -22,7 +22,7 @@ def test_documents_start_where_positions_restart_and_at_every_row():
 def test_the_block_diagonal_mask_keeps_documents_and_rows_apart():
     pos = torch.tensor([[0, 1, 0, 1], [0, 1, 2, 3]])
     cu, longest = attention.documents(pos)
-    mask = attention.Documents(cu, longest, 2, 4).inputs("sdpa")["ipt_mask"]
+    mask = attention.Documents(cu, longest, 2, 4).inputs("sdpa")["ipt_masks"][None]
     assert mask.shape == (2, 1, 4, 4)
     assert mask[0, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
     assert mask[1, 0].int().tolist() == torch.ones(4, 4).tril().int().tolist()
@@ -50,7 +50,7 @@ def test_a_bare_call_with_restarting_positions_is_masked_too_and_leaks_without()
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                          use_cache=False)
     attention.register()
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="ipt_sdpa").eval()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention.registered_name("sdpa")).eval()
     a, b = torch.randint(3, 32, (1, 6)), torch.randint(3, 32, (1, 5))
     packed = torch.cat([a, b], dim=1).repeat(2, 1)
     restart = torch.cat([torch.arange(6), torch.arange(5)])[None].repeat(2, 1)
@@ -67,7 +67,7 @@ def test_auto_picks_sdpa_on_the_cpu_and_refuses_what_cannot_run():
     assert attention.choose("sdpa", CPU, torch.bfloat16) == "sdpa"
     for kernel, why in [("varlen", "CUDA"), ("flex", "no backward"),
                         ("flash_attention_2", "use model.attn_implementation=flash_attn"),
-                        ("eager", "not one of")]:
+                        ("naive", "not one of")]:
         with pytest.raises(ConfigError, match=why):
             attention.choose(kernel, CPU, torch.float32)
 
@@ -83,7 +83,7 @@ def test_flex_compiles_at_most_twice_for_the_shapes_of_a_decomposed_run():
     flex = attention.compiled_flex(counter)
     for batch, seq in [(2, 64), (8, 16), (4, 32), (2, 64), (8, 16), (2, 64)]:
         ends = torch.arange(0, batch * seq + 1, seq // 2, dtype=torch.int32)  # 2 docs a row
-        block = attention.Documents(ends, seq // 2, batch, seq).inputs("flex")["ipt_block_mask"]
+        block = attention.Documents(ends, seq // 2, batch, seq).inputs("flex")["ipt_block_masks"][None]
         q, k, v = torch.randn(batch, 4, seq, 8), *torch.randn(2, batch, 2, seq, 8)
         flex(q, k, v, block_mask=block, enable_gqa=True)
     assert counter.frame_count <= 2

@@ -252,11 +252,13 @@ def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def plain_copy(lm: Any, device: torch.device) -> Any:
     """The causal LM's weights in a new model of the same class, with transformers' own
-    SDPA attention: the harness pads its batches, which ipt's document kernels ignore, and
+    attention (SDPA, or eager where the family has none): the harness pads its batches, which ipt's document kernels ignore, and
     the training model's hooks, compiled layers and ZeRO-3 partitions stay out of it. The
     weights must be whole (under ZeRO-3: inside `GatheredParameters`)."""
     config = copy.deepcopy(lm.config)
-    config._attn_implementation = "sdpa"  # noqa: SLF001 - how transformers picks a kernel
+    # transformers' SDPA where the family allows it; eager for one whose layers ask for what
+    # SDPA cannot compute (Gemma 2's soft-cap, GPT-OSS's sinks)
+    config._attn_implementation = "sdpa" if type(lm)._supports_sdpa else "eager"  # noqa: SLF001
     dtype = next(lm.parameters()).dtype
     with torch.device(device):
         twin = type(lm)._from_config(config, dtype=dtype)  # noqa: SLF001 - public in effect

@@ -12,13 +12,17 @@ which transformers has no accessor for, are found by what they are (`layer_stack
 from __future__ import annotations
 
 import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from ipt import attention
 from ipt.config import ConfigError, ModelConfig
+from ipt.losses.logits import LogitRule, logit_rule
 
 # The names a model or decoder layer takes its KV cache by, in transformers 5.x.
 CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
@@ -65,7 +69,7 @@ def final_norm(lm: PreTrainedModel) -> torch.nn.Module | None:
 
 def unembedding(lm: PreTrainedModel) -> torch.nn.Module:
     """The output embedding (`get_output_embeddings()`), which the fused loss multiplies by
-    the decoder's last hidden state."""
+    the decoder's last hidden state (and whose bias it adds, if it has one)."""
     head = lm.get_output_embeddings()
     if not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise ConfigError(f"{architecture(lm)} has no output embedding ipt can read "
@@ -75,11 +79,12 @@ def unembedding(lm: PreTrainedModel) -> torch.nn.Module:
 
 @torch.no_grad()
 def check_unembedding(lm: PreTrainedModel, what: str) -> None:
-    """Refuse a causal LM whose logits are not its output embedding's weight times its
-    decoder's last hidden state, which is what the fused loss and online KD compute: one
-    that scales or soft-caps its logits, or adds a bias to them. One forward of 4 tokens,
-    whose decoder output a hook keeps."""
+    """Refuse a causal LM whose logits are not what the fused loss and online KD compute:
+    its output embedding of its decoder's last hidden state, plus the embedding's bias,
+    through its family's `LogitRule` (a logit scale, a final soft-cap). One forward of 4
+    tokens, whose decoder output a hook keeps, compared with the family's own logits."""
     head = unembedding(lm)
+    rule = logit_rule(lm.config)
     seen: list[torch.Tensor] = []
     hook = lm.get_decoder().register_forward_hook(
         lambda module, args, out: seen.append(out.last_hidden_state))
@@ -90,18 +95,61 @@ def check_unembedding(lm: PreTrainedModel, what: str) -> None:
     finally:
         hook.remove()
         lm.train(training)
-    weight = head.weight
+    weight, bias = head.weight, getattr(head, "bias", None)
     assert isinstance(weight, torch.Tensor)  # `unembedding` checked it
     ours = seen[-1].float() @ weight.float().T
-    theirs = theirs.float()
+    if isinstance(bias, torch.Tensor):
+        ours += bias.float()
+    ours, theirs = rule(ours), theirs.float()
     tol = max(1e-3, 4 * torch.finfo(weight.dtype).eps)  # bf16 rounds its logits
     scale = float(theirs.abs().max()) or 1.0
-    if getattr(head, "bias", None) is not None or not torch.allclose(
-            ours, theirs, rtol=tol, atol=tol * scale):
+    if not torch.allclose(ours, theirs, rtol=tol, atol=tol * scale):
         raise ConfigError(f"{what}: {architecture(lm)} computes its logits otherwise than as "
-                          "its output embedding of its decoder's last hidden state (scaled, "
-                          "soft-capped or biased logits), which ipt's fused loss and KD "
-                          "assume; it cannot be trained here")
+                          f"its output embedding of its decoder's last hidden state (plus a "
+                          f"bias) through {rule}, which ipt's fused loss and KD compute; it "
+                          "cannot be trained here")
+
+
+def experts(config: Any) -> int:
+    """How many experts the layers of a mixture-of-experts family route among (0: dense)."""
+    return int(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0)
+               or 0)
+
+
+@dataclass(frozen=True)
+class RouterLoss:
+    """A mixture-of-experts family's auxiliary loss, as its causal LM computes it: its own
+    `load_balancing_loss_func` of the router logits its decoder records, times
+    `router_aux_loss_coef`, over every token of the micro-batch."""
+
+    balance: Callable[..., torch.Tensor]
+    experts: int
+    top_k: int
+    coef: float
+
+    def __call__(self, router_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.balance(router_logits, self.experts, self.top_k, None)
+
+
+def router_loss(lm: PreTrainedModel) -> RouterLoss | None:
+    """The router loss `lm`'s family adds in training (`output_router_logits`; None for a
+    dense model, or one configured without it), or a refusal naming what ipt cannot compute."""
+    config = lm.config
+    if not experts(config) or not getattr(config, "output_router_logits", False):
+        return None
+    name = architecture(lm)
+    if getattr(config, "router_z_loss_coef", 0):
+        raise ConfigError(f"{name} adds a router z-loss (router_z_loss_coef), which ipt does "
+                          "not compute; it cannot be trained here")
+    balance = getattr(sys.modules[type(lm).__module__], "load_balancing_loss_func", None)
+    top_k = getattr(lm, "num_experts_per_tok", None)
+    if balance is None or top_k is None:
+        raise ConfigError(f"{name} asks for its router's load-balancing loss "
+                          "(output_router_logits=true), and its transformers module has no "
+                          "load_balancing_loss_func ipt can call; set output_router_logits "
+                          "to false in its config.json to train without it")
+    return RouterLoss(balance, experts(config), int(top_k),
+                      float(getattr(config, "router_aux_loss_coef", 0.0)))
 
 
 def llama_config(cfg: ModelConfig, vocab_size: int, bos_id: int, eos_id: int) -> LlamaConfig:
@@ -120,18 +168,35 @@ def llama_config(cfg: ModelConfig, vocab_size: int, bos_id: int, eos_id: int) ->
     )
 
 
+def source_config(cfg: ModelConfig, vocab_size: int, bos_id: int = 1,
+                  eos_id: int = 2) -> Any:
+    """The transformers config of the model `cfg` trains: the folder's (`init_from`), or a
+    Llama's of `cfg`'s shape; read before anything is built, to choose the attention kernel
+    (`ipt.attention.needs`)."""
+    if cfg.init_from:
+        return AutoConfig.from_pretrained(cfg.init_from)
+    return llama_config(cfg, vocab_size, bos_id, eos_id)
+
+
+def check_vocabulary(config: Any, vocab_size: int, what: str) -> None:
+    """A model's output layer must cover the tokenizer; rows past it (a vocabulary padded to
+    a multiple, as Qwen2.5's and Pythia's) are kept and trained as its family does."""
+    if config.vocab_size < vocab_size:
+        raise ConfigError(f"{what} has a vocabulary of {config.vocab_size}, the tokenizer has "
+                          f"{vocab_size}: the tokenizer's last ids have no embedding")
+
+
 def build_model(cfg: ModelConfig, vocab_size: int, bos_id: int = 1, eos_id: int = 2,
                 kernel: str = "sdpa") -> PreTrainedModel:
     """Random init from `cfg` (seeded by the caller), or `from_pretrained(cfg.init_from)`,
     with ipt's attention `kernel` (see `ipt.attention`; `choose` picks it)."""
     attention.register()
-    attn = attention.PREFIX + kernel
+    attn = attention.registered_name(kernel)
     if cfg.init_from:
+        check_vocabulary(AutoConfig.from_pretrained(cfg.init_from), vocab_size,
+                         f"model.init_from={cfg.init_from}")
         model = AutoModelForCausalLM.from_pretrained(cfg.init_from, attn_implementation=attn,
                                                      dtype=torch.float32)
-        if model.config.vocab_size != vocab_size:
-            raise ConfigError(f"model.init_from={cfg.init_from} has a vocabulary of "
-                              f"{model.config.vocab_size}, the tokenizer has {vocab_size}")
         check_unembedding(model, f"model.init_from={cfg.init_from}")
     else:
         config = llama_config(cfg, vocab_size, bos_id, eos_id)
@@ -226,10 +291,13 @@ class FusedLM(torch.nn.Module):
     """The module the training engine wraps: the causal LM's own modules, registered under
     their own names, so the state-dict keys stay the causal LM's (`model.*` of a Llama,
     `gpt_neox.*` of a GPT-NeoX). Its forward is the fused unembedding and loss of its heads'
-    hidden states (`ipt.losses.fused`): here head 1 alone; a technique that adds heads
-    extends `hidden` (`ipt.mtp.heads.MTPModel`)."""
+    hidden states (`ipt.losses.fused`), the logits made as the family makes them
+    (`logit_rule`): here head 1 alone; a technique that adds heads extends `hidden`
+    (`ipt.mtp.heads.MTPModel`)."""
 
     lm: PreTrainedModel
+    logit_rule: LogitRule
+    router: RouterLoss | None  # a mixture of experts' load-balancing loss
 
     def __init__(self, lm: PreTrainedModel) -> None:
         super().__init__()
@@ -241,7 +309,13 @@ class FusedLM(torch.nn.Module):
         # ZeRO-3 this keeps it gathered for the whole forward (elsewhere it is a no-op).
         from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
-        register_external_parameter(self, self.unembedding.weight)
+        head = self.unembedding
+        register_external_parameter(self, head.weight)
+        if isinstance(getattr(head, "bias", None), torch.Tensor):
+            register_external_parameter(self, head.bias)
+        self.logit_rule = logit_rule(lm.config)
+        self.router = router_loss(lm)
+        self.router_logits: tuple[torch.Tensor, ...] = ()  # of the last `hidden`, per layer
 
     @property
     def decoder(self) -> Any:
@@ -253,6 +327,10 @@ class FusedLM(torch.nn.Module):
         """The causal LM's output embedding (`get_output_embeddings()`)."""
         return unembedding(self.lm)
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The family's logits of hidden states `h` (any head's)."""
+        return self.logit_rule(self.unembedding(h))
+
     def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                past: Any = None, head_past: Any = None, heads: bool = True,
                documents: dict[str, Any] | None = None) -> list[torch.Tensor]:
@@ -261,21 +339,34 @@ class FusedLM(torch.nn.Module):
         of any extra heads, when decoding; `documents`: position ids and the attention
         kernel's document inputs (`ipt.attention.model_inputs`), which replace
         `position_ids`."""
-        inputs = dict(documents) if documents is not None else {"position_ids": position_ids}
+        inputs: dict[str, Any] = dict(documents) if documents is not None \
+            else {"position_ids": position_ids}
+        if self.router is not None:
+            inputs["output_router_logits"] = True
         decoder = self.decoder
         out = decoder(input_ids=input_ids, use_cache=past is not None,
                       **cache_kwargs(decoder, past), **inputs)
+        if self.router is not None:
+            self.router_logits = tuple(out.router_logits)
         return [out.last_hidden_state]
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, scales: list[Any],
                 documents: dict[str, Any] | None = None, kd: Any = None,
                 memory_efficient: bool = True, chunk_size: int = 1024,
                 heads: bool = True) -> Any:
-        """The weighted loss of every head (`ipt.losses.fused`), or of head 1 alone when not
-        `heads`: run inside the engine's forward, so ZeRO-3 gathers what it uses and sees one
-        forward and one backward. `documents`: see `hidden`."""
+        """(loss, CE sum per head, KD sum, router loss or None): the weighted loss of every
+        head (`ipt.losses.fused`), or of head 1 alone when not `heads`, plus a mixture of
+        experts' router loss times its coefficient in training. Run inside the engine's
+        forward, so ZeRO-3 gathers what it uses and sees one forward and one backward.
+        `documents`: see `hidden`."""
         from ipt.losses.fused import heads_loss
 
         hs = self.hidden(input_ids, heads=heads, documents=documents)
-        return heads_loss(hs, self.unembedding, targets, scales, kd, memory_efficient,
-                          chunk_size)
+        loss, ce, kd_sum = heads_loss(hs, self.unembedding, targets, scales, kd,
+                                      memory_efficient, chunk_size, self.logit_rule)
+        aux = None
+        if self.router is not None:
+            aux, self.router_logits = self.router(self.router_logits), ()
+            if torch.is_grad_enabled():
+                loss = loss + self.router.coef * aux
+        return loss, ce, kd_sum, aux

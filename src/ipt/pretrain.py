@@ -29,7 +29,14 @@ from ipt.engine import Dist, build_engine, init_distributed
 from ipt.export import ExportAtEnd
 from ipt.health import AnomalyPolicy, LossAnomalies
 from ipt.losses import build_loss
-from ipt.model import FusedLM, build_model, checkpoint_layers, compile_layers, flops_per_token
+from ipt.model import (
+    FusedLM,
+    build_model,
+    checkpoint_layers,
+    compile_layers,
+    flops_per_token,
+    source_config,
+)
 from ipt.observe import MetricsLogger, peak_flops
 from ipt.schedule import lr_multiplier
 from ipt.technique import Flops, Setup, Technique
@@ -178,7 +185,6 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests,
     setup_logging(dist)
     grad_accum = validate(cfg, dist.world_size)
     resolve_precision(cfg, dist)
-    kernel = attention.choose(cfg.model.attn_implementation, dist.device, dtype(cfg))
     run_dir = prepare_run_dir(cfg, dist)
     if dist.is_main:
         file_log = logging.FileHandler(run_dir / "train.log")
@@ -187,6 +193,10 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests,
 
     techniques = configured(cfg)
     tokenizer = tok.load(cfg.tokenizer)
+    config = source_config(cfg.model, len(tokenizer), tokenizer.bos_token_id,
+                           tokenizer.eos_token_id)  # what its layers ask of attention
+    kernel = attention.choose(cfg.model.attn_implementation, dist.device, dtype(cfg),
+                              model=attention.needs(config))
     setup = Setup(cfg, dist, kernel, dtype(cfg), tok.fingerprint(cfg.tokenizer), len(tokenizer))
     for technique in techniques:
         technique.check(setup)  # before any data or model is read

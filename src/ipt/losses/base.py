@@ -50,11 +50,11 @@ class NextTokenLoss:
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int,
                  norm: Sequence[float] | None = None) -> LossOutput:
-        from ipt.attention import kernel_of, model_inputs
+        from ipt.attention import model_inputs
 
         labels = batch["labels"]
         logits = model(input_ids=batch["input_ids"],
-                       **model_inputs(batch, kernel_of(model))).logits
+                       **model_inputs(batch, model)).logits
         tokens = (labels != IGNORE).sum()
         # A micro-batch whose every token is masked (all context, in SFT data) gives 0 with a
         # graph, not a NaN.

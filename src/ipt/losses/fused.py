@@ -32,10 +32,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ipt.attention import kernel_of, model_inputs
+from ipt.attention import model_inputs
 from ipt.config import LossConfig
 from ipt.losses.base import IGNORE, LossOutput
 from ipt.losses.kd import KDTerm, chunk_grad, kd_losses
+from ipt.losses.logits import IDENTITY, LogitRule
 
 
 def head_targets(input_ids: torch.Tensor, labels: torch.Tensor, n: int,
@@ -62,20 +63,24 @@ def head_targets(input_ids: torch.Tensor, labels: torch.Tensor, n: int,
 
 
 class _UnembedLoss(torch.autograd.Function):
-    """sum_i scales[i] * (CE sum of head i), heads' hidden states [n, positions, hidden] and
-    the unembedding [vocab, hidden] in; the gradients for both are computed in the forward,
-    chunk by chunk, and kept for the backward (the logits never exist whole)."""
+    """sum_i scales[i] * (CE sum of head i), heads' hidden states [n, positions, hidden],
+    the unembedding [vocab, hidden] and its bias (or None) in, the logits made by the family's
+    `rule`; the gradients for all three are computed in the forward, chunk by chunk, and kept
+    for the backward (the logits never exist whole)."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                scales: list[float], kd: KDTerm | None, chunk_size: int,
-                need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, scales: list[float], kd: KDTerm | None, rule: LogitRule,
+                chunk_size: int, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]:
         # `need_grad` comes from the caller: inside forward, grad mode is always off, and
         # ctx.needs_input_grad says True even under torch.no_grad().
         h_all, w_mat = hidden.detach(), weight.detach()
         grad_h = torch.zeros_like(h_all) if need_grad else None
         grad_w = torch.zeros(w_mat.shape, dtype=torch.float32, device=w_mat.device) \
             if need_grad else None
+        grad_b = torch.zeros(w_mat.shape[0], dtype=torch.float32, device=w_mat.device) \
+            if need_grad and bias is not None else None
         n, positions = targets.shape[0], targets.shape[1]
         ce = torch.zeros(n, dtype=torch.float64, device=h_all.device)
         kd_sum = torch.zeros((), dtype=torch.float64, device=h_all.device)
@@ -84,6 +89,7 @@ class _UnembedLoss(torch.autograd.Function):
         # full fp32 GEMM), else the weight's. The unembedding is cast once, not per chunk.
         compute = matmul_dtype(w_mat)
         w_c = w_mat.to(compute)
+        b_c = None if bias is None else bias.detach().to(compute)
         with torch.autocast(w_mat.device.type, enabled=False):
             for i in range(n):
                 teacher = kd if i == 0 else None
@@ -93,13 +99,18 @@ class _UnembedLoss(torch.autograd.Function):
                     sl = slice(a, a + chunk_size)
                     h = h_all[i, sl].to(compute)
                     p_t = teacher.probs(sl, slice(None)) if teacher else None
-                    c_ce, c_kd, g = chunk_grad((h @ w_c.T).float(), targets[i, sl], p_t,
+                    z = h @ w_c.T if b_c is None else torch.addmm(b_c, h, w_c.T)
+                    s = rule(z.float())
+                    c_ce, c_kd, g = chunk_grad(s, targets[i, sl], p_t,
                                                teacher.tau if teacher else 1.0,
                                                teacher.w if teacher else 0.0)
                     ce[i] += c_ce
                     kd_sum += c_kd
                     if grad_h is not None and grad_w is not None:
-                        g = g.mul_(scales[i]).to(compute)
+                        g = rule.backward(s, g).mul_(scales[i])
+                        if grad_b is not None:
+                            grad_b.add_(g.sum(0))
+                        g = g.to(compute)
                         grad_h[i, sl] = g @ w_c
                         if compute == torch.float32:
                             grad_w.addmm_(g.T, h)
@@ -108,7 +119,7 @@ class _UnembedLoss(torch.autograd.Function):
         w0 = kd.w if kd else 0.0
         total = scales[0] * ((1 - w0) * ce[0] + w0 * kd_sum)
         total = total + sum(scales[i] * ce[i] for i in range(1, n))
-        ctx.save_for_backward(grad_h, grad_w)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.weight_dtype = w_mat.dtype
         ce_f, kd_f = ce.float(), kd_sum.float()
         ctx.mark_non_differentiable(ce_f, kd_f)
@@ -116,10 +127,11 @@ class _UnembedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g_total: torch.Tensor, *_: Any) -> tuple[Any, ...]:
-        grad_h, grad_w = ctx.saved_tensors
+        grad_h, grad_w, grad_b = ctx.saved_tensors
         # In place: the buffers are this backward's alone (the graph is not retained).
-        return (grad_h.mul_(g_total), grad_w.mul_(g_total).to(ctx.weight_dtype),
-                None, None, None, None, None)
+        grad_b = None if grad_b is None else grad_b.mul_(g_total).to(ctx.weight_dtype)
+        return (grad_h.mul_(g_total), grad_w.mul_(g_total).to(ctx.weight_dtype), grad_b,
+                None, None, None, None, None, None)
 
 
 def matmul_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -131,15 +143,15 @@ def matmul_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _naive(hs: list[torch.Tensor], lm_head: torch.nn.Module, targets: torch.Tensor,
-           scales: list[float], kd: KDTerm | None,
+def _naive(hs: list[torch.Tensor], lm_head: torch.nn.Module, rule: LogitRule,
+           targets: torch.Tensor, scales: list[float], kd: KDTerm | None,
            chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every head's logits at once, through autograd: the baseline the fused loss replaces."""
     total = torch.zeros((), device=hs[0].device)
     ce = torch.zeros(len(hs), device=hs[0].device)
     kd_sum = torch.zeros((), device=hs[0].device)
     for i, h in enumerate(hs):
-        logits = lm_head(h)
+        logits = rule(lm_head(h))
         if i == 0 and kd is not None:
             mixed, c, k, _ = kd_losses(logits, targets[0], kd.probs, kd.tau, kd.w, chunk_size)
             kd_sum = k
@@ -153,13 +165,16 @@ def _naive(hs: list[torch.Tensor], lm_head: torch.nn.Module, targets: torch.Tens
 
 def heads_loss(hs: list[torch.Tensor], lm_head: torch.nn.Module, targets: torch.Tensor,
                scales: list[float], kd: KDTerm | None, memory_efficient: bool,
-               chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(weighted loss with its graph, CE sum per head, KD sum) of the heads' hidden states."""
+               chunk_size: int, rule: LogitRule = IDENTITY,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weighted loss with its graph, CE sum per head, KD sum) of the heads' hidden states,
+    their logits made by the output embedding `lm_head` and the family's `rule`."""
     if not memory_efficient:
-        return _naive(hs, lm_head, targets, scales, kd, chunk_size)
+        return _naive(hs, lm_head, rule, targets, scales, kd, chunk_size)
     hidden = torch.stack([h.flatten(0, 1) for h in hs])
-    return _UnembedLoss.apply(hidden, lm_head.weight, targets.flatten(1), scales, kd,
-                              chunk_size, torch.is_grad_enabled())
+    return _UnembedLoss.apply(hidden, lm_head.weight, getattr(lm_head, "bias", None),
+                              targets.flatten(1), scales, kd, rule, chunk_size,
+                              torch.is_grad_enabled())
 
 
 class FusedLoss:
@@ -199,15 +214,18 @@ class FusedLoss:
             else list(found.clamp(min=1).double().unbind())
         scales = [w / c / self.divisor for w, c in zip(self.weights_at(step), counts,
                                                        strict=False)]
-        loss, ce, kd_sum = model(input_ids=batch["input_ids"], targets=targets, scales=scales,
-                                 documents=model_inputs(batch, kernel_of(model)), kd=kd,
-                                 memory_efficient=self.cfg.memory_efficient,
-                                 chunk_size=self.cfg.chunk_size, heads=training)
+        loss, ce, kd_sum, router = model(
+            input_ids=batch["input_ids"], targets=targets, scales=scales,
+            documents=model_inputs(batch, model), kd=kd,
+            memory_efficient=self.cfg.memory_efficient, chunk_size=self.cfg.chunk_size,
+            heads=training)
         per_head = [ce[i].double() / counts[i] for i in range(n)]
         metrics: dict[str, Any] = {"ce": per_head[0]}
         metrics |= {f"ce_{i + 1}": per_head[i] for i in range(1, n)}
         if kd is not None:
             metrics["kd"] = kd_sum / counts[0]
+        if router is not None:  # a mixture of experts' load balancing, apart from `ce`
+            metrics["router_aux"] = router.detach()
         if not training:
             loss = per_head[0].float()
         return LossOutput(loss, metrics, found[0])

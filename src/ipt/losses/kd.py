@@ -3,7 +3,9 @@
     KD = tau^2 * CE(softmax(teacher / tau) -> softmax(student / tau))
 
 over the positions that have a target, so loss masks and document ends count for neither
-term. The loss and its gradient with respect to the student's logits are computed together,
+term, and over the tokenizer's rows only: a teacher and a student of one tokenizer may pad
+their vocabularies differently (Qwen2.5's sizes), and the padding rows are no tokens. CE
+keeps every row of the student, as its family's forward does. The loss and its gradient with respect to the student's logits are computed together,
 one chunk of positions at a time: the teacher's distribution and the fp32 softmaxes exist
 one chunk at a time, and nothing is recomputed. A teacher is a function giving its
 distribution for a chunk (`TeacherProbs`): online from its hidden states, or offline from
@@ -22,20 +24,24 @@ import torch
 import torch.nn.functional as F
 
 from ipt.losses.base import IGNORE
+from ipt.losses.logits import IDENTITY, LogitRule
 
 TeacherProbs = Callable[[slice, Any], torch.Tensor]
 """The teacher's softmax at temperature tau, fp32 [targets, vocab], for the rows `rows` (a
 mask, or a slice) of the flat positions `sl`."""
 
 
-def online_probs(h_t: torch.Tensor, head_t: torch.nn.Module, tau: float) -> TeacherProbs:
-    """From the teacher's last hidden states: its output layer runs one chunk at a time."""
+def online_probs(h_t: torch.Tensor, head_t: torch.nn.Module, tau: float,
+                 rule: LogitRule = IDENTITY, vocab: int | None = None) -> TeacherProbs:
+    """From the teacher's last hidden states: its output layer and its family's logit `rule`
+    run one chunk at a time; the first `vocab` rows (the tokenizer's; None: all) are its
+    distribution."""
     flat = h_t.detach().flatten(0, 1)
 
     def probs(sl: slice, rows: Any) -> torch.Tensor:
         # Every chunk runs the output layer, even one with no target: under ZeRO-3 each
         # call gathers its weight, a collective all ranks must join.
-        logits = head_t(flat[sl][rows]).float()
+        logits = rule(head_t(flat[sl][rows]).float())[:, :vocab]
         return F.softmax(logits if tau == 1.0 else logits / tau, dim=-1)
 
     return probs
@@ -59,8 +65,9 @@ def chunk_grad(s: torch.Tensor, y: torch.Tensor, p_t: torch.Tensor | None, tau: 
                w: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For one chunk of fp32 logits `s` [rows, vocab] with targets `y` (IGNORE: the row has
     none): the CE sum, the KD sum against the teacher's distribution `p_t` (None: no teacher,
-    w must be 0) and the gradient of (1 - w) * CE + w * KD with respect to `s` (which it
-    overwrites), zero in rows without a target.
+    w must be 0) over the first p_t.shape[1] rows (the tokenizer's), and the gradient of
+    (1 - w) * CE + w * KD with respect to `s` (left as it is), zero in rows without a
+    target.
 
     Rows without a target are computed and then masked, not filtered out: filtering needs
     their number on the host, a sync that stalls the GPU once per chunk. Fewest passes over
@@ -74,13 +81,15 @@ def chunk_grad(s: torch.Tensor, y: torch.Tensor, p_t: torch.Tensor | None, tau: 
     kd = torch.zeros((), dtype=torch.float64, device=s.device)
     if p_t is None:  # plain CE: p - onehot
         g = log_p.exp_()
-    elif tau == 1.0:  # q = p: the gradient is p - w * p_t
+    elif tau == 1.0 and p_t.shape[1] == s.shape[1]:  # q = p: the gradient is p - w * p_t
         kd = -(((p_t * log_p).sum(-1)) @ weight).double()
         g = log_p.exp_().sub_(p_t, alpha=w)
-    else:  # (1 - w) p + w tau (q - p_t)
-        log_q = F.log_softmax(s / tau, dim=-1)
+    else:  # (1 - w) p + w tau (q - p_t), q over the tokenizer's rows
+        rows = p_t.shape[1]
+        log_q = F.log_softmax(s[:, :rows] / tau, dim=-1)
         kd = -(((p_t * log_q).sum(-1)) @ weight).double() * tau**2
-        g = log_p.exp_().mul_(1 - w).add_(log_q.exp_().sub_(p_t), alpha=w * tau)
+        g = log_p.exp_().mul_(1 - w)
+        g[:, :rows].add_(log_q.exp_().sub_(p_t), alpha=w * tau)
     g[torch.arange(len(y), device=g.device), y] -= 1 - w
     return ce, kd, g.mul_(weight[:, None])
 

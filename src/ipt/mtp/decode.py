@@ -88,7 +88,7 @@ def self_speculative(model: MTPModel, prompt: torch.Tensor, max_new: int,
     past, head_past = DynamicCache(config=model.config), DynamicCache()
 
     def predict(hs: list[torch.Tensor], at: int) -> list[int]:
-        return [int(model.unembedding(h[0, at]).argmax()) for h in hs]
+        return [int(model.logits(h[0, at]).argmax()) for h in hs]
 
     hs = model.hidden(prompt, past=past, head_past=head_past)
     candidate = predict([h[:, -1:] for h in hs], 0)  # the next token, then the drafts
@@ -103,7 +103,7 @@ def self_speculative(model: MTPModel, prompt: torch.Tensor, max_new: int,
         candidate = candidate[:max_new - len(tokens)]
         hs = model.hidden(torch.tensor([candidate]), past=past, head_past=head_past)
         forwards += 1
-        verified = model.unembedding(hs[0][0]).argmax(-1).tolist()  # head 1 after each prefix
+        verified = model.logits(hs[0][0]).argmax(-1).tolist()  # head 1 after each prefix
         a = 1
         while a < len(candidate) and candidate[a] == verified[a - 1]:
             a += 1

@@ -40,7 +40,15 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ipt.config import HEAD_TYPES
-from ipt.model import CACHE_KWARGS, FusedLM, architecture, cache_kwargs, final_norm, layer_stack
+from ipt.model import (
+    CACHE_KWARGS,
+    FusedLM,
+    architecture,
+    cache_kwargs,
+    experts,
+    final_norm,
+    layer_stack,
+)
 
 HEADS_FILE = "mtp_heads.safetensors"
 HEADS_CONFIG = "mtp_config.json"
@@ -102,6 +110,10 @@ class SequentialModule(nn.Module):
 def new_heads(lm: PreTrainedModel, count: int, head_type: str = "parallel") -> nn.ModuleList:
     """`count` freshly initialised heads (seeded by the caller); head k keeps its own KV
     cache slot k when decoding."""
+    if experts(lm.config):  # a head would be an expert layer whose router loss counts nowhere
+        raise HeadsError(f"MTP heads are decoder layers of the model's own type, and "
+                         f"{architecture(lm)} is a mixture of experts whose router loss they "
+                         "would not add; train it with loss=ntp")
     kinds = set(getattr(lm.config, "layer_types", None) or ())
     if len(kinds) > 1:  # a head gets the last layer's mask, so all layers must share one kind
         raise HeadsError(f"MTP heads need one attention type in every layer; "

@@ -32,10 +32,11 @@ from typing import Any
 
 import torch
 
-from ipt.attention import kernel_of, model_inputs
+from ipt.attention import model_inputs
 from ipt.config import TeacherConfig
 from ipt.losses import Loss, LossOutput, denominator
 from ipt.losses.kd import KDTerm, kd_losses, offline_probs, online_probs
+from ipt.losses.logits import logit_rule
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +83,17 @@ class DistillationLoss:
         # logits come from here.
         fused = getattr(self.base, "takes_kd", False)
         logits = None if fused else model(  # ZeRO sees an ordinary forward
-            input_ids=batch["input_ids"], **model_inputs(batch, kernel_of(model))).logits
-        vocab = logits.shape[-1] if logits is not None else self.vocab_size
+            input_ids=batch["input_ids"], **model_inputs(batch, model)).logits
+        # KD compares the tokenizer's rows (a padded vocabulary's padding is no token)
+        vocab = self.vocab_size or (logits.shape[-1] if logits is not None else None)
+        if vocab is None:
+            raise ValueError("DistillationLoss needs vocab_size with a loss that runs the "
+                             "model itself (loss=mtp)")
         tau = self.cfg.temperature
         if self.cfg.soft_labels:
             if "teacher_ids" not in batch:
                 raise RuntimeError(f"step {step} is in the KD phase but its batch has no soft "
                                    "labels: the loader was built without them")
-            if vocab is None:
-                raise ValueError("DistillationLoss needs vocab_size with a loss that runs "
-                                 "the model itself (loss=mtp)")
             probs = offline_probs(batch["teacher_ids"], batch["teacher_logp"], vocab, tau)
         else:
             if self.teacher is None:
@@ -103,8 +105,9 @@ class DistillationLoss:
                 self.teacher = self.reload()
             with torch.no_grad():
                 h_t = self.teacher.get_decoder()(input_ids=batch["input_ids"], **model_inputs(
-                    batch, kernel_of(self.teacher))).last_hidden_state
-            probs = online_probs(h_t, self.teacher.get_output_embeddings(), tau)
+                    batch, self.teacher)).last_hidden_state
+            probs = online_probs(h_t, self.teacher.get_output_embeddings(), tau,
+                                 logit_rule(self.teacher.config), vocab)
         if logits is None:
             takes_kd: Any = self.base  # a loss with `takes_kd` has the `kd` keyword
             out = takes_kd(model, batch, step, norm, kd=KDTerm(probs, tau, w))

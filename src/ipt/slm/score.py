@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ipt.attention import kernel_of, model_inputs
+from ipt.attention import model_inputs
 from ipt.config import SCORE_COLUMNS, ConfigError, ScoreConfig, TeacherConfig, max_len
 from ipt.data import tokenizer as tok
 from ipt.data.loader import PackedShards, stack, to_device, unstack
@@ -212,7 +212,7 @@ def score_source(model: Any, source_dir: Path, cfg: ScoreConfig, rank: int,
                 batch = to_device(unstack(stack(run)), model.device)  # with its documents
                 with torch.no_grad():
                     logits = model(input_ids=batch["input_ids"],
-                                   **model_inputs(batch, kernel_of(model))).logits
+                                   **model_inputs(batch, model)).logits
                 for w in writers:
                     w.add(logits, batch["labels"].to(logits.device))
             if bar is not None:

@@ -47,7 +47,8 @@ def check(cfg: TeacherConfig, tokenizer_dir: str) -> None:
                           f"tokenizer={tokenizer_dir!r} ({len(theirs)} vs {len(ours)} tokens, "
                           f"{diff} entries differ); KD needs the same vocabulary")
     vocab = json.loads((path / "config.json").read_text()).get("vocab_size")
-    if vocab != len(ours):
+    if vocab is None or vocab < len(ours):  # padding past the tokenizer is no token: KD
+        # compares the tokenizer's rows
         raise ConfigError(f"teacher.path={cfg.path!r} has an output layer of {vocab} tokens; "
                           f"the tokenizer has {len(ours)}")
 
@@ -56,19 +57,24 @@ def load(cfg: TeacherConfig, device: torch.device, dtype: torch.dtype,
          zero3_micro_batch: int | None = None, kernel: str = "sdpa") -> Any:
     """The teacher on this rank, frozen: eval mode, no gradients, no optimizer state.
 
-    `kernel`: the student's attention kernel (`ipt.attention`). With `zero3_micro_batch`
+    `kernel`: the student's attention kernel (`ipt.attention`), or where it does not
+    implement what the teacher's layers ask for, the fastest that does. With
+    `zero3_micro_batch`
     (the student runs ZeRO-3) the teacher is sharded across the
     ranks too, by a DeepSpeed engine without an optimizer: each rank holds 1/world of it and
     gathers a layer's weights only while that layer runs.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from ipt import attention
     from ipt.model import check_unembedding
 
     attention.register()  # the student's attention kernel, with its document masking
+    needs = attention.needs(AutoConfig.from_pretrained(resolve(cfg.path)))
+    if attention.why_not(kernel, device, dtype, training=False, model=needs) is not None:
+        kernel = attention.choose("auto", device, dtype, training=False, model=needs)
     model: Any = AutoModelForCausalLM.from_pretrained(
-        resolve(cfg.path), dtype=dtype, attn_implementation=attention.PREFIX + kernel)
+        resolve(cfg.path), dtype=dtype, attn_implementation=attention.registered_name(kernel))
     check_unembedding(model, f"teacher.path={cfg.path}")  # KD computes its logits so
     model.requires_grad_(False)
     model.eval()
