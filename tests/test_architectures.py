@@ -108,9 +108,10 @@ def test_mtp_heads_are_refused_naming_an_architecture_without_a_final_norm(data_
         new_heads(lm, 1)
 
 
-def test_a_causal_lm_that_scales_its_logits_is_refused_by_name():
-    """Cohere multiplies its logits by `logit_scale`: the fused loss, which computes them as
-    the output embedding of the last hidden state, would train another model."""
+def test_a_causal_lm_whose_logits_follow_no_known_rule_is_refused_by_name():
+    """Cohere multiplies its logits by the `logit_scale` it read at construction: with its
+    config saying otherwise, the fused loss would compute other logits than the model's, and
+    the start-up check refuses it, naming the class."""
     from transformers import AutoModelForCausalLM, CohereConfig
 
     from ipt.config import ConfigError
@@ -120,6 +121,8 @@ def test_a_causal_lm_that_scales_its_logits_is_refused_by_name():
     lm = AutoModelForCausalLM.from_config(CohereConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, logit_scale=0.0625))
+    check_unembedding(lm, "model.init_from=x")  # its rule: logits x 0.0625
+    lm.config.logit_scale = 1.0
     with pytest.raises(ConfigError, match="model.init_from=x: CohereForCausalLM computes its"):
         check_unembedding(lm, "model.init_from=x")
 

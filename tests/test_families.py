@@ -156,10 +156,18 @@ def test_a_layer_asking_for_an_unbuilt_window_raises_instead_of_dropping_it():
 
 
 def test_the_docs_table_of_families_is_this_test_list():
+    """docs/configuration.md lists these families, in this order, with their config classes
+    and the CPU kernels that compute them (the rest refused, by feature)."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
-    table = text.split("<!-- families -->")[1]
-    documented = re.findall(r"^\| `(\w+)` \|", table, flags=re.M)
-    assert documented == list(FAMILIES)
+    table = text.split("<!-- families -->")[1].split("<!-- /families -->")[0]
+    rows = re.findall(r"^\| `(\w+)` \| `(\w+)` \| [^|]+ \| ([^|]+) \|", table, flags=re.M)
+    assert [family for family, _, _ in rows] == list(FAMILIES)
+    for family, config_class, kernels in rows:
+        assert config_class == FAMILIES[family][0]
+        needs = attention.needs(config(family))
+        runs = [k for k in KERNELS if attention.why_not(k, CPU, torch.float32, training=False,
+                                                         model=needs) is None]
+        assert kernels.split(" (")[0].split(", ") == runs, family
 
 
 def test_mtp_heads_are_refused_for_a_mixture_of_experts():

@@ -11,9 +11,10 @@ which transformers has no accessor for, are found by what they are (`layer_stack
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,7 +83,9 @@ def check_unembedding(lm: PreTrainedModel, what: str) -> None:
     """Refuse a causal LM whose logits are not what the fused loss and online KD compute:
     its output embedding of its decoder's last hidden state, plus the embedding's bias,
     through its family's `LogitRule` (a logit scale, a final soft-cap). One forward of 4
-    tokens, whose decoder output a hook keeps, compared with the family's own logits."""
+    tokens, whose decoder output a hook keeps, compared with the family's own logits. A
+    partitioned model runs it inside its engine, on every rank together, and gathers only
+    its output embedding."""
     head = unembedding(lm)
     rule = logit_rule(lm.config)
     seen: list[torch.Tensor] = []
@@ -91,16 +94,18 @@ def check_unembedding(lm: PreTrainedModel, what: str) -> None:
     training = lm.training
     lm.eval()
     try:
-        theirs = lm(input_ids=torch.arange(min(4, lm.config.vocab_size))[None]).logits
+        ids = torch.arange(min(4, lm.config.vocab_size), device=next(lm.parameters()).device)
+        theirs = lm(input_ids=ids[None]).logits.float()
     finally:
         hook.remove()
         lm.train(training)
-    weight, bias = head.weight, getattr(head, "bias", None)
-    assert isinstance(weight, torch.Tensor)  # `unembedding` checked it
-    ours = seen[-1].float() @ weight.float().T
-    if isinstance(bias, torch.Tensor):
-        ours += bias.float()
-    ours, theirs = rule(ours), theirs.float()
+    with whole(head):
+        weight, bias = head.weight, getattr(head, "bias", None)
+        assert isinstance(weight, torch.Tensor)  # `unembedding` checked it
+        ours = seen[-1].float() @ weight.float().T
+        if isinstance(bias, torch.Tensor):
+            ours += bias.float()
+    ours = rule(ours)
     tol = max(1e-3, 4 * torch.finfo(weight.dtype).eps)  # bf16 rounds its logits
     scale = float(theirs.abs().max()) or 1.0
     if not torch.allclose(ours, theirs, rtol=tol, atol=tol * scale):
@@ -108,6 +113,16 @@ def check_unembedding(lm: PreTrainedModel, what: str) -> None:
                           f"its output embedding of its decoder's last hidden state (plus a "
                           f"bias) through {rule}, which ipt's fused loss and KD compute; it "
                           "cannot be trained here")
+
+
+def whole(module: torch.nn.Module) -> Any:
+    """A context in which `module`'s own parameters are whole on every rank: gathered where
+    they are ZeRO-3 partitions (every rank enters it together), as they are elsewhere."""
+    if not is_partitioned(module):
+        return contextlib.nullcontext()
+    from deepspeed.zero import GatheredParameters
+
+    return GatheredParameters(list(module.parameters(recurse=False)))
 
 
 def experts(config: Any) -> int:
@@ -186,18 +201,48 @@ def check_vocabulary(config: Any, vocab_size: int, what: str) -> None:
                           f"{vocab_size}: the tokenizer's last ids have no embedding")
 
 
+@contextlib.contextmanager
+def partitioned(ds_config: dict[str, Any] | None) -> Iterator[None]:
+    """Under ZeRO-3 (`ds_config`, the run's DeepSpeed config, at stage 3), a causal LM loaded
+    inside is partitioned across the ranks as it is built, so that no rank ever holds it
+    whole: transformers' DeepSpeed integration builds it under `deepspeed.zero.Init`, and rank
+    0 alone reads the checkpoint, copying it into the ranks' partitions one module at a time.
+    Elsewhere (ZeRO-1/2, where every rank holds the model anyway, or None) nothing changes."""
+    if ds_config is None or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    # transformers holds it by a weak reference: alive for the load, and gone after it, so
+    # nothing else (an evaluation copy, an export) is built partitioned
+    keep = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep
+
+
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """Whether `model`'s parameters are ZeRO-3 partitions (built under `partitioned`)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def build_model(cfg: ModelConfig, vocab_size: int, bos_id: int = 1, eos_id: int = 2,
-                kernel: str = "sdpa") -> PreTrainedModel:
+                kernel: str = "sdpa", zero3: dict[str, Any] | None = None) -> PreTrainedModel:
     """Random init from `cfg` (seeded by the caller), or `from_pretrained(cfg.init_from)`,
-    with ipt's attention `kernel` (see `ipt.attention`; `choose` picks it)."""
+    with ipt's attention `kernel` (see `ipt.attention`; `choose` picks it). With `zero3`
+    (the run's DeepSpeed config at stage 3), `init_from` is loaded `partitioned`. The caller
+    checks the loaded model's logits (`check_unembedding`): a partitioned model can run a
+    forward only inside its engine."""
     attention.register()
     attn = attention.registered_name(kernel)
     if cfg.init_from:
         check_vocabulary(AutoConfig.from_pretrained(cfg.init_from), vocab_size,
                          f"model.init_from={cfg.init_from}")
-        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, attn_implementation=attn,
-                                                     dtype=torch.float32)
-        check_unembedding(model, f"model.init_from={cfg.init_from}")
+        with partitioned(zero3):
+            model = AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32,
+                                                         attn_implementation=attn)
     else:
         config = llama_config(cfg, vocab_size, bos_id, eos_id)
         config._attn_implementation = attn

@@ -25,13 +25,14 @@ from ipt.checkpoint import CheckpointError, TrainerState
 from ipt.config import ConfigError, PretrainConfig, validate
 from ipt.data import tokenizer as tok
 from ipt.data.sampling import Packed, Sampling, TrainData, open_train
-from ipt.engine import Dist, build_engine, init_distributed
+from ipt.engine import Dist, build_engine, deepspeed_config, init_distributed
 from ipt.export import ExportAtEnd
 from ipt.health import AnomalyPolicy, LossAnomalies
 from ipt.losses import build_loss
 from ipt.model import (
     FusedLM,
     build_model,
+    check_unembedding,
     checkpoint_layers,
     compile_layers,
     flops_per_token,
@@ -209,8 +210,9 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests,
                                     cfg.deepspeed.stage == 3)
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    # under ZeRO-3 a checkpoint is loaded partitioned: no rank holds the whole model
     lm = build_model(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
-                     kernel)
+                     kernel, zero3=deepspeed_config(cfg, grad_accum))
     model = build_module(lm, techniques, setup)
     t = cfg.train
     recomputed = checkpoint_layers(model, t.activation_checkpointing, t.ac_every)
@@ -228,6 +230,9 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests,
                          config=as_dict(cfg))
     candidates = find_resume_point(cfg, run_dir / "checkpoints")
     engine = build_engine(model, cfg, grad_accum, lr_multiplier(cfg.schedule, cfg.train.max_steps))
+    if cfg.model.init_from:  # its logits are what the fused loss computes (in the engine: a
+        # partitioned model runs a forward there only)
+        check_unembedding(lm, f"model.init_from={cfg.model.init_from}")
     state = resume(engine, candidates, fresh, dist)
     state.config = fresh.config
 

@@ -196,7 +196,7 @@ def score_source(model: Any, source_dir: Path, cfg: ScoreConfig, rank: int,
     if cfg.soft_labels:
         assert isinstance(data, PackedShards)  # (`score` refuses them for pieces)
         outputs["soft_labels"] = _SoftLabels(source_dir, data, cfg, tokenizer_fp,
-                                             int(model.config.vocab_size))
+                                             len(tok.load(cfg.tokenizer)))
     todo = [o for o in outputs.values() if not o.finished()]
     blocks = range(0, len(data), cfg.block_size)
     bar = _progress(cfg, source_dir.name, len(data), rank) if todo else None

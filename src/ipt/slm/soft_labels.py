@@ -174,11 +174,13 @@ class SoftLabelWriter:
                                              ids_dtype(vocab), shape)
         self.logp = np.lib.format.open_memmap(f"{self.stem}.logp.tmp.npy", "w+",
                                               np.float16, shape)
-        self.at, self.k = 0, k
+        self.at, self.k, self.vocab = 0, k, vocab
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """A batch's rows; every position is stored (those without a target go unused)."""
-        ids, logp = top_k(logits, self.k)
+        """A batch's rows; every position is stored (those without a target go unused). The
+        teacher's distribution is over the tokenizer's `vocab` rows: a vocabulary padded past
+        it keeps no token there."""
+        ids, logp = top_k(logits[..., :self.vocab], self.k)
         self.ids[self.at:self.at + len(ids)] = ids
         self.logp[self.at:self.at + len(ids)] = logp
         self.at += len(ids)

@@ -60,31 +60,36 @@ def load(cfg: TeacherConfig, device: torch.device, dtype: torch.dtype,
     `kernel`: the student's attention kernel (`ipt.attention`), or where it does not
     implement what the teacher's layers ask for, the fastest that does. With
     `zero3_micro_batch`
-    (the student runs ZeRO-3) the teacher is sharded across the
-    ranks too, by a DeepSpeed engine without an optimizer: each rank holds 1/world of it and
-    gathers a layer's weights only while that layer runs.
+    (the student runs ZeRO-3) the teacher is loaded partitioned across the ranks
+    (`ipt.model.partitioned`) and run by a DeepSpeed engine without an optimizer: each rank
+    holds 1/world of it and gathers a layer's weights only while that layer runs.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ipt import attention
-    from ipt.model import check_unembedding
+    from ipt.model import check_unembedding, partitioned
 
     attention.register()  # the student's attention kernel, with its document masking
     needs = attention.needs(AutoConfig.from_pretrained(resolve(cfg.path)))
     if attention.why_not(kernel, device, dtype, training=False, model=needs) is not None:
         kernel = attention.choose("auto", device, dtype, training=False, model=needs)
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        resolve(cfg.path), dtype=dtype, attn_implementation=attention.registered_name(kernel))
-    check_unembedding(model, f"teacher.path={cfg.path}")  # KD computes its logits so
+    ds_config = None if zero3_micro_batch is None else {
+        "train_micro_batch_size_per_gpu": zero3_micro_batch, "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3}, "bf16": {"enabled": dtype == torch.bfloat16},
+        "steps_per_print": 1 << 30}
+    with partitioned(ds_config):  # under ZeRO-3 no rank holds the whole teacher
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            resolve(cfg.path), dtype=dtype,
+            attn_implementation=attention.registered_name(kernel))
     model.requires_grad_(False)
     model.eval()
-    if zero3_micro_batch is None:
-        return model.to(device)
-    import deepspeed
+    if ds_config is None:
+        model = model.to(device)
+    else:
+        import deepspeed
 
-    ds_config = {"train_micro_batch_size_per_gpu": zero3_micro_batch,
-                 "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3},
-                 "bf16": {"enabled": dtype == torch.bfloat16}, "steps_per_print": 1 << 30}
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-    engine.eval()
-    return engine.module
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        engine.eval()
+        model = engine.module
+    check_unembedding(model, f"teacher.path={cfg.path}")  # KD computes its logits so
+    return model
