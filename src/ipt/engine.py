@@ -207,8 +207,13 @@ def build_engine(model: torch.nn.Module, cfg: PretrainConfig, grad_accum: int, l
 
     check_optimizer(cfg)
     o = cfg.optim
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    # matrices decay, vectors do not; a ZeRO-3 partition (a model loaded partitioned) is flat,
+    # and its own shape is `ds_shape`
+    def matrix(p: torch.nn.Parameter) -> bool:
+        return len(getattr(p, "ds_shape", p.shape)) >= 2
+
+    decay = [p for p in model.parameters() if matrix(p)]
+    no_decay = [p for p in model.parameters() if not matrix(p)]
     groups = [{"params": decay, "weight_decay": o.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     optimizer = SkippableAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,

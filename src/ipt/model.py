@@ -120,9 +120,9 @@ def whole(module: torch.nn.Module) -> Any:
     they are ZeRO-3 partitions (every rank enters it together), as they are elsewhere."""
     if not is_partitioned(module):
         return contextlib.nullcontext()
-    from deepspeed.zero import GatheredParameters
+    import deepspeed
 
-    return GatheredParameters(list(module.parameters(recurse=False)))
+    return deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False)))
 
 
 def experts(config: Any) -> int:
@@ -223,6 +223,11 @@ def partitioned(ds_config: dict[str, Any] | None) -> Iterator[None]:
         del keep
 
 
+def numel(p: torch.Tensor) -> int:
+    """A parameter's size, whole: a ZeRO-3 partition's own `numel()` is its shard's (or 0)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def is_partitioned(model: torch.nn.Module) -> bool:
     """Whether `model`'s parameters are ZeRO-3 partitions (built under `partitioned`)."""
     return any(hasattr(p, "ds_id") for p in model.parameters())
@@ -254,11 +259,11 @@ def build_model(cfg: ModelConfig, vocab_size: int, bos_id: int = 1, eos_id: int 
 
 def _embedding_numel(model: torch.nn.Module) -> int:
     embeddings = model.get_input_embeddings()  # type: ignore[operator]
-    return int(embeddings.weight.numel())
+    return numel(embeddings.weight)
 
 
 def count_params(model: torch.nn.Module, exclude_embeddings: bool = True) -> int:
-    n = sum(p.numel() for p in model.parameters())
+    n = sum(numel(p) for p in model.parameters())
     if exclude_embeddings:
         n -= _embedding_numel(model)
     return n
@@ -276,7 +281,7 @@ def flops_per_token(model: PreTrainedModel, seq_len: int, extra_heads: int = 0,
     if head_params is None and extra_heads:
         layers = layer_stack(model)
         assert layers is not None, f"{architecture(model)} has no decoder layers to count"
-        head_params = sum(p.numel() for p in layers[-1].parameters())
+        head_params = sum(numel(p) for p in layers[-1].parameters())
     head_params = head_params or 0
     per_head = 6 * (head_params + c.vocab_size * c.hidden_size) + 12 * c.hidden_size * seq_len
     return 6 * n + 12 * c.num_hidden_layers * c.hidden_size * seq_len + extra_heads * per_head

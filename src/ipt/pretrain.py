@@ -36,6 +36,8 @@ from ipt.model import (
     checkpoint_layers,
     compile_layers,
     flops_per_token,
+    is_partitioned,
+    numel,
     source_config,
 )
 from ipt.observe import MetricsLogger, peak_flops
@@ -213,6 +215,11 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests,
     # under ZeRO-3 a checkpoint is loaded partitioned: no rank holds the whole model
     lm = build_model(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
                      kernel, zero3=deepspeed_config(cfg, grad_accum))
+    if is_partitioned(lm):
+        held = sum(p.ds_tensor.numel() for p in lm.parameters())  # type: ignore[attr-defined]
+        log.info("model.init_from=%s loaded partitioned (ZeRO-3): this rank holds %s of its "
+                 "%s parameters", cfg.model.init_from, f"{held:,}",
+                 f"{sum(numel(p) for p in lm.parameters()):,}")
     model = build_module(lm, techniques, setup)
     t = cfg.train
     recomputed = checkpoint_layers(model, t.activation_checkpointing, t.ac_every)
@@ -283,7 +290,7 @@ def _pretrain(cfg: PretrainConfig, stop_requests: StopRequests,
                       anomalies)
     if dist.is_main:
         log.info("training %s: %s params, %d ranks, grad accumulation %d, from step %d",
-                 cfg.name, f"{sum(p.numel() for p in model.parameters()):,}", dist.world_size,
+                 cfg.name, f"{sum(numel(p) for p in model.parameters()):,}", dist.world_size,
                  grad_accum, state.step)
     try:
         state = trainer.fit()
