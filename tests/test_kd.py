@@ -42,6 +42,32 @@ def setup(vocab: int, n: int = 2, seq: int = 64):
     return h_s, h_t, labels, head_s, head_t
 
 
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_kd_between_vocabularies_padded_otherwise_compares_the_tokenizers_rows(tau):
+    """A student of 300 rows and a teacher of 320, over one tokenizer of 280 tokens: KD is
+    the cross-entropy of their softmaxes over the 280 rows, CE keeps all 300 of the
+    student's, and the gradients are those of that loss (rows past 280 get CE's alone)."""
+    from ipt.losses.logits import LogitRule
+
+    h_s, h_t, labels, head_s, _ = setup(vocab=300)
+    labels = labels.clamp(max=279).masked_fill(labels == IGNORE, IGNORE)
+    head_t = torch.nn.Linear(16, 320, bias=False).requires_grad_(False)
+    w, rows = 0.4, 280
+    probs = online_probs(h_t, head_t, tau, LogitRule(), vocab=rows)
+    mixed, ce, kd, _ = kd_losses(head_s(h_s), labels, probs, tau, w, 17)
+    mixed.backward()
+    grads = h_s.grad.clone(), head_s.weight.grad.clone()
+    h_s.grad = head_s.weight.grad = None
+    keep = labels.flatten() != IGNORE
+    s = head_s(h_s).flatten(0, 1)[keep]
+    t = head_t(h_t).flatten(0, 1)[keep][:, :rows]
+    ce0 = F.cross_entropy(s, labels.flatten()[keep], reduction="sum")
+    kd0 = -(F.softmax(t / tau, -1) * F.log_softmax(s[:, :rows] / tau, -1)).sum() * tau**2
+    ((1 - w) * ce0 + w * kd0).backward()
+    torch.testing.assert_close((ce, kd), (ce0, kd0))
+    torch.testing.assert_close(grads, (h_s.grad, head_s.weight.grad))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_kd_equals_the_full_logit_computation_with_its_gradients(dtype):
     h_s, h_t, labels, head_s, head_t = setup(vocab=300)
