@@ -156,3 +156,60 @@ def test_mtp_heads_of_each_family_see_only_their_document(family, head_type, dat
     # first document see the second's, so compare the second document only
     for p, a in zip(packed, alone, strict=True):
         torch.testing.assert_close(p[:, 11:], a, rtol=1e-4, atol=1e-5)
+
+
+# One family for each thing ipt computes as the family does, beyond the Llama layout:
+# soft-caps and local layers (eager), experts (the router loss), a logit scale, an output bias.
+EXPORTED = ["gemma2", "qwen3_moe", "mixtral", "cohere", "phi"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", EXPORTED)
+def test_each_family_trains_on_the_entry_point_and_its_export_computes_what_ipt_does(
+        family, data_dir, tmp_path):
+    """Two steps from the family's folder (loss=ntp, attention auto); the export loads in
+    transformers as the same class and config, and its eager forward of each document alone
+    gives the per-token loss ipt computes for them packed."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from ipt import attention
+    from ipt.config import ModelConfig
+    from ipt.data import tokenizer as tok
+    from ipt.losses.base import IGNORE
+    from ipt.model import FusedLM, build_model
+
+    from . import families
+    from .test_families import packed_batch, relative, their_losses
+
+    tokenizer = tok.load(data_dir / "tokenizer")
+    folder = tmp_path / "folder"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(families.config(family, vocab=len(tokenizer))
+                                     ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    run = tmp_path / "run"
+    run_pretrain(tiny_overrides(data_dir, run, **{
+        "model.init_from": folder, "train.max_steps": 2, "train.eval_every": 0,
+        "train.checkpoint_every": 2, "train.export_at_end": True}))
+    rows = read_metrics(run / "metrics.jsonl")
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    if family in ("qwen3_moe", "mixtral"):
+        assert all(r["router_aux"] > 0 for r in rows)
+
+    theirs = AutoModelForCausalLM.from_pretrained(run / "hf", attn_implementation="eager")
+    original = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(theirs) is type(original)
+    assert attention.needs(theirs.config) == attention.needs(original.config)
+    kernel = attention.choose("auto", torch.device("cpu"), torch.float32,
+                              model=attention.needs(theirs.config))
+    ours = FusedLM(build_model(ModelConfig(name="x", init_from=str(run / "hf")),
+                               len(tokenizer), kernel=kernel)).eval()
+    batch, docs = packed_batch()
+    keep = batch["labels"].flatten() != IGNORE
+    with torch.no_grad():
+        h = ours.hidden(batch["input_ids"], documents=attention.model_inputs(batch, ours))[0]
+        per_token = F.cross_entropy(ours.logits(h).flatten(0, 1),
+                                    batch["labels"].flatten().clamp(min=0), reduction="none")
+        reference, _ = their_losses(theirs.eval(), docs)
+    assert relative(per_token[keep], reference[keep]) < 1e-5
