@@ -14,9 +14,12 @@ the causal LM, then the DeepSpeed engine with its AdamW. Two arms:
   model under `deepspeed.zero.Init`, each parameter partitioned as it is made, and rank 0
   alone reads the checkpoint, copying it into the partitions a module at a time.
 
-Each rank reports its peak resident memory (VmHWM, which counts the checkpoint's mapped file
-pages too) and its peak anonymous memory (sampled RssAnon: what it allocated itself), after the
-load and after the engine is made, and the seconds each took.
+Each rank reports, above what it held before the load (torch, DeepSpeed and transformers
+imported, the ranks joined): the anonymous memory it holds once the model is loaded
+(`loaded_anon_gb`), its peak during the load (`load_peak_anon_gb`, RssAnon sampled every 10 ms)
+and after the engine is made (`peak_anon_gb`, AdamW's states included); its peak resident
+memory (`load_peak_rss_gb`, VmHWM, which also counts the checkpoint's mapped file pages), and
+the load's seconds. Each figure is the larger rank's; `ratio_*` is partitioned / every rank.
 
 `make bench ARGS=load-memory` runs it with the defaults (about 4 GB of disk, a few minutes).
 """
@@ -125,18 +128,21 @@ def worker(path: str, arm: str, out: str) -> None:
                  "zero_optimization": {"stage": 3}, "bf16": {"enabled": False},
                  "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
                  "steps_per_print": 1 << 30}
+    base = _status("RssAnon")  # torch, DeepSpeed and transformers imported, ranks joined
     start = time.perf_counter()
     lm = build_model(ModelConfig(name="load", init_from=path), VOCAB, kernel="sdpa",
                      zero3=ds_config if arm == "partitioned" else None)
     loaded = time.perf_counter()
     row: dict[str, Any] = {"rank": dist.rank, "load_s": loaded - start,
-                           "load_peak_rss_gb": _status("VmHWM") / 1e9,
-                           "load_peak_anon_gb": peak.read() / 1e9}
+                           "base_anon_gb": base / 1e9,
+                           "loaded_anon_gb": (_status("RssAnon") - base) / 1e9,
+                           "load_peak_anon_gb": (peak.read() - base) / 1e9,
+                           "load_peak_rss_gb": _status("VmHWM") / 1e9}
     model = FusedLM(lm)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     row |= {"engine_s": time.perf_counter() - loaded, "peak_rss_gb": _status("VmHWM") / 1e9,
-            "peak_anon_gb": peak.read() / 1e9}
+            "peak_anon_gb": (peak.read() - base) / 1e9}
     Path(out).with_suffix(f".{dist.rank}.json").write_text(json.dumps(row))
 
 
@@ -162,14 +168,11 @@ def run(sizes: list[str] | None = None, ranks: int = 2,
         for arm in ARMS:
             ranks_rows = measure(path, arm, ranks)
             key = arm.replace(" ", "_")
-            for field in ("load_peak_rss_gb", "load_peak_anon_gb", "peak_rss_gb",
-                          "peak_anon_gb"):
-                row[f"{key}_{field}_max_rank"] = max(r[field] for r in ranks_rows)
-            row[f"{key}_rank0_peak_anon_gb"] = ranks_rows[0]["peak_anon_gb"]
-            row[f"{key}_rank1_peak_anon_gb"] = ranks_rows[-1]["peak_anon_gb"]
-            row[f"{key}_load_s"] = max(r["load_s"] for r in ranks_rows)
-        row["peak_anon_ratio_max_rank"] = row["partitioned_peak_anon_gb_max_rank"] \
-            / row["every_rank_peak_anon_gb_max_rank"]
+            for field in ("loaded_anon_gb", "load_peak_anon_gb", "peak_anon_gb",
+                          "load_peak_rss_gb", "load_s"):
+                row[f"{key}_{field}"] = max(r[field] for r in ranks_rows)  # the larger rank
+        for field in ("loaded_anon_gb", "load_peak_anon_gb", "peak_anon_gb"):
+            row[f"ratio_{field}"] = row[f"partitioned_{field}"] / row[f"every_rank_{field}"]
         results.append(row)
     return results
 

@@ -72,6 +72,10 @@ def main(argv: list[str]) -> None:
         import decompose
 
         results.append(decompose.run(data))
+    if "load-memory" in only:  # only when named: it writes about 4 GB of checkpoints
+        import load_memory
+
+        results.extend(load_memory.run())
     if "loader-scale" in only:  # only when named: it writes about 10 GB of corpora
         import loader_scale
 

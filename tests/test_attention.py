@@ -28,15 +28,17 @@ def test_the_block_diagonal_mask_keeps_documents_and_rows_apart():
     assert mask[1, 0].int().tolist() == torch.ones(4, 4).tril().int().tolist()
 
 
+@pytest.mark.parametrize("window", [None, 16])
 @pytest.mark.parametrize("kernel", attention.KERNELS)
-def test_packed_logits_equal_each_document_alone(kernel):
+def test_packed_logits_equal_each_document_alone(kernel, window):
     """B = 3 rows of packed documents give the logits each document gets alone, with a
-    backward where the kernel has one here (flex has none on the CPU)."""
+    backward where the kernel has one here (flex has none on the CPU); with a sliding window
+    (a Mistral), too."""
     grad = attention.why_not(kernel, CPU, torch.float32, training=True) is None
     why = attention.why_not(kernel, CPU, torch.float32, training=False)
     if why is not None:
         pytest.skip(f"{kernel} cannot run on this machine: {why}")
-    assert attention.parity_error(kernel, CPU, grad=grad) < 1e-4
+    assert attention.parity_error(kernel, CPU, grad=grad, window=window) < 1e-4
 
 
 def test_a_bare_call_with_restarting_positions_is_masked_too_and_leaks_without():

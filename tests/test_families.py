@@ -178,3 +178,28 @@ def test_mtp_heads_are_refused_for_a_mixture_of_experts():
     lm = AutoModelForCausalLM.from_config(config("mixtral"))
     with pytest.raises(HeadsError, match="MixtralForCausalLM is a mixture of experts"):
         new_heads(lm, 1)
+
+
+def test_activation_checkpointing_keeps_the_router_loss_and_its_gradients():
+    """The router logits a mixture of experts records in its forward reach the loss once,
+    and the recomputation in the backward adds no second router loss."""
+    from ipt.losses.fused import head_targets
+    from ipt.model import FusedLM, checkpoint_layers
+
+    batch, _ = packed_batch()
+    targets = head_targets(batch["input_ids"], batch["labels"], 1, None)
+    count = int((batch["labels"] != IGNORE).sum())
+    runs = []
+    for mode in ("none", "full"):
+        ours, _ = twins("mixtral", "sdpa")
+        model = FusedLM(ours).train()
+        checkpoint_layers(model, mode)
+        loss, _, _, router = model(input_ids=batch["input_ids"], targets=targets,
+                                   scales=[1 / count],
+                                   documents=attention.model_inputs(batch, model))
+        loss.backward()
+        runs.append((float(loss), float(router),
+                     {n: p.grad.clone() for n, p in ours.named_parameters()}))
+    (loss_a, router_a, grads_a), (loss_b, router_b, grads_b) = runs
+    assert (loss_a, router_a) == (loss_b, router_b)
+    assert all(relative(grads_b[n], grads_a[n]) < TOL for n in grads_a)

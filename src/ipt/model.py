@@ -217,10 +217,34 @@ def partitioned(ds_config: dict[str, Any] | None) -> Iterator[None]:
     # nothing else (an evaluation copy, an export) is built partitioned
     keep = HfDeepSpeedConfig(ds_config)
     try:
-        yield
+        with _freed_memory_returned():
+            yield
     finally:
         unset_hf_deepspeed_config()
         del keep
+
+
+@contextlib.contextmanager
+def _freed_memory_returned() -> Iterator[None]:
+    """On a CPU-only machine, where the partitions live in host memory: each parameter is
+    made whole, split, and its whole buffer freed, and glibc's malloc, whose threshold for
+    giving a large buffer its own mapping grows as such buffers are freed, soon keeps them in
+    its heap, never returned: the partitioned load then held as much memory as the whole
+    model. A fixed threshold of 1 MiB (from here on) and a trim after the load keep what a
+    rank holds at its partitions (bench/load_memory.py). A no-op elsewhere (no glibc, or a
+    GPU, where the partitions are made on the device)."""
+    libc = None
+    if not torch.cuda.is_available() and sys.platform == "linux":
+        import ctypes
+
+        with contextlib.suppress(OSError):
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.malloc_trim(0)
 
 
 def numel(p: torch.Tensor) -> int:
