@@ -52,6 +52,10 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
                                 intermediate_size=None), "learned positions; LayerNorm"),
     "phi": ("PhiConfig", dict(partial_rotary_factor=0.5, num_key_value_heads=None),
             "an output bias (Phi-2); partial rotary"),
+    "gpt_oss": ("GptOssConfig", dict(head_dim=8, num_local_experts=4, sliding_window=WINDOW,
+                                     layer_types=["sliding_attention", "full_attention"],
+                                     **EXPERTS),
+                "attention sinks; experts; local and global layers"),
 }
 
 
