@@ -10,7 +10,7 @@ the causal LM, then the DeepSpeed engine with its AdamW. Two arms:
 
 - `every rank` (before issue 38): each rank builds the whole model in fp32 with
   `from_pretrained`, and DeepSpeed partitions it when the engine is made;
-- `partitioned` (`ipt.model.partitioned`): transformers' DeepSpeed integration builds the
+- `partitioned` (`ipt.zero3.partitioned`): transformers' DeepSpeed integration builds the
   model under `deepspeed.zero.Init`, each parameter partitioned as it is made, and rank 0
   alone reads the checkpoint, copying it into the partitions a module at a time.
 

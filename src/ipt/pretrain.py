@@ -36,8 +36,6 @@ from ipt.model import (
     checkpoint_layers,
     compile_layers,
     flops_per_token,
-    is_partitioned,
-    numel,
     source_config,
 )
 from ipt.observe import MetricsLogger, peak_flops
@@ -45,6 +43,7 @@ from ipt.schedule import lr_multiplier
 from ipt.technique import Flops, Setup, Technique
 from ipt.techniques import configured
 from ipt.trainer import Stopped, StopRequests, Trainer, TrainerOptions
+from ipt.zero3 import is_partitioned, numel
 
 log = logging.getLogger(__name__)
 

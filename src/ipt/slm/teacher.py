@@ -61,13 +61,14 @@ def load(cfg: TeacherConfig, device: torch.device, dtype: torch.dtype,
     implement what the teacher's layers ask for, the fastest that does. With
     `zero3_micro_batch`
     (the student runs ZeRO-3) the teacher is loaded partitioned across the ranks
-    (`ipt.model.partitioned`) and run by a DeepSpeed engine without an optimizer: each rank
+    (`ipt.zero3.partitioned`) and run by a DeepSpeed engine without an optimizer: each rank
     holds 1/world of it and gathers a layer's weights only while that layer runs.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ipt import attention
-    from ipt.model import check_unembedding, partitioned
+    from ipt.model import check_unembedding
+    from ipt.zero3 import partitioned
 
     attention.register()  # the student's attention kernel, with its document masking
     needs = attention.needs(AutoConfig.from_pretrained(resolve(cfg.path)))
