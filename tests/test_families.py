@@ -203,3 +203,15 @@ def test_activation_checkpointing_keeps_the_router_loss_and_its_gradients():
     (loss_a, router_a, grads_a), (loss_b, router_b, grads_b) = runs
     assert (loss_a, router_a) == (loss_b, router_b)
     assert all(relative(grads_b[n], grads_a[n]) < TOL for n in grads_a)
+
+
+def test_attention_dropout_is_a_feature_a_kernel_implements_or_is_refused_for():
+    """GPT-2 drops attention weights in training (`attn_pdrop`, 0.1 by default): flex, which
+    cannot, is refused by name, and SDPA, which can, is chosen."""
+    from transformers import GPT2Config
+
+    needs = attention.needs(GPT2Config())
+    assert needs.dropout == 0.1
+    assert "attention dropout" in attention.why_not("flex", torch.device("cuda"), torch.float32,
+                                                    model=needs)
+    assert attention.choose("auto", CPU, torch.float32, model=needs) == "sdpa"

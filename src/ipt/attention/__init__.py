@@ -112,7 +112,8 @@ def needs(config: Any) -> Needs:
                  windows=(int(window),) if window else (),
                  softcap=getattr(config, "attn_logit_softcapping", None),
                  sinks=getattr(config, "model_type", None) in SINK_FAMILIES,
-                 dropout=float(getattr(config, "attention_dropout", 0.0) or 0.0),
+                 dropout=float(getattr(config, "attention_dropout", None)  # GPT-2: attn_pdrop
+                               or getattr(config, "attn_pdrop", None) or 0.0),
                  unsupported=tuple(sorted({t for t in types if t not in LAYER_TYPES})))
 
 
