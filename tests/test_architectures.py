@@ -12,6 +12,7 @@ import torch
 
 from ipt.observe import read_metrics
 
+from . import families
 from .conftest import run_pretrain, tiny_overrides
 
 # A tiny random model of each family (hidden size 32, 2 layers), and the MTP head type its
@@ -158,13 +159,8 @@ def test_mtp_heads_of_each_family_see_only_their_document(family, head_type, dat
         torch.testing.assert_close(p[:, 11:], a, rtol=1e-4, atol=1e-5)
 
 
-# One family for each thing ipt computes as the family does, beyond the Llama layout:
-# soft-caps and local layers (eager), experts (the router loss), a logit scale, an output bias.
-EXPORTED = ["gemma2", "qwen3_moe", "mixtral", "cohere", "phi"]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("family", EXPORTED)
+@pytest.mark.parametrize("family", list(families.FAMILIES))
 def test_each_family_trains_on_the_entry_point_and_its_export_computes_what_ipt_does(
         family, data_dir, tmp_path):
     """Two steps from the family's folder (loss=ntp, attention auto); the export loads in
@@ -179,7 +175,6 @@ def test_each_family_trains_on_the_entry_point_and_its_export_computes_what_ipt_
     from ipt.losses.base import IGNORE
     from ipt.model import FusedLM, build_model
 
-    from . import families
     from .test_families import packed_batch, relative, their_losses
 
     tokenizer = tok.load(data_dir / "tokenizer")
@@ -194,7 +189,7 @@ def test_each_family_trains_on_the_entry_point_and_its_export_computes_what_ipt_
         "train.checkpoint_every": 2, "train.export_at_end": True}))
     rows = read_metrics(run / "metrics.jsonl")
     assert all(math.isfinite(r["loss"]) for r in rows)
-    if family in ("qwen3_moe", "mixtral"):
+    if families.FAMILIES[family][1].get("output_router_logits"):
         assert all(r["router_aux"] > 0 for r in rows)
 
     theirs = AutoModelForCausalLM.from_pretrained(run / "hf", attn_implementation="eager")

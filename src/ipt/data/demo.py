@@ -55,10 +55,13 @@ def base_closure(root: str = "ipt") -> set[str] | None:
 
 def package_descriptions(min_chars: int) -> dict[str, str]:
     """Name -> long description (markdown or reStructuredText) of each package ipt needs
-    (`base_closure`; every installed one when ipt itself is not installed)."""
+    (`base_closure`; every installed one when ipt itself is not installed), but not ipt's
+    own: its README changes with the project, and the demo's corpus (its tokenizer, and the
+    tiny synthesizer trained on it) must not."""
     from packaging.utils import canonicalize_name
 
-    wanted = base_closure()
+    closure = base_closure()
+    wanted = None if closure is None else closure - {"ipt"}
     out = {}
     for dist in importlib.metadata.distributions():
         if wanted is not None and canonicalize_name(dist.metadata["Name"] or "") not in wanted:
