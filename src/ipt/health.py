@@ -261,8 +261,11 @@ class HangWatchdog:
             done.set()
             thread.join()
 
+    def _check_every(self) -> float:
+        return min(self.timeout / 4, 10.0)
+
     def _watch(self) -> None:
-        while not self._done.wait(min(self.timeout / 4, 10.0)):
+        while not self._done.wait(self._check_every()):
             idle = time.monotonic() - self._last
             if idle > self.timeout:
                 self._expire(idle)
@@ -281,6 +284,12 @@ class HangWatchdog:
         try:
             os.write(STDERR_FD, message.encode())
             faulthandler.dump_traceback(file=STDERR_FD, all_threads=True)
+            if self.doing:
+                # ranks waiting on one another's solo work (`Solo`) see the same stall, and
+                # their watchdogs fire within a check and a relayed beat of this one: wait
+                # that long before ending the job, so that the launcher, which stops every
+                # rank once one exits, does not stop them before they report
+                time.sleep(self._check_every() + 1.0)
         finally:
             os._exit(EXIT_HUNG)
 
