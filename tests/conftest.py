@@ -221,3 +221,22 @@ def scored_copy(data_dir: Path, slm: Path, root: Path, **options: Any) -> tuple[
                             sources={n: str(root / "shards" / n) for n in sources},
                             progress_bar="never", **options))
     return root, out
+
+
+def bpe_tokenizer(data_dir: Path, out: Path) -> Path:
+    """A byte-level BPE tokenizer with an EOS and no BOS, as Qwen's, trained on the demo
+    docstrings."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    lines = (data_dir / "raw" / "docstrings.jsonl").read_text().splitlines()
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator((json.loads(x)["text"] for x in lines), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(out)
+    return out

@@ -15,24 +15,7 @@ import torch
 
 from ipt.observe import read_metrics
 
-from .conftest import run_entry, run_pretrain, tiny_overrides
-
-
-def bpe_tokenizer(data_dir: Path, out: Path) -> Path:
-    """A byte-level BPE tokenizer with an EOS and no BOS, as Qwen's, trained on the demo
-    docstrings."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    lines = (data_dir / "raw" / "docstrings.jsonl").read_text().splitlines()
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator((json.loads(x)["text"] for x in lines), trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(out)
-    return out
+from .conftest import bpe_tokenizer, run_entry, run_pretrain, tiny_overrides
 
 
 def qwen25(tokenizer_dir: Path, out: Path, layers: int, padded_to: int) -> Path:

@@ -19,7 +19,7 @@ from ipt.config import ConfigError, PrepareConfig, SourceConfig
 from ipt.data.prepare import pieces, prepare
 from ipt.data.shards import ShardSet
 
-from .conftest import ROOT
+from .conftest import ROOT, bpe_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -310,19 +310,7 @@ def test_resuming_with_the_same_settings_and_other_workers_goes_on(data_dir, sma
 def bosless_tokenizer(data_dir, tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer with an EOS and no BOS, as Qwen's: trained on the demo
     docstrings and saved as a `transformers` folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    lines = (data_dir / "raw" / "docstrings.jsonl").read_text().splitlines()
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator((json.loads(x)["text"] for x in lines), trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    out = tmp_path_factory.mktemp("bosless_tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(out)
-    return out
+    return bpe_tokenizer(data_dir, tmp_path_factory.mktemp("bosless_tokenizer"))
 
 
 def test_a_tokenizer_without_bos_gives_documents_without_one(data_dir, small_corpus,
