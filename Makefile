@@ -15,7 +15,7 @@ DEMO_WORLD ?= runs/demo-world
 # CI runs the slow end-to-end tests too; `make test` locally skips them (`make test-slow` runs them).
 PYTEST_SELECT := $(if $(CI),,-m "not slow")
 
-.PHONY: setup train test test-slow bench experiment-salt experiment-ipt experiment-dd experiment-knowledge lint clean slurm check-latest lock gpu-kit check-gpu-versions
+.PHONY: setup demo-synth train test vllm test-vllm test-slow bench experiment-salt experiment-ipt experiment-dd experiment-knowledge lint clean slurm check-latest lock gpu-kit check-gpu-versions
 
 setup: $(STAMP)
 
@@ -68,7 +68,9 @@ WORLD := $(DEMO_DATA)/world
 SYNTH := $(PY) data_pipeline/synthesize.py valid_fraction=$(DEMO_HELDOUT)
 PREP  := $(PY) data_pipeline/prepare.py tokenizer=$(DEMO_DATA)/tokenizer out=$(DEMO_DATA)/shards \
 	valid_fraction=$(DEMO_HELDOUT)
-train: $(STAMP)
+# Steps 1-3 alone (`make demo-synth`): the tiny synthesizer, exported to $(DEMO_SYNTH)/hf,
+# which the vLLM tests serve too.
+demo-synth: $(STAMP)
 	$(PY) data_pipeline/demo_data.py out=$(DEMO_DATA)
 	$(SYNTH) source.path=$(DEMO_DATA)/raw/docstrings.jsonl source.id_field=id \
 		out=$(DEMO_DATA)/synth/rules fraction=0.2 synth.tokenizer=$(DEMO_DATA)/tokenizer
@@ -76,6 +78,8 @@ train: $(STAMP)
 		+sources.synth_tuning.format=synth_tuning +sources.docstrings_ipt.path=$(DEMO_DATA)/synth/rules
 	NPROC=$(NPROC) bash launch/torchrun.sh train/finetune.py experiment=synth_demo \
 		data.root=$(DEMO_DATA) run_dir=$(DEMO_SYNTH)
+
+train: demo-synth
 	$(SYNTH) source.path=$(DEMO_DATA)/raw/packages out=$(DEMO_DATA)/synth/tiny max_docs=64 \
 		synth=hf synth.model=$(DEMO_SYNTH)/hf synth.context=512 synth.max_text_tokens=128 \
 		synth.max_new_tokens=128
@@ -159,6 +163,27 @@ check-gpu-versions: $(STAMP)
 		PATH=$(abspath $(GPUNODE_VENV))/bin:$$PATH KIT=$(GPUNODE_VENV)/no-kit \
 		DATA=gpu-kit/data/gpubench bash bench/gpu_session.sh --quick $(or $(TMP),/tmp)/gpu-session; \
 	else echo "bench/gpu_session.sh: not there yet, skipped"; fi
+
+# The synthesizer's server: vLLM in a virtualenv of its own, from a lock of its own (every
+# package pinned, installed --no-deps): the CPU build here, the CUDA build where nvidia-smi
+# finds a GPU (or VLLM_BUILD=cpu|cuda). Its pins (transformers<5.20) are not the trainer's.
+VLLM_VENV  ?= .venv-vllm
+VLLM_BUILD ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+VLLM_LOCK  := constraints-vllm-$(VLLM_BUILD).txt
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat $(VLLM_LOCK) | cksum | cut -d' ' -f1)
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(VLLM_LOCK)
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -r $(VLLM_LOCK)
+	$(VLLM_VENV)/bin/python -W ignore -c "import vllm.entrypoints.openai.api_server" 2>/dev/null
+	rm -f $(VLLM_VENV)/.installed-* && touch $@
+
+# The synthesize stage against a real vLLM server serving the demo's synthesizer, which it
+# trains first (`make demo-synth` into a scratch folder): tests/test_vllm.py.
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	IPT_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q --vllm \
+		tests/test_vllm.py $(ARGS)
 
 # A one-node SLURM cluster on this machine (root; installs Debian's slurm + munge if missing)
 slurm:

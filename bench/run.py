@@ -56,6 +56,10 @@ def main(argv: list[str]) -> None:
         import synth_throughput
 
         results.extend(synth_throughput.run(data))
+    if "synth-vllm" in only:  # only when named: it needs vLLM's virtualenv (make vllm)
+        import synth_throughput
+
+        results.extend(synth_throughput.run_vllm(data))
     if not only or "kd" in only:
         import kd_cost
 

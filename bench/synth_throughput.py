@@ -5,6 +5,11 @@
 - `openai`: the client at increasing concurrency against the server's own limit: all prompts
   in one request, generated in the server's largest batches with no HTTP round trips.
 - `rules`: documents/s on one core, the whole stage (read, mine, write) and the miner alone.
+- `vllm` (with `make vllm`; `make bench ARGS=synth-vllm`): the synthesize stage (read, prompt,
+  send, parse, write) against a real vLLM server, in output tokens/s, against vLLM's own
+  offline engine (`LLM.generate`, bench/vllm_offline.py) on the same prompts and greedy
+  generations; at several `synth.concurrency`. Then chained rounds 1-3 with vLLM's prefix
+  caching on and off: the hit rate the stage's summary reads from `/metrics`, and the speed.
 
 The model is the demo's tiny synthesizer when `make train` has built it, else a random tiny
 Llama of the same shape (speed does not depend on the weights, only on how many tokens are
@@ -14,6 +19,7 @@ generated, which both sides of each comparison share).
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import threading
 import time
@@ -25,12 +31,14 @@ from ipt.config import ModelConfig, SourceConfig, SynthBackendConfig, Synthesize
 from ipt.data import pairs as fmt
 from ipt.data import tokenizer as tok
 from ipt.model import build_model
+from ipt.synth import vllm
 from ipt.synth.backend import Request, TokenCounter
+from ipt.synth.backends import RulesBackend
 from ipt.synth.hf import Generator
 from ipt.synth.openai import OpenAIBackend
 from ipt.synth.rules import Miner
 from ipt.synth.server import make_server
-from ipt.synth.stage import synthesize
+from ipt.synth.stage import GroupRun, synthesize
 
 
 def model_dir(data: Path, tmp: Path) -> Path:
@@ -120,3 +128,108 @@ def run(data: Path) -> list[dict]:
                rules_per_core(data, tmp)]
         out[0]["model"] = out[1]["model"] = str(model)
     return out
+
+
+# The vLLM arms: the demo synthesizer's settings (`make train`), on the demo's docstrings.
+VLLM_SYNTH = {"context": 512, "max_text_tokens": 128, "max_new_tokens": 128}
+SERVE = ("--dtype", "float32")
+
+
+def stage_prompts(docs: Path, model: Path, tmp: Path) -> list[str]:
+    """The prompts the synthesize stage sends for `docs` in one round, made by its own code."""
+    counter = RulesBackend(SynthBackendConfig(kind="rules", tokenizer=str(model), **VLLM_SYNTH))
+    cfg = SynthesizeConfig(source=SourceConfig(name="docs", path=str(docs), id_field="id"),
+                           out=str(tmp / "unused"), rounds=1, valid_fraction=0.0,
+                           docs_per_shard=10**9)
+    from ipt.data import sources as src
+
+    run = GroupRun(counter, cfg, 0, list(src.read(cfg.source)))
+    return [link.request.prompt for link in run.start()]
+
+
+def stage_run(docs: Path, out: Path, url: str, model: Path, concurrency: int,
+              rounds: int = 1) -> dict:
+    synth = SynthBackendConfig(kind="openai", url=url, model="synth", tokenizer=str(model),
+                               concurrency=concurrency, **VLLM_SYNTH)
+    cfg = SynthesizeConfig(source=SourceConfig(name="docs", path=str(docs), id_field="id"),
+                           out=str(out), synth=synth, rounds=rounds, valid_fraction=0.0,
+                           progress_bar="never")
+    start = time.perf_counter()
+    summary = synthesize(cfg)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "generated_tokens": summary["generated_tokens"],
+            "tokens_s": summary["generated_tokens"] / seconds, "docs_s": summary["docs"] / seconds,
+            "parse_rate": summary["parse_rate"], "server": summary["server"]}
+
+
+def reset_prefix_cache(url: str) -> None:
+    import httpx
+
+    r = httpx.post(url.removesuffix("/v1") + "/reset_prefix_cache", timeout=60)
+    r.raise_for_status()
+
+
+def vllm_stage_vs_offline(data: Path, model: Path, tmp: Path, n: int = 512,
+                          concurrency: tuple[int, ...] = (16, 64, 256)) -> list[dict]:
+    """The stage's output tokens/s against vLLM's offline engine on the same prompts."""
+    import subprocess
+
+    docs = tmp / "docs.jsonl"
+    docs.write_text("".join((data / "raw" / "docstrings.jsonl").open().readlines()[:n]))
+    prompts = stage_prompts(docs, model, tmp)
+    (tmp / "prompts.json").write_text(json.dumps(prompts))
+    offline = tmp / "offline.json"
+    subprocess.run([str(vllm.python()), str(Path(__file__).parent / "vllm_offline.py"),
+                    "--model", str(model), "--prompts", str(tmp / "prompts.json"),
+                    "--max-tokens", str(VLLM_SYNTH["max_new_tokens"]), "--out", str(offline)],
+                   check=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    own = json.loads(offline.read_text())
+    result: dict = {"benchmark": "synth_vllm_stage_vs_offline_engine", "docs": n,
+                    "max_new_tokens": VLLM_SYNTH["max_new_tokens"],
+                    "offline_tokens_s": own["tokens_s"],
+                    "offline_generated_tokens": own["generated_tokens"]}
+    with vllm.Server(model, args=SERVE, log=tmp / "server.log",
+                     env={"VLLM_SERVER_DEV_MODE": "1"}) as server:
+        result["server_start_s"] = server.started_s
+        for c in concurrency:
+            reset_prefix_cache(server.url)  # each run starts as cold as the offline one
+            run = stage_run(docs, tmp / f"stage_c{c}", server.url, model, c)
+            result[f"stage_tokens_s_concurrency_{c}"] = run["tokens_s"]
+            result[f"ratio_concurrency_{c}"] = run["tokens_s"] / own["tokens_s"]
+            result[f"generated_tokens_concurrency_{c}"] = run["generated_tokens"]
+    return [result]
+
+
+def vllm_prefix_caching(data: Path, model: Path, tmp: Path, n: int = 384,
+                        concurrency: int = 64) -> list[dict]:
+    """Chained rounds 1-3 against vLLM with its prefix caching on and off."""
+    docs = tmp / "chain_docs.jsonl"
+    docs.write_text("".join((data / "raw" / "docstrings.jsonl").open().readlines()[-n:]))
+    out = []
+    for caching in (True, False):
+        args = SERVE if caching else (*SERVE, "--no-enable-prefix-caching")
+        with vllm.Server(model, args=args, log=tmp / f"server_{caching}.log",
+                         env={"VLLM_SERVER_DEV_MODE": "1"}) as server:
+            for rounds in (1, 2, 3):
+                if caching:
+                    reset_prefix_cache(server.url)
+                run = stage_run(docs, tmp / f"chain_{caching}_{rounds}", server.url, model,
+                                concurrency, rounds)
+                out.append({"benchmark": "synth_vllm_prefix_caching", "docs": n,
+                            "prefix_caching": caching, "rounds": rounds,
+                            "concurrency": concurrency, "seconds": run["seconds"],
+                            "tokens_s": run["tokens_s"], "docs_s": run["docs_s"],
+                            "parse_rate": run["parse_rate"],
+                            "prompt_tokens": run["server"].get("prompt_tokens"),
+                            "prefix_cache_hit_rate": run["server"]["prefix_cache_hit_rate"]})
+    return out
+
+
+def run_vllm(data: Path) -> list[dict]:
+    if not vllm.python().exists():
+        return [{"benchmark": "synth_vllm", "skipped": f"{vllm.python()} not found: make vllm"}]
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        model = model_dir(data, tmp)
+        return [*vllm_stage_vs_offline(data, model, tmp), *vllm_prefix_caching(data, model, tmp)]

@@ -24,6 +24,21 @@ from .warm import Warm, WarmProcess
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--vllm", action="store_true",
+                     help="run the tests against a real vLLM server (make test-vllm)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The vLLM tests need vLLM's own virtualenv (`make vllm`): `make test-vllm` runs them."""
+    if config.getoption("--vllm"):
+        return
+    skip = pytest.mark.skip(reason="a real vLLM server: `make test-vllm` runs these")
+    for item in items:
+        if "vllm" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data")

@@ -17,7 +17,7 @@ import pytest
 
 from ipt.config import ConfigError, SourceConfig, SynthBackendConfig, SynthesizeConfig
 from ipt.synth import backends
-from ipt.synth.backend import Request
+from ipt.synth.backend import Request, ServerGone
 from ipt.synth.hf import Generator
 from ipt.synth.server import make_server
 from ipt.synth.stage import synthesize
@@ -40,9 +40,9 @@ def url(srv) -> str:
 
 
 def openai_cfg(srv, tiny_lm, **kw) -> SynthBackendConfig:
-    return SynthBackendConfig(kind="openai", url=url(srv), model="local",
-                              tokenizer=str(tiny_lm), context=1024, max_new_tokens=8,
-                              concurrency=4, **{"retries": 0, "backoff_s": 0.01, **kw})
+    return SynthBackendConfig(kind="openai", url=url(srv), tokenizer=str(tiny_lm), context=1024,
+                              max_new_tokens=8, concurrency=4,
+                              **{"model": "local", "retries": 0, "backoff_s": 0.01, **kw})
 
 
 def stage_cfg(data_dir, tmp_path, synth, n=24, **kw) -> SynthesizeConfig:
@@ -82,16 +82,57 @@ def test_the_server_answers_what_the_local_backend_generates(server, tiny_lm, da
     assert all(r.error is None and r.text for r in remote)
 
 
-def test_a_dead_server_fails_each_document_with_the_reason(tiny_lm, data_dir, tmp_path):
+def test_a_server_that_is_not_up_or_serves_another_model_is_refused_at_start(
+        server, tiny_lm, data_dir, tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    synth = SynthBackendConfig(kind="openai", url=f"http://127.0.0.1:{port}/v1", model="local",
-                               retries=2, backoff_s=0.01, max_new_tokens=8, context=1024)
-    summary = synthesize(stage_cfg(data_dir, tmp_path, synth))
-    assert summary["failed"] == 24 and summary["docs"] == 24
-    assert list(summary["errors"]) == ["ConnectError"]
-    assert all("3 attempts" in r["error"] for r in rows(tmp_path / "out"))
+    synth = SynthBackendConfig(kind="openai", url=f"http://127.0.0.1:{port}/v1", model="local")
+    with pytest.raises(ConfigError, match=f"127.0.0.1:{port}/v1 does not answer.*ConnectError"):
+        synthesize(stage_cfg(data_dir, tmp_path, synth))
+    with pytest.raises(ConfigError, match=r"synth.model='other' is not served .*\['local'\]"):
+        synthesize(stage_cfg(data_dir, tmp_path, openai_cfg(server, tiny_lm, model="other")))
+    assert server.requests_seen == 0 and not list((tmp_path / "out").rglob("shard_*"))
+
+
+def test_a_server_gone_mid_run_stops_it_and_the_rerun_pays_only_for_the_rest(
+        tiny_lm, data_dir, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "ipt.synth.server", "--model", str(tiny_lm),
+                             "--port", "0", "--max-batch", "8"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert proc.stdout is not None
+        served_at = proc.stdout.readline().split(" on ")[-1].strip()
+        synth = SynthBackendConfig(kind="openai", url=served_at, model="local",
+                                   tokenizer=str(tiny_lm), context=1024, max_new_tokens=8,
+                                   concurrency=4, retries=1, backoff_s=0.01)
+        cfg = stage_cfg(data_dir, tmp_path, synth, n=96)
+        parts = Path(cfg.out) / "parts"
+
+        def kill_after_two_groups() -> None:
+            while len(list(parts.glob("*.json"))) < 2:
+                time.sleep(0.01)
+            proc.kill()
+
+        threading.Thread(target=kill_after_two_groups, daemon=True).start()
+        with pytest.raises(ServerGone, match="stopped answering: 8 requests in a row failed"):
+            synthesize(cfg)
+    finally:
+        proc.kill()
+        proc.wait()
+    cached = sum(len(f.read_text().splitlines()) for f in (Path(cfg.out) / "cache").glob("*"))
+    assert 2 <= len(list(parts.glob("*.json"))) < 8 and cached < 96
+    second = make_server(str(tiny_lm), port=0, max_batch=8)  # the server restarted elsewhere
+    threading.Thread(target=second.serve_forever, daemon=True).start()
+    try:
+        cfg.synth.url = url(second)
+        summary = synthesize(cfg)
+    finally:
+        second.shutdown()
+        second.server_close()
+    assert summary["docs"] == 96 and summary["failed"] == 0
+    assert second.served == 96 - summary["held_out"] - cached  # none paid for twice
+    assert len({r["id"] for r in rows(cfg.out)}) == 96
 
 
 def test_a_rerun_retries_only_the_documents_that_failed(server, tiny_lm, data_dir, tmp_path):

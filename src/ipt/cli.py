@@ -1,6 +1,7 @@
 """What every entry point shares: a known failure is one clear line and exit code 2; a run
-stopped by a signal (after its checkpoint) exits with `EXIT_REQUEUE`, which
-`launch/slurm.sbatch` turns into `scontrol requeue`."""
+stopped by a signal (after its checkpoint), or a synthesis whose server went away, exits with
+`EXIT_REQUEUE`, which `launch/slurm.sbatch` and `launch/synthesize.sbatch` turn into
+`scontrol requeue`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ipt.config import ConfigError
 from ipt.data.shards import ShardError
 from ipt.data.tokenizer import TokenizerError
 from ipt.health import AnomalyError
+from ipt.synth.backend import ServerGone
 from ipt.trainer import Stopped
 
 # EX_TEMPFAIL in sysexits.h: a temporary failure, worth retrying
@@ -30,6 +32,9 @@ def run(job: Callable[[], Any]) -> Any:
     except KNOWN as e:
         print(f"ipt: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except ServerGone as e:
+        print(f"ipt: {e} (exit {EXIT_REQUEUE}: requeue)", file=sys.stderr)
+        sys.exit(EXIT_REQUEUE)
     except Stopped as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"ipt: {e} (exit {EXIT_REQUEUE}: requeue)", file=sys.stderr)

@@ -4,6 +4,7 @@ tasks (`ipt.synth`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -35,6 +36,9 @@ class SynthBackendConfig:
     timeout_s: float = 120.0  # openai: per request
     retries: int = 3  # openai: after the first attempt, with exponential backoff
     backoff_s: float = 1.0
+    # openai: more fields for every request. Prompts carry their own `<s>`, so the server
+    # must not add one (vLLM's and SGLang's `add_special_tokens`).
+    extra_body: dict[str, Any] = field(default_factory=lambda: {"add_special_tokens": False})
     min_sentence_chars: int = 50  # rules
     per_kind: int = 2  # rules: tasks of each kind per text
     domain_words: str | None = None  # rules: a file of domain words (keyword task)

@@ -1,12 +1,22 @@
 """What a synthesizer backend is: prompts in, generations (or errors) out, and a token
-counter to fit prompts into its context. The backends themselves: `ipt.synth.backends`."""
+counter to fit prompts into its context. The backends themselves: `ipt.synth.backends`.
+
+A backend generates a list of requests at once (`generate`: a local model batches them); one
+that serves requests concurrently (a server) also takes them one at a time (`submit`), so the
+stage can keep it busy, sending each chain's next link the moment the previous one returns.
+"""
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ipt.config import SynthBackendConfig
+
+
+class ServerGone(Exception):
+    """The synthesizer's server stopped answering; the run can be continued."""
 
 
 @dataclass(frozen=True)
@@ -21,6 +31,8 @@ class Result:
     text: str | None  # the generation; None when it failed
     error: str | None = None
     finish: str = "stop"  # stop | length
+    tokens: int | None = None  # tokens generated (a server's count includes the final EOS)
+    unreachable: bool = False  # failed to reach the server (connection, timeout), not by its answer
 
 
 class Backend(Protocol):
@@ -34,6 +46,15 @@ class Backend(Protocol):
     def generate(self, requests: list[Request]) -> list[Result]: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Concurrent(Backend, Protocol):
+    """A backend serving `concurrency` requests at once, each as it is submitted."""
+
+    concurrency: int
+
+    def submit(self, request: Request) -> Future[Result]: ...
 
 
 class TokenCounter:

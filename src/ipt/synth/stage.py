@@ -37,11 +37,13 @@ import hashlib
 import json
 import logging
 import math
+import os
+import socket
 import sys
 import time
-from collections import Counter
-from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -53,13 +55,18 @@ from ipt.data import sources as src
 from ipt.data.pairs import Pair
 from ipt.hosts import publish, worker_share
 from ipt.synth import backends
-from ipt.synth.backend import Backend, Request, Result
+from ipt.synth.backend import Backend, Concurrent, Request, Result, ServerGone
 from ipt.synth.cache import Cache, NoCache
 from ipt.synth.ids import RenamedDoc, held_out, unique_ids
 
 log = logging.getLogger(__name__)
 
 SAFETY_TOKENS = 8  # slack for token counts that are not exactly additive at the seams
+# Requests per call of a local backend, in units of its batch: enough to keep it busy, few
+# enough that a kill loses little before the cache has them.
+CHUNK_PER_SLOT = 4
+# Groups a server's client has open at once: the next one starts while one's chains finish.
+MAX_OPEN_GROUPS = 3
 
 
 # What became of a document: pairs, none parsed, generation failed, left raw, held out.
@@ -81,71 +88,210 @@ def chosen(doc_id: str, fraction: float, seed: int) -> bool:
     return int.from_bytes(h, "little") / 2**64 < fraction
 
 
-def synthesize_group(backend: Backend, cfg: SynthesizeConfig, k: int,
-                     records: list[src.Record]) -> dict[str, Any]:
-    out = Path(cfg.out)
-    name = f"shard_{k:05d}"
-    docs = [r for r in records if isinstance(r, src.Doc)]
-    rejects = [r for r in records if isinstance(r, src.Reject)]
-    previous = _read_shard(out / "shards" / f"{name}.jsonl") if cfg.retry_failed else {}
-    cache = NoCache() if backend.name == "rules" else \
-        Cache(out / "cache" / f"{name}.jsonl",
-              f"{backend.name}|{backend.cfg.max_new_tokens}|{backend.cfg.temperature}")
-    held = {d.id for d in docs if held_out(d, cfg.valid_fraction)}
-    picked = [d for d in docs if d.id not in held and chosen(d.id, cfg.fraction, cfg.seed)]
-    done = run_rounds(backend, cfg, picked, previous, cache)
-    rows = [done.get(d.id) or {"id": d.id, "source": cfg.source.name, "text": d.text,
-                               "status": "held_out" if d.id in held else "raw", "pairs": [],
-                               "synthesizer": backend.name}
-            for d in docs]
-    for row, d in zip(rows, docs, strict=True):
-        if isinstance(d, RenamedDoc):
-            row["input_id"] = d.input_id  # to join the record back to its source
-    publish(out / "shards" / f"{name}.jsonl",
-             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    publish(out / "rejects" / f"{name}.jsonl",
-             "".join(json.dumps({"id": r.id, "reason": r.reason}) + "\n" for r in rejects))
-    part = account(k, rows, rejects, backend)
-    publish(out / "parts" / f"{name}.json", json.dumps(part))  # the completion mark
-    return part
+@dataclass
+class Link:
+    """A document of a chain, its prompt made, waiting for its generation."""
+
+    run: GroupRun
+    slot: int  # the chain: document `slot` of every round
+    round: int
+    doc: src.Doc
+    chain: list[Entry]  # the finished examples before it in the prompt
+    request: Request
 
 
-def run_rounds(backend: Backend, cfg: SynthesizeConfig, docs: list[src.Doc],
-               previous: dict[str, dict], cache: Cache) -> dict[str, dict]:
-    """The records of `docs`, synthesized in `cfg.rounds` chained rounds."""
+class GroupRun:
+    """One group's chains, advanced link by link as generations arrive.
+
+    Slot j's chain is document j of round 0, then of round 1, and so on. `start` gives the
+    first link of every chain that needs a generation, and `complete` takes a generation and
+    gives its chain's next link. On the way, documents kept from an earlier run, and
+    generations already in the cache, are recorded without a request. `write` writes the
+    group once `finished`.
+    """
+
+    def __init__(self, backend: Backend, cfg: SynthesizeConfig, k: int,
+                 records: list[src.Record]) -> None:
+        self.backend, self.cfg, self.k = backend, cfg, k
+        self.name = f"shard_{k:05d}"
+        out = Path(cfg.out)
+        self.docs = [r for r in records if isinstance(r, src.Doc)]
+        self.rejects = [r for r in records if isinstance(r, src.Reject)]
+        self.previous = _read_shard(out / "shards" / f"{self.name}.jsonl") \
+            if cfg.retry_failed else {}
+        self.cache = NoCache() if backend.name == "rules" else \
+            Cache(out / "cache" / f"{self.name}.jsonl",
+                  f"{backend.name}|{backend.cfg.max_new_tokens}|{backend.cfg.temperature}")
+        self.held = {d.id for d in self.docs if held_out(d, cfg.valid_fraction)}
+        picked = [d for d in self.docs
+                  if d.id not in self.held and chosen(d.id, cfg.fraction, cfg.seed)]
+        per_round = math.ceil(len(picked) / max(1, cfg.rounds)) if picked else 0
+        self.slots = [picked[j::per_round] for j in range(per_round)]
+        self.chains: list[list[Entry]] = [[] for _ in self.slots]
+        self.next = [0] * len(self.slots)
+        self.records: dict[str, dict] = {}
+        self.waiting = 0  # links handed out whose generation has not come back
+        self.budget = text_budget(backend)
+
+    def start(self) -> list[Link]:
+        return [link for j in range(len(self.slots)) if (link := self._advance(j))]
+
+    def complete(self, link: Link, result: Result) -> Link | None:
+        self.waiting -= 1
+        self.cache.put(link.request.prompt, result)
+        self._record(link, result)
+        return self._advance(link.slot)
+
+    @property
+    def finished(self) -> bool:
+        return self.waiting == 0 and all(n == len(s) for n, s in zip(self.next, self.slots, strict=True))
+
+    def _advance(self, j: int) -> Link | None:
+        """Slot j's next link that needs a generation, if any."""
+        s = self.backend.cfg
+        while self.next[j] < len(self.slots[j]):
+            r, doc, chain = self.next[j], self.slots[j][self.next[j]], self.chains[j]
+            self.next[j] += 1
+            old = self.previous.get(doc.id)
+            if old is not None and old["status"] != "failed":  # kept from an earlier run
+                self.records[doc.id] = old
+                pairs = [Pair(**p) for p in old["pairs"]]
+                entry = Entry(doc.id, doc.text[:old["read_chars"]], pairs)
+                self.chains[j] = ((chain if old["prev"] else []) + [entry]) if pairs else []
+                continue
+            text = self.backend.truncate(doc.text, self.budget)
+            prompt = fmt.prompt(text, [(e.text, e.pairs) for e in chain])
+            if chain and self.backend.count_tokens(prompt) + s.max_new_tokens > s.context:
+                chain, prompt = [], fmt.prompt(text)  # does not fit: the chain breaks here
+            link = Link(self, j, r, doc, chain, Request(doc.id, text, prompt))
+            cached = self.cache.get(prompt)
+            if cached is None:
+                self.waiting += 1
+                return link
+            self._record(link, cached)
+        return None
+
+    def _record(self, link: Link, result: Result) -> None:
+        rec = record(link.doc, link.request, result, link.round, link.chain, self.backend.name,
+                     self.cfg.source.name)
+        self.records[link.doc.id] = rec
+        pairs = [Pair(**p) for p in rec["pairs"]]
+        self.chains[link.slot] = link.chain + [Entry(link.doc.id, link.request.text, pairs)] \
+            if pairs else []
+
+    def write(self) -> dict[str, Any]:
+        """Write the group's shard, rejects and last its completion mark; its accounting."""
+        out, cfg = Path(self.cfg.out), self.cfg
+        self.cache.close()
+        rows = [self.records.get(d.id) or
+                {"id": d.id, "source": cfg.source.name, "text": d.text,
+                 "status": "held_out" if d.id in self.held else "raw", "pairs": [],
+                 "synthesizer": self.backend.name}
+                for d in self.docs]
+        for row, d in zip(rows, self.docs, strict=True):
+            if isinstance(d, RenamedDoc):
+                row["input_id"] = d.input_id  # to join the record back to its source
+        publish(out / "shards" / f"{self.name}.jsonl",
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        publish(out / "rejects" / f"{self.name}.jsonl",
+                "".join(json.dumps({"id": r.id, "reason": r.reason}) + "\n"
+                        for r in self.rejects))
+        part = account(self.k, rows, self.rejects, self.backend)
+        publish(out / "parts" / f"{self.name}.json", json.dumps(part))  # the completion mark
+        return part
+
+
+def text_budget(backend: Backend) -> int:
+    """The tokens of a text that fit the context with the generation and the markup."""
     s = backend.cfg
-    per_round = math.ceil(len(docs) / max(1, cfg.rounds)) if docs else 0
     budget = s.context - s.max_new_tokens - backend.count_tokens(fmt.context("")) - SAFETY_TOKENS
     if s.max_text_tokens is not None:
         budget = min(budget, s.max_text_tokens)
     if budget <= 0:
         raise ConfigError(f"synth.context={s.context} leaves no room for a text after "
                           f"synth.max_new_tokens={s.max_new_tokens}")
-    chains: dict[int, list[Entry]] = {}
-    records: dict[str, dict] = {}
-    for r in range(cfg.rounds):
-        todo: list[tuple[int, src.Doc, list[Entry], Request]] = []
-        for j, doc in enumerate(docs[r * per_round:(r + 1) * per_round]):
-            chain = chains.get(j, [])
-            old = previous.get(doc.id)
-            if old is not None and old["status"] != "failed":  # kept from an earlier run
-                records[doc.id] = old
-                pairs = [Pair(**p) for p in old["pairs"]]
-                entry = Entry(doc.id, doc.text[:old["read_chars"]], pairs)
-                chains[j] = ((chain if old["prev"] else []) + [entry]) if pairs else []
-                continue
-            text = backend.truncate(doc.text, budget)
-            prompt = fmt.prompt(text, [(e.text, e.pairs) for e in chain])
-            if chain and backend.count_tokens(prompt) + s.max_new_tokens > s.context:
-                chain, prompt = [], fmt.prompt(text)  # does not fit: the chain breaks here
-            todo.append((j, doc, chain, Request(doc.id, text, prompt)))
-        results = cache.generate(backend, [t[3] for t in todo])
-        for (j, doc, chain, req), res in zip(todo, results, strict=True):
-            rec = record(doc, req, res, r, chain, backend.name, cfg.source.name)
-            records[doc.id] = rec
-            pairs = [Pair(**p) for p in rec["pairs"]]
-            chains[j] = chain + [Entry(doc.id, req.text, pairs)] if pairs else []
-    return records
+    return budget
+
+
+def run_batched(run: GroupRun) -> dict[str, Any]:
+    """A local backend: every ready link at once, in chunks its batches fill (round by
+    round, so a batch holds prompts of like length), each chunk cached as it returns."""
+    c = run.backend.cfg
+    size = CHUNK_PER_SLOT * c.batch_size if c.kind == "hf" else sys.maxsize
+    ready = run.start()
+    while ready:
+        chunk, ready = ready[:size], ready[size:]
+        results = run.backend.generate([link.request for link in chunk])
+        ready += [n for link, res in zip(chunk, results, strict=True)
+                  if (n := run.complete(link, res))]
+    return run.write()
+
+
+def run_concurrent(backend: Concurrent, runs: Iterator[GroupRun],
+                   done: Callable[[dict[str, Any]], None]) -> None:
+    """A server: `concurrency` requests in flight at every moment there is work.
+
+    A chain's next link is sent the moment its predecessor returns, ahead of any other, so
+    its prompt, which begins with the predecessor's, finds that prefix still in the server's
+    cache; and the next group's first links fill the slots while a group's last chains finish,
+    so no group waits for another's slowest request. When `give_up` requests in a row cannot
+    reach the server, the run stops (`ServerGone`): the groups in flight are not written, and
+    the generations they had are in the cache for the re-run.
+    """
+    ready: deque[Link] = deque()
+    flying: dict[Future[Result], Link] = {}
+    open_runs: list[GroupRun] = []
+    give_up = max(8, 2 * backend.concurrency)
+    unreachable, more = 0, True
+    try:
+        while True:
+            while len(flying) < backend.concurrency:
+                if not ready and more and len(open_runs) < MAX_OPEN_GROUPS:
+                    run = next(runs, None)
+                    if run is None:
+                        more = False
+                        continue
+                    ready.extend(run.start())
+                    if run.finished:
+                        done(run.write())
+                    else:
+                        open_runs.append(run)
+                    continue
+                if not ready:
+                    break
+                link = ready.popleft()
+                flying[backend.submit(link.request)] = link
+            if not flying:
+                return
+            arrived, _ = wait(flying, return_when=FIRST_COMPLETED)
+            for f in arrived:
+                link, result = flying.pop(f), f.result()
+                unreachable = unreachable + 1 if result.unreachable else 0
+                if unreachable >= give_up:
+                    raise ServerGone(
+                        f"{backend.cfg.url} stopped answering: {unreachable} requests in a row "
+                        f"failed ({result.error}); the finished groups and every generation "
+                        "that arrived are kept, so the same command continues the run")
+                if (n := link.run.complete(link, result)) is not None:
+                    ready.appendleft(n)
+                if link.run.finished:
+                    open_runs.remove(link.run)
+                    done(link.run.write())
+    finally:
+        for f in flying:
+            f.cancel()
+        for run in open_runs:
+            run.cache.close()
+
+
+def synthesize_group(backend: Backend, cfg: SynthesizeConfig, k: int,
+                     records: list[src.Record]) -> dict[str, Any]:
+    run = GroupRun(backend, cfg, k, records)
+    if not isinstance(backend, Concurrent):
+        return run_batched(run)
+    parts: list[dict[str, Any]] = []
+    run_concurrent(backend, iter([run]), parts.append)
+    return parts[0]
 
 
 def record(doc: src.Doc, req: Request, res: Result, round_: int, chain: list[Entry],
@@ -153,6 +299,8 @@ def record(doc: src.Doc, req: Request, res: Result, round_: int, chain: list[Ent
     rec: dict[str, Any] = {"id": doc.id, "source": source, "text": doc.text, "round": round_,
                            "prev": chain[-1].id if chain else None, "synthesizer": synthesizer,
                            "read_chars": len(req.text), "truncated": len(req.text) < len(doc.text)}
+    if res.tokens is not None:
+        rec["generated_tokens"] = res.tokens
     if res.text is None:
         return {**rec, "status": "failed", "pairs": [], "inherited": False, "error": res.error}
     parsed = fmt.parse(res.text)
@@ -184,6 +332,7 @@ def account(k: int, rows: list[dict], rejects: list[src.Reject],
             "rejected": len(rejects), **{s: status[s] for s in STATUSES},
             "pairs": sum(kinds.values()), "pair_tokens": pair_tokens,
             "inherited": sum(bool(r.get("inherited")) for r in rows),
+            "generated_tokens": sum(r.get("generated_tokens", 0) for r in rows),
             "truncated": sum(bool(r.get("truncated")) for r in rows),
             "renamed_ids": sum("input_id" in r for r in rows),
             "kinds": dict(kinds), "drops": dict(drops), "errors": dict(errors)}
@@ -243,7 +392,7 @@ def synthesize(cfg: SynthesizeConfig) -> dict[str, Any]:
     index, count = worker_share(cfg.worker_index, cfg.num_workers)
     out = Path(cfg.out)
     backend = backends.build(cfg.synth)  # fails fast on a bad model folder or URL
-    for folder in ("shards", "rejects", "parts"):
+    for folder in ("shards", "rejects", "parts", "server"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     check_settings(cfg, backend.name)
     skip = _finished(out, cfg.retry_failed)
@@ -262,19 +411,33 @@ def synthesize(cfg: SynthesizeConfig) -> dict[str, Any]:
                             pairs_doc=f"{n_pairs / max(1, n_docs):.2f}",
                             failed=part["failed"])
 
-    try:
+    def mine() -> Iterator[tuple[int, list[src.Record]]]:
+        nonlocal total_groups
         for k, group in enumerate(groups(cfg)):
             total_groups = k + 1
-            if k % count != index or k in skip:
-                continue
-            if pool is None:
+            if k % count == index and k not in skip:
+                yield k, group
+
+    counters = getattr(backend, "metrics", None)
+    before = counters() if counters is not None else None
+    try:
+        if pool is not None:
+            for k, group in mine():
+                in_flight.append(pool.submit(_pool_group, cfg, k, group))
+                while len(in_flight) >= 2 * cfg.workers:
+                    finish(in_flight.pop(0).result())
+            for f in in_flight:
+                finish(f.result())
+        elif isinstance(backend, Concurrent):
+            run_concurrent(backend, (GroupRun(backend, cfg, k, g) for k, g in mine()), finish)
+        else:
+            for k, group in mine():
                 finish(synthesize_group(backend, cfg, k, group))
-                continue
-            in_flight.append(pool.submit(_pool_group, cfg, k, group))
-            while len(in_flight) >= 2 * cfg.workers:
-                finish(in_flight.pop(0).result())
-        for f in in_flight:
-            finish(f.result())
+        if before is not None and counters is not None and (after := counters()) is not None:
+            delta = {k: after[k] - before.get(k, 0.0) for k in after}
+            publish(out / "server" / f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}.json",
+                    json.dumps({"worker": index, "seconds": time.perf_counter() - started,
+                                "url": cfg.synth.url, "counters": delta}))
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -353,5 +516,21 @@ def add_up(out: Path, total_groups: int, synthesizer: str) -> dict[str, Any]:
             "pairs_per_doc": round(total["pairs"] / tried, 3) if tried else None,
             "tokens_per_pair": round(total["pair_tokens"] / total["pairs"], 1)
             if total["pairs"] else None,
-            **{k: dict(v.most_common()) for k, v in by.items()}}
+            **{k: dict(v.most_common()) for k, v in by.items()},
+            **server_counters(out)}
+
+
+def server_counters(out: Path) -> dict[str, Any]:
+    """What the server counted while this output's runs used it (each run's `/metrics`
+    before and after, `server/`): the prompt tokens its prefix cache served, and all."""
+    runs = [json.loads(p.read_text()) for p in sorted((out / "server").glob("*.json"))]
+    if not runs:
+        return {}
+    total: Counter[str] = Counter()
+    for r in runs:
+        total.update({k.removeprefix("vllm:"): v for k, v in r["counters"].items()})
+    queries, hits = total["prefix_cache_queries"], total["prefix_cache_hits"]
+    return {"server": {"runs": len(runs), "seconds": round(sum(r["seconds"] for r in runs), 1),
+                       **{k: int(v) for k, v in sorted(total.items())},
+                       "prefix_cache_hit_rate": round(hits / queries, 4) if queries else None}}
 
