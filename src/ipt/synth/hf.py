@@ -41,14 +41,14 @@ class Generator:
 
     @torch.inference_mode()
     def complete(self, prompts: list[str], max_new_tokens: int, batch_size: int,
-                 temperature: float = 0.0) -> list[tuple[str, str]]:
-        """(generation, finish reason) for each prompt, stopping at EOS; greedy at
-        temperature 0, else sampled."""
+                 temperature: float = 0.0) -> list[tuple[str, str, int]]:
+        """(generation, finish reason, tokens generated) for each prompt, stopping at EOS
+        (counted, as a server counts it); greedy at temperature 0, else sampled."""
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else \
             {"do_sample": False}
         ids = self.tok(prompts, add_special_tokens=False)["input_ids"]  # `<s>` is in the text
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        out: list[tuple[str, str]] = [("", "")] * len(ids)
+        out: list[tuple[str, str, int]] = [("", "", 0)] * len(ids)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             width = max(len(ids[i]) for i in rows)
@@ -66,7 +66,7 @@ class Generator:
                 stop = self.eos in tokens
                 tokens = tokens[:tokens.index(self.eos)] if stop else tokens
                 out[i] = (str(self.tok.decode(tokens, skip_special_tokens=True)),
-                          "stop" if stop else "length")
+                          "stop" if stop else "length", len(tokens) + stop)
         return out
 
 
@@ -86,7 +86,7 @@ class HFBackend(TokenCounter):
         except (RuntimeError, ValueError) as e:  # e.g. out of memory: these documents fail
             log.warning("generation failed for %d documents: %s", len(requests), e)
             return [Result(None, f"{type(e).__name__}: {str(e)[:200]}") for _ in requests]
-        return [Result(text, finish=finish) for text, finish in done]
+        return [Result(text, finish=finish, tokens=n) for text, finish, n in done]
 
     def close(self) -> None:
         pass

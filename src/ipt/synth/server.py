@@ -1,8 +1,10 @@
-"""A small OpenAI-compatible completions server over a local `transformers` model.
+"""A stand-in for an OpenAI-compatible completions server, over a local `transformers` model:
+for testing the client against faults a real server will not make on cue.
 
-For trying the `openai` backend without vLLM, and for the tests and benchmarks, which serve
-a tiny model on loopback. Requests that arrive together are generated as one batch (up to
-`max_batch`), as vLLM does with continuous batching, only coarser.
+The real server is vLLM (`make vllm`; `ipt.synth.vllm` starts it; tests/test_vllm.py tests the
+stage against it). This one serves the tests that need a server to misbehave on purpose, and
+the throughput benchmark's comparison. Requests that arrive together are generated as one
+batch (up to `max_batch`), as vLLM does with continuous batching, only coarser.
 
     python -m ipt.synth.server --model runs/synth/export --port 8000
     # then synth=openai synth.url=http://127.0.0.1:8000/v1 synth.model=local
@@ -131,9 +133,10 @@ def make_server(model_dir: str, host: str = "127.0.0.1", port: int = 0, max_batc
             with srv.lock:
                 srv.served += len(prompts)
             choices = [{"index": i, "text": text, "finish_reason": finish}
-                       for i, (text, finish) in enumerate(results)]
+                       for i, (text, finish, _) in enumerate(results)]
+            usage = {"completion_tokens": sum(n for _, _, n in results)}
             self._send(200, json.dumps({"object": "text_completion", "model": served_name,
-                                        "choices": choices}).encode())
+                                        "choices": choices, "usage": usage}).encode())
 
     server = CompletionServer((host, port), Handler)
     server.fault, server.slow_s = fault, slow_s
