@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true", help="every output max-tokens long")
     a = p.parse_args()
 
     from transformers import AutoTokenizer
@@ -37,7 +38,7 @@ def main() -> None:
                for t in texts]
     extra = {"block_size": a.block_size} if a.block_size else {}
     llm = LLM(model=a.model, dtype=a.dtype, seed=0, **extra)
-    params = SamplingParams(temperature=0.0, max_tokens=a.max_tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, ignore_eos=a.ignore_eos)
     # warm-up, on a prompt of its own (the prefix cache would keep the first prompts)
     warm = TokensPrompt(prompt_token_ids=tok("<s> <CON> warm up </CON>\n\n",
                                              add_special_tokens=False)["input_ids"])

@@ -1,7 +1,7 @@
 """Every command line in README.md and docs/ that runs a `train/` or `data_pipeline/` entry
-point (directly, or through `launch/torchrun.sh` or `launch/slurm.sbatch`) composes against
-the real config tree and passes the typed schema: a documented command that stops composing
-fails here, not in a user's terminal."""
+point (directly, or through `launch/torchrun.sh`, `launch/slurm.sbatch` or
+`launch/synthesize.sbatch`) composes against the real config tree and passes the typed
+schema: a documented command that stops composing fails here, not in a user's terminal."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from .conftest import ROOT
 register()
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SCRIPT = re.compile(r"(?:^|[\s/])((?:train|data_pipeline)/\w+\.py)(?=\s|$)")
+# launch/synthesize.sbatch <model> <overrides>: the stage, with what the script adds
+SYNTH_JOB = re.compile(r"(?:^|[\s/])launch/synthesize\.sbatch(?=\s|$)")
 
 
 @dataclass
@@ -58,6 +60,14 @@ def documented_commands() -> list[Command]:
             if m:
                 args = [a for a in shlex.split(text[m.end():], comments=True) if a != "..."]
                 found.append(Command(f"{doc.relative_to(ROOT)}:{start}", m.group(1), args))
+            elif m := SYNTH_JOB.search(text):
+                model, *args = [a for a in shlex.split(text[m.end():], comments=True)
+                                if a != "..."]
+                found.append(Command(f"{doc.relative_to(ROOT)}:{start}",
+                                     "data_pipeline/synthesize.py",
+                                     ["synth=openai", "synth.url=http://127.0.0.1:8000/v1",
+                                      "synth.model=synth", f"synth.tokenizer={model}",
+                                      "worker_index=0", "num_workers=2", *args]))
     return found
 
 

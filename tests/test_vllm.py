@@ -11,6 +11,7 @@ differed, 63 of 63 and 0.968 on both, on the demo's 64 package descriptions).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -21,8 +22,12 @@ import pytest
 from ipt.config import SourceConfig, SynthBackendConfig, SynthesizeConfig
 from ipt.synth.stage import synthesize
 from ipt.synth.vllm import Server
+from ipt.synth.vllm import python as vllm_python
 
 from .conftest import ROOT
+from .test_slurm import DONE, slurm  # noqa: F401 - the fixture: a local SLURM cluster
+from .test_slurm import job as slurm_job
+from .test_slurm import wait as slurm_wait
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -177,3 +182,79 @@ def test_a_killed_server_loses_nothing_and_repeats_no_paid_generation(demo, tmp_
         synth=hf(demo), progress_bar="never", valid_fraction=0.05, max_docs=400,
         docs_per_shard=25, rounds=2))
     assert_alike(out, whole)
+
+
+def submit(model: Path, args: list[str], log: Path, nodes: int = 2) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "VLLM_PYTHON": str(vllm_python()), "VLLM_ARGS": " ".join(SERVE),
+           "VLLM_LOG_DIR": str(log.parent), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    out = subprocess.run(["sbatch", "--parsable", f"--output={log}", "--chdir", str(ROOT),
+                          f"--nodes={nodes}", "launch/synthesize.sbatch", str(model), *args],
+                         cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return out.stdout.strip().split(";")[0]
+
+
+def sbatch_args(demo, out: Path) -> list[str]:
+    return [f"source.path={demo[0] / 'raw' / 'docstrings.jsonl'}", "source.id_field=id",
+            f"out={out}", "max_docs=400", "docs_per_shard=25", "rounds=2",
+            "valid_fraction=0.05", "synth.concurrency=8",
+            *(f"synth.{k}={v}" for k, v in SYNTH.items())]
+
+
+@pytest.fixture(scope="module")
+def whole(demo, tmp_path_factory) -> Path:
+    """What the sbatch jobs must write: one uninterrupted run of the `hf` backend."""
+    out = tmp_path_factory.mktemp("whole") / "hf"
+    synthesize(SynthesizeConfig(
+        source=SourceConfig(name="docstrings", path=str(demo[0] / "raw" / "docstrings.jsonl"),
+                            id_field="id"),
+        out=str(out), synth=hf(demo), progress_bar="never", valid_fraction=0.05, max_docs=400,
+        docs_per_shard=25, rounds=2))
+    return out
+
+
+def assert_whole(out: Path, whole: Path) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["records"] == 400 and summary["groups_done"] == summary["groups_total"] == 16
+    assert summary["failed"] == 0
+    assert_alike(out, whole)
+    # every generation paid for once: one cache line a document tried, no key twice
+    keys = [json.loads(line)["key"] for f in (out / "cache").glob("*.jsonl")
+            for line in f.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == summary["ok"] + summary["no_pairs"]
+    return summary
+
+
+@pytest.mark.usefixtures("slurm")
+def test_sbatch_synthesizes_on_two_nodes_each_with_its_own_server(demo, whole, tmp_path):
+    out, log = tmp_path / "synth", tmp_path / "job.out"
+    job_id = submit(demo[1], sbatch_args(demo, out), log)
+    info = slurm_wait(job_id, log, timeout=900)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text[-6000:]
+    assert "node 0" in text and "node 1" in text and "share 1 of 2" in text
+    summary = assert_whole(out, whole)
+    assert {r["worker"] for r in map(json.loads, map(Path.read_text,
+                                                     (out / "server").glob("*.json")))} == {0, 1}
+    assert summary["server"]["runs"] == 2
+    for node in (0, 1):  # each node stopped its server
+        port = 8000 + int(job_id) % 1000 + node
+        assert not subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True).stdout
+
+
+@pytest.mark.usefixtures("slurm")
+def test_a_preempted_sbatch_requeues_and_pays_for_nothing_twice(demo, whole, tmp_path):
+    out, log = tmp_path / "synth", tmp_path / "job.out"
+    job_id = submit(demo[1], sbatch_args(demo, out), log)
+    deadline = time.monotonic() + 600
+    while len(list((out / "parts").glob("*.json"))) < 3:
+        assert time.monotonic() < deadline, log.read_text()[-4000:]
+        assert slurm_job(job_id)["JobState"] not in DONE, log.read_text()[-4000:]
+        time.sleep(0.05)
+    # what `--signal=USR1@<seconds>` sends before a time limit: SIGUSR1 to the job's steps
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+    info = slurm_wait(job_id, log, timeout=900)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-6000:]
+    assert "stopped by a signal" in text and "requeueing job" in text and "restart 1" in text
+    assert_whole(out, whole)

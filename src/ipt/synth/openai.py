@@ -17,6 +17,7 @@ the prefix cache saved.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +41,7 @@ class OpenAIBackend(TokenCounter):
         if not cfg.model:
             raise ConfigError("synth.kind=openai needs synth.model: the served model's name")
         super().__init__(cfg.tokenizer, cfg.chars_per_token)
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # a line a request, thousands a minute
         self.cfg = cfg
         self.name = f"openai:{cfg.name or cfg.model}"
         self.concurrency = cfg.concurrency

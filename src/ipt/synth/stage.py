@@ -398,18 +398,26 @@ def synthesize(cfg: SynthesizeConfig) -> dict[str, Any]:
     skip = _finished(out, cfg.retry_failed)
     bar = _progress(cfg)
     started, n_docs, n_pairs, total_groups = time.perf_counter(), 0, 0, 0
+    n_groups, n_tokens = 0, 0
     pool = ProcessPoolExecutor(cfg.workers, initializer=_init_worker, initargs=(cfg.synth,)) \
         if cfg.workers > 1 else None
     in_flight: list[Future] = []
 
     def finish(part: dict[str, Any]) -> None:
-        nonlocal n_docs, n_pairs
+        nonlocal n_docs, n_pairs, n_groups, n_tokens
         n_docs, n_pairs = n_docs + part["docs"], n_pairs + part["pairs"]
+        n_groups, n_tokens = n_groups + 1, n_tokens + part["generated_tokens"]
+        seconds = time.perf_counter() - started
         if bar is not None:
             bar.update(part["records"])
-            bar.set_postfix(docs_s=f"{n_docs / (time.perf_counter() - started):.1f}",
+            bar.set_postfix(docs_s=f"{n_docs / seconds:.1f}",
                             pairs_doc=f"{n_pairs / max(1, n_docs):.2f}",
                             failed=part["failed"])
+        else:  # a log line a group, for a job's log
+            log.info("group %d done (%d this run): %d documents, %.1f docs/s, %.0f generated "
+                     "tokens/s, %.2f pairs/doc, %d failed", part["group"], n_groups, n_docs,
+                     n_docs / seconds, n_tokens / seconds, n_pairs / max(1, n_docs),
+                     part["failed"])
 
     def mine() -> Iterator[tuple[int, list[src.Record]]]:
         nonlocal total_groups
