@@ -5,22 +5,26 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from ipt.config import ConfigError, SourceConfig, SynthBackendConfig, SynthesizeConfig
 from ipt.synth import backends
-from ipt.synth.backend import Request, ServerGone
+from ipt.synth.backend import Request, Result, ServerGone
+from ipt.synth.backends import RulesBackend
 from ipt.synth.hf import Generator
+from ipt.synth.openai import read_counters
 from ipt.synth.server import make_server
-from ipt.synth.stage import synthesize
+from ipt.synth.stage import GroupRun, groups, run_batched, run_concurrent, synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +92,7 @@ def test_a_server_that_is_not_up_or_serves_another_model_is_refused_at_start(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     synth = SynthBackendConfig(kind="openai", url=f"http://127.0.0.1:{port}/v1", model="local")
-    with pytest.raises(ConfigError, match=f"127.0.0.1:{port}/v1 does not answer.*ConnectError"):
+    with pytest.raises(ConfigError, match=f"127.0.0.1:{port}/v1 does not answer.*Connect"):
         synthesize(stage_cfg(data_dir, tmp_path, synth))
     with pytest.raises(ConfigError, match=r"synth.model='other' is not served .*\['local'\]"):
         synthesize(stage_cfg(data_dir, tmp_path, openai_cfg(server, tiny_lm, model="other")))
@@ -197,3 +201,62 @@ def test_a_killed_run_pays_again_only_for_what_was_in_flight(server, tiny_lm, da
 def test_a_model_folder_that_does_not_load_fails_at_start(tmp_path):
     with pytest.raises(ConfigError, match="not a loadable model folder"):
         backends.build(SynthBackendConfig(kind="hf", model=str(tmp_path)))
+
+
+class ShuffledRules(RulesBackend):
+    """The rules miner behind `submit`, each answer after a random delay: links come back out
+    of order, as a busy server's do."""
+
+    def __init__(self, cfg: SynthBackendConfig) -> None:
+        super().__init__(cfg)
+        self.concurrency = 6
+        self.pool = ThreadPoolExecutor(self.concurrency)
+        self.rng = random.Random(0)
+
+    def submit(self, request: Request) -> Future[Result]:
+        delay = self.rng.uniform(0, 0.005)
+
+        def answer() -> Result:
+            time.sleep(delay)
+            return self.generate([request])[0]
+
+        return self.pool.submit(answer)
+
+
+def test_streamed_chains_write_what_round_by_round_batches_write(data_dir, tmp_path):
+    """Against a server the chains stream (a link sent as its predecessor returns, groups
+    overlapping); against a local model they go round by round. The same records either way."""
+    synth = SynthBackendConfig(kind="rules")
+    written = []
+    for name in ("batched", "streamed"):
+        (tmp_path / name).mkdir()
+        cfg = stage_cfg(data_dir, tmp_path / name, synth, n=60, rounds=3)
+        backend = ShuffledRules(synth)
+        runs = (GroupRun(backend, cfg, k, g) for k, g in enumerate(groups(cfg)))
+        for folder in ("shards", "rejects", "parts"):
+            (Path(cfg.out) / folder).mkdir(parents=True)
+        if name == "batched":
+            parts = [run_batched(run) for run in runs]
+        else:
+            parts = []
+            run_concurrent(backend, runs, parts.append)
+        assert sorted(p["group"] for p in parts) == [0, 1, 2, 3, 4]
+        written.append(rows(cfg.out))
+    assert written[0] == written[1]
+    assert sum(bool(r.get("prev")) for r in written[0]) > 10  # chains formed
+
+
+def test_the_servers_counters_are_read_from_its_prometheus_text():
+    text = """# HELP vllm:prefix_cache_queries_total Prefix cache queries
+# TYPE vllm:prefix_cache_queries_total counter
+vllm:prefix_cache_queries_total{engine="0",model_name="synth"} 13523.0
+vllm:prefix_cache_queries_created{engine="0",model_name="synth"} 1.7966820330312455e+09
+vllm:prefix_cache_hits_total{engine="0",model_name="synth"} 3712.0
+vllm:prefix_cache_hits_total{engine="1",model_name="synth"} 100.0
+vllm:request_success_total{engine="0",finished_reason="stop",model_name="synth"} 61.0
+vllm:request_success_total{engine="0",finished_reason="length",model_name="synth"} 2.0
+"""  # the lines of a vLLM 0.32 server's /metrics, a second engine added
+    assert read_counters(text) == {"vllm:prefix_cache_queries": 13523.0,
+                                   "vllm:prefix_cache_hits": 3812.0,
+                                   "vllm:request_success": 63.0}
+    assert read_counters("# nothing\n") is None

@@ -3,10 +3,10 @@
 At start the client asks the server which models it serves (`/models`), so a server that is
 not up, or a model name it does not serve, fails the stage before any work, naming both.
 
-Requests run concurrently (`concurrency` in flight); each has a timeout and is retried with
-exponential backoff and jitter on connection errors, timeouts, 429 and 5xx answers. A 4xx
-answer (a prompt the server rejects) or a body that is not a completion fails at once: a
-retry would not change it. Failures come back as `Result.error`; nothing raises.
+Requests run concurrently (`concurrency` in flight, on one event loop); each has a timeout and
+is retried with exponential backoff and jitter on connection errors, timeouts, 429 and 5xx
+answers. A 4xx answer (a prompt the server rejects) or a body that is not a completion fails
+at once: a retry would not change it. Failures come back as `Result.error`; nothing raises.
 
 Prompts carry their own `<s>` (the released format), so the server is asked not to add one
 (`add_special_tokens: false`, in `synth.extra_body`). When the server exports Prometheus
@@ -16,13 +16,14 @@ the prefix cache saved.
 
 from __future__ import annotations
 
+import asyncio
 import json
-import logging
 import random
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
+from typing import Any
 
-import httpx
+import aiohttp
 
 from ipt.config import ConfigError, SynthBackendConfig
 from ipt.synth.backend import Request, Result, TokenCounter
@@ -35,91 +36,120 @@ COUNTERS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:prompt_
 
 
 class OpenAIBackend(TokenCounter):
+    """The requests run on one event loop, in a thread of its own: hundreds in flight cost
+    the client little (a thread a request cost it a third of a core at 256, which a server on
+    the same machine then lacked; docs/benchmarks.md)."""
+
     def __init__(self, cfg: SynthBackendConfig) -> None:
         if not cfg.url:
             raise ConfigError("synth.kind=openai needs synth.url, e.g. http://host:8000/v1")
         if not cfg.model:
             raise ConfigError("synth.kind=openai needs synth.model: the served model's name")
         super().__init__(cfg.tokenizer, cfg.chars_per_token)
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # a line a request, thousands a minute
         self.cfg = cfg
         self.name = f"openai:{cfg.name or cfg.model}"
         self.concurrency = cfg.concurrency
-        self.client = httpx.Client(
-            base_url=cfg.url.rstrip("/"), timeout=cfg.timeout_s,
-            limits=httpx.Limits(max_connections=cfg.concurrency,
-                                max_keepalive_connections=cfg.concurrency))
-        self.check_served()
-        self.pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="openai")
+        self.base = cfg.url.rstrip("/")
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                       name="openai-client")
+        self.thread.start()
+        self.session: aiohttp.ClientSession = self._run(self._open())
+        try:
+            self.check_served()
+        except ConfigError:
+            self.close()
+            raise
+
+    async def _open(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.cfg.concurrency),
+            timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s))
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def check_served(self) -> None:
+        async def models() -> Any:
+            async with self.session.get(f"{self.base}/models",
+                                        timeout=aiohttp.ClientTimeout(total=30)) as r:
+                return await r.json(content_type=None)
+
         try:
-            r = self.client.get("/models", timeout=min(30.0, self.cfg.timeout_s))
-        except httpx.TransportError as e:
-            self.client.close()
+            answer = self._run(models())
+        except (aiohttp.ClientError, TimeoutError) as e:
             raise ConfigError(f"synth.url={self.cfg.url} does not answer "
                               f"({type(e).__name__}: {e}); start the server first") from e
-        try:
-            served = [m["id"] for m in r.json()["data"]]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except json.JSONDecodeError:
             return  # a server without a model list: the first completion will tell
+        try:
+            served = [m["id"] for m in answer["data"]]
+        except (KeyError, TypeError):
+            return
         if self.cfg.model not in served:
-            self.client.close()
             raise ConfigError(f"synth.model={self.cfg.model!r} is not served at "
                               f"{self.cfg.url}; it serves {served}")
 
     def generate(self, requests: list[Request]) -> list[Result]:
-        return list(self.pool.map(self._one, [r.prompt for r in requests]))
+        return [f.result() for f in [self.submit(r) for r in requests]]
 
     def submit(self, request: Request) -> Future[Result]:
-        return self.pool.submit(self._one, request.prompt)
+        return asyncio.run_coroutine_threadsafe(self._one(request.prompt), self.loop)
 
-    def _one(self, prompt: str) -> Result:
+    async def _one(self, prompt: str) -> Result:
         body = {"model": self.cfg.model, "prompt": prompt, "max_tokens": self.cfg.max_new_tokens,
                 "temperature": self.cfg.temperature, **self.cfg.extra_body}
         error, unreachable = "no attempt made", False
         for attempt in range(self.cfg.retries + 1):
             if attempt:
-                time.sleep(self.cfg.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+                await asyncio.sleep(
+                    self.cfg.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
             unreachable = False
             try:
-                r = self.client.post("/completions", json=body)
-            except httpx.TimeoutException:
+                async with self.session.post(f"{self.base}/completions", json=body) as r:
+                    status, text = r.status, await r.text()
+            except TimeoutError:
                 error, unreachable = f"timed out after {self.cfg.timeout_s}s", True
                 continue
-            except httpx.TransportError as e:
+            except aiohttp.ClientError as e:
                 error, unreachable = f"{type(e).__name__}: {e}", True
                 continue
-            if r.status_code in RETRYABLE:
-                error = f"HTTP {r.status_code}: {r.text[:200]}"
+            if status in RETRYABLE:
+                error = f"HTTP {status}: {text[:200]}"
                 continue
-            if r.status_code != 200:
-                return Result(None, f"HTTP {r.status_code}: {r.text[:200]}")
+            if status != 200:
+                return Result(None, f"HTTP {status}: {text[:200]}")
             try:
-                answer = r.json()
+                answer = json.loads(text)
                 choice = answer["choices"][0]
                 usage = answer.get("usage") or {}
                 return Result(str(choice["text"]), finish=choice.get("finish_reason") or "stop",
                               tokens=usage.get("completion_tokens"))
             except (json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
-                return Result(None, f"malformed response: {r.text[:200]!r}")
+                return Result(None, f"malformed response: {text[:200]!r}")
         return Result(None, f"{error} ({self.cfg.retries + 1} attempts)", unreachable=unreachable)
 
     def metrics(self) -> dict[str, float] | None:
         """The server's counters (`COUNTERS`) from its Prometheus `/metrics`, summed over
         their labels; None when it has none."""
-        base = self.cfg.url.rstrip("/").removesuffix("/v1")  # type: ignore[union-attr]
+        async def scrape() -> tuple[int, str]:
+            async with self.session.get(self.base.removesuffix("/v1") + "/metrics",
+                                        timeout=aiohttp.ClientTimeout(total=10)) as r:
+                return r.status, await r.text()
+
         try:
-            r = self.client.get(f"{base}/metrics", timeout=10.0)
-        except httpx.TransportError:
+            status, text = self._run(scrape())
+        except (aiohttp.ClientError, TimeoutError):
             return None
-        if r.status_code != 200:
-            return None
-        return read_counters(r.text)
+        return read_counters(text) if status == 200 else None
 
     def close(self) -> None:
-        self.pool.shutdown()
-        self.client.close()
+        if not self.loop.is_running():
+            return
+        self._run(self.session.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
 
 
 def read_counters(text: str) -> dict[str, float] | None:
