@@ -132,7 +132,9 @@ def run(data: Path) -> list[dict]:
 
 # The vLLM arms: the demo synthesizer's settings (`make train`), on the demo's docstrings.
 VLLM_SYNTH = {"context": 512, "max_text_tokens": 128, "max_new_tokens": 128}
-SERVE = ("--dtype", "float32")
+# The server batches as the offline engine does: vLLM's CPU defaults are 256 sequences and 4,096
+# tokens a step offline, but 128 and 2,048 for its server.
+SERVE = ("--dtype", "float32", "--max-num-seqs", "256", "--max-num-batched-tokens", "4096")
 
 
 def stage_prompts(docs: Path, model: Path, tmp: Path) -> list[str]:

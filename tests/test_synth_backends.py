@@ -25,6 +25,7 @@ from ipt.synth.hf import Generator
 from ipt.synth.openai import read_counters
 from ipt.synth.server import make_server
 from ipt.synth.stage import GroupRun, groups, run_batched, run_concurrent, synthesize
+from ipt.synth.vllm import Server, ServerError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -260,3 +261,22 @@ vllm:request_success_total{engine="0",finished_reason="length",model_name="synth
                                    "vllm:prefix_cache_hits": 3812.0,
                                    "vllm:request_success": 63.0}
     assert read_counters("# nothing\n") is None
+
+
+def test_waiting_for_a_vllm_server_that_never_serves_fails_and_says_why(tmp_path, monkeypatch):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "ipt.synth.vllm", "wait",
+                           f"http://127.0.0.1:{port}/v1", "--timeout", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "did not become healthy within 1 s" in proc.stderr
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    proc = subprocess.run([sys.executable, "-m", "ipt.synth.vllm", "wait",
+                           f"http://127.0.0.1:{port}/v1", "--pid", str(dead.pid)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "exited before serving" in proc.stderr
+    monkeypatch.setenv("IPT_VLLM_PYTHON", str(tmp_path / "no-python"))
+    with pytest.raises(ServerError, match="no-python not found: `make vllm`"):
+        Server(str(tmp_path)).start()

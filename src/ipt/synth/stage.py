@@ -21,14 +21,23 @@ and their pairs go before it in the prompt as finished examples, while the promp
 context (spec section 3). A document inherits from its predecessor when it was chained and
 its own generation parsed into at least one pair; the chain goes on from it only then.
 
+How the requests go out depends on the backend. A local model (`run_batched`) takes each
+round's prompts at once, in batches of like length. A server (`run_concurrent`) is kept
+`concurrency` requests busy: a chain's next document is sent the moment its predecessor's
+generation is back, so its prompt, which begins with the predecessor's, meets that prefix in
+the server's cache, and the next group's chains start while a group's last ones finish. The
+records are the same either way.
+
 Ids key the chains, the links (`prev`) and what a re-run keeps, so they are made unique
 in the run: a document repeating an earlier one's id (a URL often repeats) is kept as
 `<id>#2`, `#3`, ..., with `input_id` in its record (`ipt.synth.ids`). Every worker reads the
 whole source in its fixed order, so each names a repeat the same way, on every re-run too.
 
 A killed run goes on where it stopped: finished groups are skipped, and generations already
-paid for are in `cache/shard_k.jsonl`, keyed by a hash of the prompt. A re-run also retries
-the documents whose generation failed (server down, timeout), and only those.
+paid for are in `cache/shard_k.jsonl` (each written as it arrives), keyed by a hash of the
+prompt. A server that stops answering stops the run (`ServerGone`, exit 75), to be continued
+the same way. A re-run also retries the documents whose generation failed (a timeout, a
+refused prompt), and only those.
 """
 
 from __future__ import annotations
@@ -144,7 +153,8 @@ class GroupRun:
 
     @property
     def finished(self) -> bool:
-        return self.waiting == 0 and all(n == len(s) for n, s in zip(self.next, self.slots, strict=True))
+        return self.waiting == 0 and all(
+            n == len(s) for n, s in zip(self.next, self.slots, strict=True))
 
     def _advance(self, j: int) -> Link | None:
         """Slot j's next link that needs a generation, if any."""

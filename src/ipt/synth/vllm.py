@@ -73,10 +73,10 @@ class Server:
             raise ServerError(f"{exe} not found: `make vllm` builds vLLM's virtualenv "
                               "(or set IPT_VLLM_PYTHON to an interpreter that has vLLM)")
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **self.env}
-        out = self.log.open("ab") if self.log else subprocess.DEVNULL
         begun = time.perf_counter()
-        self.proc = subprocess.Popen(self.command(), env=env, stdout=out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        with self.log.open("ab") if self.log else open(os.devnull, "wb") as out:
+            self.proc = subprocess.Popen(self.command(), env=env, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait(self.url, self.startup_timeout_s, lambda: self.proc is not None and
                  self.proc.poll() is not None)
