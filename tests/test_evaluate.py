@@ -231,5 +231,7 @@ def test_an_evaluation_that_hangs_ends_the_job_within_the_hang_timeout(data_dir,
     err = proc.stderr
     assert proc.returncode != 0
     assert "rank 0: no progress for" in err and "in rank 0's downstream evaluation" in err
-    assert "rank 1: no progress for" in err and "waiting for rank 0's downstream" in err
+    # rank 1 ends on its own watchdog, or, when rank 0 ended the job first, says so
+    assert ("rank 1: no progress for" in err or "rank 1: rank 0 ended" in err) \
+        and "waiting for rank 0's downstream" in err
     assert "in process_docs" in err  # rank 0's stacks: where it hangs

@@ -365,7 +365,12 @@ class Solo:
         seen = self.store.add(self.key, 0)
         done = tdist.barrier(group=self.group, async_op=True)
         while not done.is_completed():
-            moved = self.store.add(self.key, 0)
+            try:
+                moved = self.store.add(self.key, 0)
+            except RuntimeError as e:  # the store lives in rank 0's process: it ended
+                raise RuntimeError(
+                    f"rank {tdist.get_rank()}: rank 0 ended while this rank was {watchdog.doing} "
+                    f"({type(e).__name__}: {str(e)[:200]})") from e
             if moved != seen:
                 seen = moved
                 watchdog.beat(watchdog.step)

@@ -11,8 +11,9 @@ Config groups: the synthesize and rc_tasks stages' schemas (`ipt.config.synth`).
 Files:
 - `stage.py`: the synthesize stage (sharded, resumable), and `cache.py`, its generations;
 - `backend.py`: what a backend is; `backends.py`: the rule-based miner and the registry;
-- `hf.py`, `openai.py`, `server.py`: a local `transformers` model, an OpenAI-compatible
-  server, and a small such server for a local model;
+- `hf.py`, `openai.py`: a local `transformers` model, and a client of an OpenAI-compatible
+  server (vLLM); `vllm.py`: starting and stopping a real vLLM server; `server.py`: a small
+  stand-in server, for injecting faults;
 - `rules.py`: the rule-based miner;
 - `rc_tasks.py`: held-out reading-comprehension tasks;
 - `ids.py`: documents' ids: repeats renamed, and held out by the id the source gave;
